@@ -1,0 +1,323 @@
+# python imports
+import math
+
+# torch imports
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import Function
+from torch.nn.modules.module import Module
+from torchvision.utils import make_grid
+
+# helper code of this assignment
+import custom_transforms as transforms
+from custom_blocks import (PatchEmbed, window_partition, window_unpartition,
+                           DropPath, MLP, trunc_normal_)
+
+
+################################################################################
+# Part I.1: Understanding Convolutions
+################################################################################
+class CustomConv2DFunction(Function):
+
+    @staticmethod
+    def forward(ctx, input_feats, weight, bias, stride=1, padding=0):
+        """
+        Forward propagation of convolution operation.
+        We only consider square filters with equal stride/padding in width and height!
+
+        Args:
+          input_feats: input feature map of size N * C_i * H * W
+          weight: filter weight of size C_o * C_i * K * K
+          bias: (optional) filter bias of size C_o
+          stride: (int, optional) stride for the convolution. Default: 1
+          padding: (int, optional) Zero-padding added to both sides of the input. Default: 0
+
+        Outputs:
+          output: responses of the convolution  w*x+b
+        """
+        raise NotImplementedError(
+            "CustomConv2DFunction.forward is not implemented yet (Part I.1)")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """
+        Backward propagation of convolution operation
+
+        Args:
+          grad_output: gradients of the outputs
+
+        Outputs:
+          grad_input: gradients of the input features
+          grad_weight: gradients of the convolution weight
+          grad_bias: gradients of the bias term
+        """
+        raise NotImplementedError(
+            "CustomConv2DFunction.backward is not implemented yet (Part I.1)")
+
+
+custom_conv2d = CustomConv2DFunction.apply
+
+
+class CustomConv2d(Module):
+    """
+    The same interface as torch.nn.Conv2D
+    """
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, dilation=1, groups=1, bias=True):
+        super(CustomConv2d, self).__init__()
+        assert isinstance(kernel_size, int), "We only support squared filters"
+        assert isinstance(stride, int), "We only support equal stride"
+        assert isinstance(padding, int), "We only support equal padding"
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+
+        # not used (for compatibility)
+        self.dilation = dilation
+        self.groups = groups
+
+        # register weight and bias as parameters
+        self.weight = nn.Parameter(torch.Tensor(
+            out_channels, in_channels, kernel_size, kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.Tensor(out_channels))
+        else:
+            self.register_parameter('bias', None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # initialization using Kaiming uniform (the same as nn.Conv2d)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input):
+        # call our custom conv2d op
+        return custom_conv2d(input, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self):
+        s = ('{in_channels}, {out_channels}, kernel_size={kernel_size}'
+             ', stride={stride}, padding={padding}')
+        if self.bias is None:
+            s += ', bias=False'
+        return s.format(**self.__dict__)
+
+
+################################################################################
+# Part I.2: Design and train a network
+################################################################################
+def init_cnn_weights(model):
+    """Kaiming init for convolutions (nn.Conv2d and CustomConv2d), unit BatchNorm."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, CustomConv2d)):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0.0)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0.0)
+
+
+class SimpleNet(nn.Module):
+    # a simple CNN for image classifcation (the handout's network, unchanged)
+    def __init__(self, conv_op=nn.Conv2d, num_classes=100):
+        super(SimpleNet, self).__init__()
+        # you can start from here and create a better model
+        self.features = nn.Sequential(
+            # conv1 block: conv 7x7
+            conv_op(3, 64, kernel_size=7, stride=2, padding=3),
+            nn.ReLU(inplace=True),
+            # max pooling 1/2
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            # conv2 block: simple bottleneck
+            conv_op(64, 64, kernel_size=1, stride=1, padding=0),
+            nn.ReLU(inplace=True),
+            conv_op(64, 64, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(inplace=True),
+            conv_op(64, 256, kernel_size=1, stride=1, padding=0),
+            nn.ReLU(inplace=True),
+            # max pooling 1/2
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            # conv3 block: simple bottleneck
+            conv_op(256, 128, kernel_size=1, stride=1, padding=0),
+            nn.ReLU(inplace=True),
+            conv_op(128, 128, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(inplace=True),
+            conv_op(128, 512, kernel_size=1, stride=1, padding=0),
+            nn.ReLU(inplace=True),
+        )
+        # global avg pooling + FC
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        # the handout defines reset_parameters but never calls it (and misspells
+        # nn.init.constant_ in it); here it is fixed and actually applied
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # init all params
+        init_cnn_weights(self)
+
+    def forward(self, x):
+        # adversarial training is done by the training loop (main.py --adv-train),
+        # which crafts samples with the model in eval mode, see Part III
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = x.view(x.size(0), -1)
+        x = self.fc(x)
+        return x
+
+
+# the CNNs main.py can build by name (--arch NAME)
+cnn_models = {
+    'simplenet': SimpleNet,
+}
+
+# change this to your model!
+default_cnn_model = SimpleNet
+
+
+################################################################################
+# Part II.1: Understanding self-attention and Transformer block
+################################################################################
+class Attention(nn.Module):
+    """Multi-head Self-Attention."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True):
+        """
+        Args:
+            dim (int): Number of input channels.
+            num_heads (int): Number of attention heads.
+            qkv_bias (bool:  If True, add a learnable bias to query, key, value.
+        """
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim ** -0.5
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        raise NotImplementedError("Attention.forward is not implemented yet (Part II.1)")
+
+
+class TransformerBlock(nn.Module):
+    """Transformer blocks with support of local window self-attention"""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, window_size=0):
+        super().__init__()
+        raise NotImplementedError("TransformerBlock is not implemented yet (Part II.1)")
+
+
+################################################################################
+# Part II.2: Design and implement a vision Transformer
+################################################################################
+class SimpleViT(nn.Module):
+    """
+    This module implements Vision Transformer (ViT) backbone in
+    "Exploring Plain Vision Transformer Backbones for Object Detection",
+    https://arxiv.org/abs/2203.16527
+    """
+
+    def __init__(self, img_size=128, num_classes=100, patch_size=16, in_chans=3,
+                 embed_dim=192, depth=4, num_heads=4, mlp_ratio=4.0, qkv_bias=True,
+                 drop_path_rate=0.1, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+                 use_abs_pos=True, window_size=4, window_block_indexes=(0, 2)):
+        super(SimpleViT, self).__init__()
+        raise NotImplementedError("SimpleViT is not implemented yet (Part II.2)")
+
+
+# change this to your model!
+default_vit_model = SimpleViT
+
+
+# define data augmentation used for training, you can tweak things if you want
+def get_train_transforms():
+    train_transforms = []
+    train_transforms.append(transforms.Scale(144))
+    train_transforms.append(transforms.RandomHorizontalFlip())
+    train_transforms.append(transforms.RandomColor(0.15))
+    train_transforms.append(transforms.RandomRotate(15))
+    train_transforms.append(transforms.RandomSizedCrop(128))
+    train_transforms.append(transforms.ToTensor())
+    train_transforms.append(transforms.Normalize(mean=[0.485, 0.456, 0.406],
+                                                 std=[0.229, 0.224, 0.225]))
+    train_transforms = transforms.Compose(train_transforms)
+    return train_transforms
+
+
+# define data augmentation used for validation, you can tweak things if you want
+def get_val_transforms():
+    val_transforms = []
+    val_transforms.append(transforms.Scale(128))
+    val_transforms.append(transforms.CenterCrop(128))
+    val_transforms.append(transforms.ToTensor())
+    val_transforms.append(transforms.Normalize(mean=[0.485, 0.456, 0.406],
+                                               std=[0.229, 0.224, 0.225]))
+    val_transforms = transforms.Compose(val_transforms)
+    return val_transforms
+
+
+################################################################################
+# Part III: Adversarial samples
+################################################################################
+class PGDAttack(object):
+    def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
+        """
+        Attack a network by Project Gradient Descent. The attacker performs
+        k steps of gradient descent of step size a, while always staying
+        within the range of epsilon (under l infinity norm) from the input image.
+
+        Args:
+          loss_fn: loss function used for the attack
+          num_steps: (int) number of steps for PGD
+          step_size: (float) step size of PGD (i.e., alpha in our lecture)
+          epsilon: (float) the range of acceptable samples
+                   for our normalization, 0.1 ~ 6 pixel levels
+        """
+        self.loss_fn = loss_fn
+        self.num_steps = num_steps
+        self.step_size = step_size
+        self.epsilon = epsilon
+
+    def perturb(self, model, input):
+        """
+        Given input image X (torch tensor), return an adversarial sample
+        (torch tensor) using PGD of the least confident label.
+
+        Args:
+          model: (nn.module) network to attack
+          input: (torch tensor) input image of size N * C * H * W
+
+        Outputs:
+          output: (torch tensor) an adversarial sample of the given network
+        """
+        raise NotImplementedError("PGDAttack.perturb is not implemented yet (Part III)")
+
+
+default_attack = PGDAttack
+
+
+def vis_grid(input, n_rows=10):
+    """
+    Given a batch of image X (torch tensor), compose a mosaic for visualziation.
+
+    Args:
+      input: (torch tensor) input image of size N * C * H * W
+      n_rows: (int) number of images per row
+
+    Outputs:
+      output: (torch tensor) visualizations of size 3 * HH * WW
+    """
+    # concat all images into a big picture
+    output_imgs = make_grid(input.detach().cpu(), nrow=n_rows, normalize=True)
+    return output_imgs
+
+
+default_visfunction = vis_grid
