@@ -1,0 +1,321 @@
+"""The driver end to end: training, checkpoints, resume, evaluation, logs, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import CODE, REPO
+import main as driver
+import utils
+from make_demo_data import make_demo_dataset
+
+FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
+        '--device', 'cpu', '--seed', '3', '--warmup', '1', '--num-classes', '4']
+
+
+@pytest.fixture(scope='session')
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp('demo')
+    make_demo_dataset(str(root), num_classes=4, train_per_class=6, val_per_class=3,
+                      size=48, seed=0)
+    return str(root)
+
+
+def run_main(argv, capsys):
+    """Run main.main in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        driver.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def checkpoint_of(run_dir, name='checkpoint.pth.tar'):
+    return os.path.join(run_dir, 'models', name)
+
+
+def only_run(log_dir):
+    runs = sorted(os.listdir(log_dir))
+    assert len(runs) == 1, runs
+    return os.path.join(log_dir, runs[0])
+
+
+# --------------------------------------------------------------------------- schedule
+def test_warmup_cosine_known_values():
+    f = utils.warmup_cosine_factor
+    assert f(0, 10, 110) == pytest.approx(0.1)
+    assert f(9, 10, 110) == pytest.approx(1.0)
+    assert f(10, 10, 110) == pytest.approx(1.0)
+    assert f(60, 10, 110) == pytest.approx(0.5)
+    assert f(109, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert f(109, 10, 110) < 1e-3
+    assert f(110, 10, 110) == pytest.approx(0.0)
+    assert f(0, 0, 100) == pytest.approx(1.0)  # no warmup
+
+
+def test_lr_scheduler_is_torch_and_exact_after_state_dict_round_trip():
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, utils.build_lr_scheduler(opt, warmup_epochs=2, epochs=10, iters_per_epoch=5)
+    opt, sched = make()
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 10)
+    assert max(lrs) == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(0.1) and lrs[-1] < 0.002
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.0, abs=1e-12)
+    # resume at iteration 23 from the state dicts: the rest of the curve is identical
+    opt1, sched1 = make()
+    for _ in range(23):
+        opt1.step()
+        sched1.step()
+    opt2, sched2 = make()
+    opt2.load_state_dict(opt1.state_dict())
+    sched2.load_state_dict(sched1.state_dict())
+    for it in range(23, 50):
+        assert opt2.param_groups[0]['lr'] == pytest.approx(lrs[it], rel=1e-12)
+        opt2.step()
+        sched2.step()
+
+
+# --------------------------------------------------------------------------- files
+def test_run_dirs_are_never_reused(tmp_path):
+    a = utils.make_run_dir(str(tmp_path), 'x')
+    b = utils.make_run_dir(str(tmp_path), 'x')
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)
+    assert os.path.basename(a).startswith('exp_') and a.endswith('_x')
+
+
+def test_atomic_json_keeps_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / 'summary.json')
+    utils.write_json_atomic(path, {'a': 1})
+    with pytest.raises(TypeError):
+        utils.write_json_atomic(path, {'a': object()})  # not serializable: fails mid-way
+    assert json.load(open(path)) == {'a': 1}
+    assert os.listdir(tmp_path) == ['summary.json']  # no temporary file left behind
+
+
+def test_select_device_without_gpu():
+    assert utils.select_device('cpu').type == 'cpu'
+    assert utils.select_device('auto', gpu=-1).type == 'cpu'
+    if not torch.cuda.is_available():
+        assert utils.select_device('auto').type in ('cpu', 'mps')
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            utils.select_device('cuda:0')
+    with pytest.raises(ValueError, match='unknown --device'):
+        utils.select_device('tpu7')
+
+
+# --------------------------------------------------------------------------- end to end
+def test_cli_train_resume_evaluate(demo, tmp_path):
+    """The real command line, as a subprocess run from code/: train, resume, evaluate."""
+    logs = str(tmp_path / 'logs')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    base = [sys.executable, 'main.py', demo, '--log-dir', logs] + FAST
+    out = subprocess.run(base + ['--epochs', '2'], cwd=CODE, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'Epoch: [1][0/' in out.stdout and 'Test: [0/' in out.stdout
+    assert '******Acc@1' in out.stdout and 'images/s' in out.stdout and 'ETA' in out.stdout
+    run = only_run(logs)
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        ckpt = torch.load(checkpoint_of(run, name), weights_only=True)
+        assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler',
+                'args'} <= set(ckpt)
+    assert ckpt['arch'] == 'simplenet'
+    summary = json.load(open(os.path.join(run, 'summary.json')))
+    assert summary['status'] == 'finished' and [e['epoch'] for e in summary['epochs']] == [1, 2]
+
+    # resume the same run folder to 3 epochs
+    out = subprocess.run(base + ['--epochs', '3', '--resume', checkpoint_of(run)], cwd=CODE,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert only_run(logs) == run
+    summary = json.load(open(os.path.join(run, 'summary.json')))
+    assert [e['epoch'] for e in summary['epochs']] == [1, 2, 3]
+    assert torch.load(checkpoint_of(run), weights_only=True)['epoch'] == 3
+
+    # evaluate: a new run folder, the handout's closing line, the result in both summaries
+    out = subprocess.run([sys.executable, os.path.join(CODE, 'main.py'), demo, '--log-dir', logs,
+                          '-e', '--resume', checkpoint_of(run, 'model_best.pth.tar'),
+                          '-j', '0', '--device', 'cpu'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    last = [line for line in out.stdout.splitlines() if line.startswith('******')][-1]
+    top1 = float(last.split()[1])
+    assert len(os.listdir(logs)) == 2
+    summary = json.load(open(os.path.join(run, 'summary.json')))
+    assert summary['evaluation']['top1'] == pytest.approx(top1, abs=1e-3)
+
+
+def test_tensorboard_tags(demo, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path), '--epochs', '2'] + FAST,
+                              capsys)
+    assert code == 0, err
+    run = only_run(str(tmp_path))
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(run)
+    mux.Reload()
+    tags = {name: set(mux.GetAccumulator(name).Tags()['scalars']) for name in mux.Runs()}
+    assert {'data/training_loss', 'data/learning_rate', 'data/val_loss',
+            'perf/images_per_sec', 'perf/peak_memory_mb'} <= tags['.']
+    for sub in ('data_top1_accuracy_train', 'data_top1_accuracy_val',
+                'data_top5_accuracy_train', 'data_top5_accuracy_val'):
+        assert any(name.endswith(sub) for name in tags), tags
+    val = [n for n in tags if n.endswith('data_top1_accuracy_val')][0]
+    steps = [e.step for e in mux.Scalars(val, 'data/top1_accuracy')]
+    summary = json.load(open(os.path.join(run, 'summary.json')))
+    assert steps == [1, 2]
+    assert [e.value for e in mux.Scalars(val, 'data/top1_accuracy')] == pytest.approx(
+        [e['val_top1'] for e in summary['epochs']], abs=1e-4)
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(demo, tmp_path, capsys):
+    args = [demo, '--epochs', '3', '-j', '1'] + [a for a in FAST if a not in ('-j', '0')]
+    code, _, err = run_main(args + ['--log-dir', str(tmp_path / 'a')], capsys)
+    assert code == 0, err
+    code, out, err = run_main(args + ['--log-dir', str(tmp_path / 'b'), '--stop-after', '2'],
+                              capsys)
+    assert code == 0, err
+    run_b = only_run(str(tmp_path / 'b'))
+    assert torch.load(checkpoint_of(run_b), weights_only=True)['epoch'] == 2
+    code, _, err = run_main(args + ['--log-dir', str(tmp_path / 'b'), '--resume',
+                                    checkpoint_of(run_b)], capsys)
+    assert code == 0, err
+    a = torch.load(checkpoint_of(only_run(str(tmp_path / 'a'))), weights_only=True)
+    b = torch.load(checkpoint_of(run_b), weights_only=True)
+    assert a['epoch'] == b['epoch'] == 3
+    for key in a['state_dict']:
+        assert torch.equal(a['state_dict'][key], b['state_dict'][key]), key
+    assert a['scheduler']['last_epoch'] == b['scheduler']['last_epoch']
+
+
+def test_cpu_run_makes_no_cuda_call(demo, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError('CUDA was called on a CPU run')
+    monkeypatch.setattr(torch.cuda, '_lazy_init', boom)
+    monkeypatch.setattr(torch.cuda, 'synchronize', boom)
+    argv = [demo, '--log-dir', str(tmp_path), '--epochs', '2', '--gpu', '-1'] + \
+        [a for a in FAST if a not in ('--device', 'cpu')]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert 'device cpu' in out
+
+
+def test_resnet18_fine_tune_offline_with_local_weights(demo, tmp_path, capsys):
+    import torchvision
+    weights = str(tmp_path / 'resnet18_random.pth')
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    argv = [demo, '--log-dir', str(tmp_path / 'logs'), '--epochs', '2', '--use-resnet18',
+            '--pretrained-weights', weights] + FAST[2:]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    ckpt = torch.load(checkpoint_of(only_run(str(tmp_path / 'logs'))), weights_only=True)
+    assert ckpt['arch'] == 'resnet18' and ckpt['state_dict']['fc.weight'].shape == (4, 512)
+
+
+def test_resnet18_without_network_says_where_to_put_weights(demo, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')  # a closed port: no download possible
+    monkeypatch.setenv('no_proxy', '')
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path), '--epochs', '2',
+                               '--use-resnet18'] + FAST[2:], capsys)
+    assert code == 1
+    assert '--pretrained-weights' in err and 'resnet18-' in err
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+
+
+# --------------------------------------------------------------------------- bad input
+def write_set(root, train_lines, val_lines=('val/0.jpg 0',), images=('train/0.jpg',
+              'train/1.jpg', 'val/0.jpg')):
+    for rel in images:
+        path = os.path.join(root, 'images', rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cv2.imwrite(path, np.full((40, 40, 3), 128, np.uint8))
+    if train_lines is not None:
+        with open(os.path.join(root, 'train.txt'), 'w') as f:
+            f.write('\n'.join(train_lines) + '\n')
+    with open(os.path.join(root, 'val.txt'), 'w') as f:
+        f.write('\n'.join(val_lines) + '\n')
+    return str(root)
+
+
+def expect_error(argv, capsys, *words, code=1):
+    got, out, err = run_main(argv, capsys)
+    assert got == code, (got, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_bad_data_inputs(tmp_path, capsys):
+    def argv(folder, batch='1', workers='0'):
+        return [str(folder), '--log-dir', str(tmp_path / 'logs'), '--epochs', '2', '--warmup',
+                '1', '-b', batch, '-j', workers, '--device', 'cpu', '--arch', 'simplenet']
+    expect_error(argv(tmp_path / 'nowhere'), capsys, 'nowhere', 'does not exist')
+    expect_error(argv(write_set(tmp_path / 'no_train', None)), capsys, 'train.txt')
+    d = write_set(tmp_path / 'malformed', ['train/0.jpg 0', 'train/1.jpg'])
+    expect_error(argv(d), capsys, 'line 2')
+    d = write_set(tmp_path / 'label', ['train/0.jpg 0', 'train/1.jpg 100'])
+    expect_error(argv(d), capsys, '100')
+    d = write_set(tmp_path / 'missing', ['train/0.jpg 0', 'train/9.jpg 1'])
+    expect_error(argv(d), capsys, '9.jpg')
+    d = write_set(tmp_path / 'corrupt', ['train/0.jpg 0', 'train/1.jpg 1'])
+    with open(os.path.join(d, 'images', 'train', '1.jpg'), 'wb') as f:
+        f.write(b'this is not a jpeg')
+    for workers in ('0', '1'):  # in the main process and inside a DataLoader worker
+        expect_error(argv(d, workers=workers), capsys, '1.jpg')
+    d = write_set(tmp_path / 'small', ['train/0.jpg 0', 'train/1.jpg 1'])
+    expect_error(argv(d, batch='3'), capsys, '--batch-size 3', 'larger than the training set')
+    # nothing failed half-way through a run: no run folder holds a checkpoint
+    for run in os.listdir(tmp_path / 'logs') if os.path.exists(tmp_path / 'logs') else []:
+        assert not os.path.exists(os.path.join(tmp_path, 'logs', run, 'models'))
+
+
+def test_bad_flag_combinations(demo, tmp_path, capsys):
+    logs = ['--log-dir', str(tmp_path)]
+    expect_error([demo, '-e', '-a', '--resume', 'x'] + logs, capsys, 'exclusive')
+    expect_error([demo, '-e'] + logs, capsys, '--resume')
+    expect_error([demo, '-a'] + logs, capsys, '--resume')
+    expect_error([demo, '--resume', str(tmp_path / 'nope.pth.tar')] + logs, capsys,
+                 'nope.pth.tar')
+    expect_error([demo, '--epochs', '5', '--warmup', '5'] + logs, capsys, '--warmup')
+    expect_error([demo, '--use-vit', '--adv-train', '--epochs', '2', '--warmup', '1'] + logs,
+                 capsys, '--adv-train')
+    expect_error([demo, '--device', 'cuda:0' if not torch.cuda.is_available() else 'tpu'] + logs,
+                 capsys, '--device')
+
+
+def test_bad_checkpoints(demo, tmp_path, capsys):
+    logs = str(tmp_path / 'logs')
+    code, _, err = run_main([demo, '--log-dir', logs, '--epochs', '2'] + FAST, capsys)
+    assert code == 0, err
+    ckpt = checkpoint_of(only_run(logs))
+    # a checkpoint of another architecture: say which one it holds
+    expect_error([demo, '--log-dir', logs, '-e', '--resume', ckpt, '--use-resnet18'], capsys,
+                 "'simplenet'", "'resnet18'")
+    # a truncated file
+    truncated = str(tmp_path / 'truncated.pth.tar')
+    with open(ckpt, 'rb') as src, open(truncated, 'wb') as dst:
+        dst.write(src.read()[:1000])
+    expect_error([demo, '--log-dir', logs, '-e', '--resume', truncated], capsys,
+                 'truncated.pth.tar')
+    # the run folder of the first run was left intact by all of this
+    assert torch.load(ckpt, weights_only=True)['epoch'] == 2
