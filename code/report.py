@@ -162,14 +162,19 @@ def load_run(run_dir, label):
     if not run['series'] and not run['summary']:
         note(f'{run_dir} has no event files and no summary.json; skipped')
         return None
+    status = run['summary'].get('status')
     if not run['series']:
         run['series'] = series_from_summary(run['summary'])
-        what = 'plotting what summary.json holds' if run['series'] else 'nothing to plot'
-        note(f'{run_dir} has no event files; {what}')
+        if status in ('evaluated', 'attacked') and not run['series']:
+            kind = {'evaluated': 'evaluation', 'attacked': 'attack'}[status]
+            note(f'{run_dir} is an {kind} run: no curves, its results go into the tables')
+        else:
+            where = 'no scalars in its event files' if has_events(run_dir) else 'no event files'
+            what = 'plotting what summary.json holds' if run['series'] else 'nothing to plot'
+            note(f'{run_dir} has {where}; {what}')
     run['ipe'] = iters_per_epoch(run)
     done, planned = len(run_records(run)), run['summary'].get('epochs_planned')
-    status = run['summary'].get('status')
-    if status == 'running' or (status is None and planned and done < planned):
+    if status in ('running', 'stopped') or (status is None and planned and done < planned):
         note(f'{run_dir} is unfinished ({done} of {planned or "?"} epochs); plotting what exists')
     return run
 
@@ -292,8 +297,12 @@ def run_stats(run):
     if wall is None and values('epoch_time_s'):
         wall = sum(values('epoch_time_s'))
     planned = summary.get('epochs_planned')
+    if not records and summary.get('status') in ('evaluated', 'attacked'):
+        epochs = '–'  # an evaluation or attack run trains nothing
+    else:
+        epochs = f'{len(records)}/{planned}' if planned else str(len(records))
     return {
-        'epochs': f'{len(records)}/{planned}' if planned else str(len(records)),
+        'epochs': epochs,
         'best_top1': (best or {}).get('val_top1'), 'best_top5': (best or {}).get('val_top5'),
         'best_epoch': (best or {}).get('epoch'),
         'final_top1': final.get('val_top1'), 'final_top5': final.get('val_top5'),
@@ -337,11 +346,12 @@ def results_markdown(runs, stats, command):
 
 
 def evaluation_markdown(runs):
-    rows = [[r['label'], f"`{e.get('checkpoint', '–')}`", fmt(e.get('top1')), fmt(e.get('top5'))]
+    rows = [[r['label'], f"`{e.get('checkpoint', '–')}`", fmt(e.get('top1')), fmt(e.get('top5')),
+             fmt(e.get('loss'), 4)]
             for r in runs for e in [r['summary'].get('evaluation')] if isinstance(e, dict)]
     if not rows:
         return []
-    return ['', '## Evaluation (`-e`)', ''] + table(['Run', 'Checkpoint', 'Top-1', 'Top-5'], rows)
+    return ['', '## Evaluation (`-e`)', ''] + table(['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss'], rows)
 
 
 def attack_markdown(runs):

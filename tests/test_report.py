@@ -9,6 +9,8 @@ import sys
 
 import matplotlib.image
 import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 import fake_runs
 import report
@@ -147,11 +149,19 @@ def odd_runs(tmp_path_factory):
                                'adv_top1': 3.5, 'adv_top5': 20.0, 'success_rate': 91.5,
                                'num_steps': 10, 'step_size': 0.01, 'epsilon': 0.1})
     (root / 'exp_empty').mkdir()
+    # an evaluation run as main.py -e -v writes it: images in the event file, no scalars
+    evaluated = root / 'exp_20240101_eval'
+    with SummaryWriter(str(evaluated)) as writer:
+        writer.add_image('Image/Org_Image', torch.zeros(3, 4, 4), 0)
+    fake_runs.write_summary(str(evaluated), [], 0, planned=90, status='evaluated', name='eval',
+                            evaluation={'checkpoint': 'best.pth.tar', 'top1': 45.0, 'top5': 75.5,
+                                        'loss': 2.25})
     out = root / 'out'
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert report.main([str(root / d) for d in ('exp_unfinished', 'exp_no_events',
-                                                    'exp_20240101_attack', 'exp_empty')]
+                                                    'exp_20240101_attack', 'exp_empty',
+                                                    'exp_20240101_eval')]
                            + ['--out', str(out)]) == 0
     return out, err.getvalue()
 
@@ -161,10 +171,12 @@ def test_unfinished_and_empty_runs_are_reported_on_one_line_each(odd_runs):
     lines = err.strip().split('\n')
     for expected in ('exp_unfinished is unfinished (2 of 10 epochs); plotting what exists',
                      'exp_no_events has no event files; plotting what summary.json holds',
-                     'exp_empty has no event files and no summary.json; skipped'):
+                     'exp_empty has no event files and no summary.json; skipped',
+                     'exp_20240101_eval is an evaluation run: no curves, its results go into the tables'):
         assert sum(expected in line for line in lines) == 1, (expected, lines)
     rows = table_rows(out / 'results.md')
-    assert list(rows) == ['exp_unfinished', 'exp_no_events', 'attacked']  # default labels
+    assert list(rows) == ['exp_unfinished', 'exp_no_events', 'attacked', 'eval']  # default labels
+    assert rows['eval']['Epochs'] == '–' and rows['eval']['Best top-1'] == '–'
     assert rows['exp_unfinished']['Epochs'] == '2/10'
     assert rows['exp_unfinished']['Final top-1'] == f"{fake_runs.acc_at(2, 'val'):.2f}"
     for name in ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png']:
@@ -184,7 +196,8 @@ def test_run_without_event_files_is_plotted_from_its_summary(odd_runs):
 
 def test_evaluation_and_attack_results(odd_runs):
     md = (odd_runs[0] / 'results.md').read_text()
-    assert '| attacked | `m.pth.tar` | 41.50 | 70.25 |' in md
+    assert '| attacked | `m.pth.tar` | 41.50 | 70.25 | – |' in md
+    assert '| eval | `best.pth.tar` | 45.00 | 75.50 | 2.2500 |' in md
     assert ('| attacked | `m.pth.tar` | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | 91.50 | 10 | 0.01 | 0.1 |'
             in md)
 
