@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no window: works over SSH and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
 # tags main.py logs every print-freq iterations (step = global iteration);
@@ -213,6 +214,7 @@ def draw(ax, runs, curve):
             splits.add(split)
     title, ylabel = CURVES[curve]
     ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.grid(alpha=0.3)
     if not splits:
         ax.text(0.5, 0.5, 'no data logged', transform=ax.transAxes, ha='center', color='gray')
