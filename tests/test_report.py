@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,3 +215,15 @@ def test_bad_input_one_line_errors(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.stderr.strip().count('\n') == 0 and 'no run given' in proc.stderr
+
+
+def test_run_without_summary_estimates_iterations_per_epoch(logs, tmp_path, capsys):
+    run_dir = tmp_path / 'exp_no_summary'
+    shutil.copytree(logs / 'exp_20240101_000000_native', run_dir)
+    (run_dir / 'summary.json').unlink()
+    run = report.load_run(str(run_dir), 'x')
+    assert run['ipe'] == IPE
+    assert 'no iters_per_epoch in summary.json; estimated from the logs' in capsys.readouterr().err
+    stats = report.run_stats(run)  # the table falls back to the event files
+    assert stats['epochs'] == '8' and stats['final_top1'] == pytest.approx(fake_runs.acc_at(8, 'val'))
+    assert stats['peak_memory'] == pytest.approx(58.0) and stats['wall'] == pytest.approx(116.0)
