@@ -52,7 +52,7 @@ def skip_dir_reason(path, name):
         return f'{name}/ folder'
     if name.startswith('.'):
         return 'hidden folder'
-    if os.path.isfile(os.path.join(path, 'pyvenv.cfg')) or os.path.isdir(os.path.join(path, 'conda-meta')):
+    if any(os.path.exists(os.path.join(path, marker)) for marker in ('pyvenv.cfg', 'conda-meta')):
         return 'virtual environment'
     if os.path.islink(path):
         return 'symlinked folder (copy it in if it belongs to the submission)'
@@ -156,8 +156,9 @@ def main():
     print(f'{out}: {len(files)} files, {human(size)} ({human(unpacked)} unpacked)')
     if size > SIZE_LIMIT_MB * 1024 ** 2:
         biggest = sorted(files, key=lambda f: -os.path.getsize(f[0]))[:5]
-        print(f'warning: {OUTPUT} is over {SIZE_LIMIT_MB} MB, more than a course site is likely to '
-              f'accept; the biggest files: {", ".join(name for _, name in biggest)}', file=sys.stderr)
+        print(f'warning: {OUTPUT} is over {SIZE_LIMIT_MB} MB, more than a course site is likely '
+              f'to accept; the biggest files: {", ".join(name for _, name in biggest)}',
+              file=sys.stderr)
     return 0
 
 

@@ -48,10 +48,14 @@ CURVES = {'loss': ('Loss', 'cross-entropy loss'),
           'top5': ('Top-5 accuracy', 'top-5 accuracy (%)')}
 SPLIT_STYLE = {'train': '-', 'val': '--'}
 # per-epoch event tags -> keys of the summary.json epoch records (table fallback)
-RECORD_KEY = {('data/top1_accuracy', 'train'): 'train_top1', ('data/top1_accuracy', 'val'): 'val_top1',
-              ('data/top5_accuracy', 'train'): 'train_top5', ('data/top5_accuracy', 'val'): 'val_top5',
-              ('data/val_loss', 'val'): 'val_loss', ('perf/images_per_sec', ''): 'images_per_s',
-              ('perf/epoch_time_s', ''): 'epoch_time_s', ('perf/peak_memory_mb', ''): 'peak_memory_mb'}
+RECORD_KEY = {('data/top1_accuracy', 'train'): 'train_top1',
+              ('data/top1_accuracy', 'val'): 'val_top1',
+              ('data/top5_accuracy', 'train'): 'train_top5',
+              ('data/top5_accuracy', 'val'): 'val_top5',
+              ('data/val_loss', 'val'): 'val_loss',
+              ('perf/images_per_sec', ''): 'images_per_s',
+              ('perf/epoch_time_s', ''): 'epoch_time_s',
+              ('perf/peak_memory_mb', ''): 'peak_memory_mb'}
 OUTPUTS = ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png', 'curves.csv', 'results.md']
 
 
@@ -94,7 +98,8 @@ def read_scalars(run_dir):
     series = {}
     for folder in filter(has_events, folders):
         # size_guidance 0 = keep every value (the default keeps a random sample of 10000)
-        acc = event_accumulator.EventAccumulator(folder, size_guidance={event_accumulator.SCALARS: 0})
+        acc = event_accumulator.EventAccumulator(
+            folder, size_guidance={event_accumulator.SCALARS: 0})
         acc.Reload()
         for tag in acc.Tags()['scalars']:
             split = (TAG_SPLIT.get(tag, '') if folder == run_dir
@@ -133,7 +138,7 @@ def series_from_summary(summary):
     series = {}
     for record in summary_epochs(summary):
         for key, value in record.items():
-            split, _, name = key.partition('_') if key.startswith(('train_', 'val_')) else ('', '', key)
+            split, name = key.split('_', 1) if key.startswith(('train_', 'val_')) else ('', key)
             if value is not None and name in ('loss', 'lr', 'top1', 'top5'):
                 series.setdefault((f'summary/{name}', split), []).append((record['epoch'], value))
     return series
@@ -294,10 +299,13 @@ def run_stats(run):
     if best is None and with_val:
         best = max(with_val, key=lambda r: r['val_top1'])
     final = with_val[-1] if with_val else {}
-    values = lambda key: [r[key] for r in records if r.get(key) is not None]  # noqa: E731
+    def values(key):
+        return [r[key] for r in records if r.get(key) is not None]
+
+    times, speeds, memory = values('epoch_time_s'), values('images_per_s'), values('peak_memory_mb')
     wall = summary.get('wall_time_s')
-    if wall is None and values('epoch_time_s'):
-        wall = sum(values('epoch_time_s'))
+    if wall is None and times:
+        wall = sum(times)
     planned = summary.get('epochs_planned')
     if not records and summary.get('status') in ('evaluated', 'attacked'):
         epochs = '–'  # an evaluation or attack run trains nothing
@@ -309,9 +317,9 @@ def run_stats(run):
         'best_epoch': (best or {}).get('epoch'),
         'final_top1': final.get('val_top1'), 'final_top5': final.get('val_top5'),
         'train_top1': final.get('train_top1'), 'train_top5': final.get('train_top5'),
-        'wall': wall, 'epoch_time': median(values('epoch_time_s')) if values('epoch_time_s') else None,
-        'images_per_s': median(values('images_per_s')) if values('images_per_s') else None,
-        'peak_memory': max(values('peak_memory_mb')) if values('peak_memory_mb') else None,
+        'wall': wall, 'epoch_time': median(times) if times else None,
+        'images_per_s': median(speeds) if speeds else None,
+        'peak_memory': max(memory) if memory else None,
     }
 
 
@@ -321,11 +329,22 @@ def table(header, rows):
 
 
 def comparison_table(runs, stats):
+    rows = [[r['label'], r['summary'].get('arch', '–'), s['epochs'],
+             fmt(s['best_top1']), fmt(s['best_top5']), fmt(s['final_top1']), fmt(s['final_top5']),
+             fmt_time(s['wall']), fmt(s['images_per_s'], 1), fmt(s['peak_memory'], 0)]
+            for r, s in zip(runs, stats)]
     return table(['Run', 'Arch', 'Epochs', 'Best top-1', 'Best top-5', 'Final top-1',
-                  'Final top-5', 'Wall time', 'Images/s', 'Peak memory (MB)'],
-                 [[r['label'], r['summary'].get('arch', '–'), s['epochs'], fmt(s['best_top1']),
-                   fmt(s['best_top5']), fmt(s['final_top1']), fmt(s['final_top5']), fmt_time(s['wall']),
-                   fmt(s['images_per_s'], 1), fmt(s['peak_memory'], 0)] for r, s in zip(runs, stats)])
+                  'Final top-5', 'Wall time', 'Images/s', 'Peak memory (MB)'], rows)
+
+
+def details_table(runs, stats):
+    rows = [[r['label'], r['summary'].get('status', '–'), r['summary'].get('device', '–'),
+             f"{r['summary']['num_params']:,}" if r['summary'].get('num_params') else '–',
+             s['best_epoch'] or '–', fmt(s['train_top1']), fmt(s['train_top5']),
+             fmt_time(s['epoch_time']), f"`{r['dir']}`"]
+            for r, s in zip(runs, stats)]
+    return table(['Run', 'Status', 'Device', 'Parameters', 'Best epoch', 'Final train top-1',
+                  'Final train top-5', 'Time/epoch', 'Folder'], rows)
 
 
 def results_markdown(runs, stats, command):
@@ -335,13 +354,7 @@ def results_markdown(runs, stats, command):
              'Images/s and time/epoch are medians over epochs (training pass); '
              'peak memory is the largest per-epoch peak of the accelerator (or process).', '']
     lines += comparison_table(runs, stats)
-    lines += ['', '## Details', '']
-    lines += table(['Run', 'Status', 'Device', 'Parameters', 'Best epoch', 'Final train top-1',
-                    'Final train top-5', 'Time/epoch', 'Folder'],
-                   [[r['label'], r['summary'].get('status', '–'), r['summary'].get('device', '–'),
-                     f"{r['summary']['num_params']:,}" if r['summary'].get('num_params') else '–',
-                     s['best_epoch'] or '–', fmt(s['train_top1']), fmt(s['train_top5']),
-                     fmt_time(s['epoch_time']), f"`{r['dir']}`"] for r, s in zip(runs, stats)])
+    lines += ['', '## Details', ''] + details_table(runs, stats)
     lines += evaluation_markdown(runs) + attack_markdown(runs)
     lines += ['', '## Curves', ''] + [f'![{c}]({c}.png)' for c in CURVES] + ['']
     return '\n'.join(lines)
@@ -353,7 +366,8 @@ def evaluation_markdown(runs):
             for r in runs for e in [r['summary'].get('evaluation')] if isinstance(e, dict)]
     if not rows:
         return []
-    return ['', '## Evaluation (`-e`)', ''] + table(['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss'], rows)
+    header = ['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss']
+    return ['', '## Evaluation (`-e`)', ''] + table(header, rows)
 
 
 def attack_markdown(runs):
@@ -364,10 +378,10 @@ def attack_markdown(runs):
             continue
         drop = (a['clean_top1'] - a['adv_top1']
                 if a.get('clean_top1') is not None and a.get('adv_top1') is not None else None)
-        rows.append([run['label'], f"`{a.get('checkpoint', '–')}`", fmt(a.get('clean_top1')),
-                     fmt(a.get('adv_top1')), fmt(drop), fmt(a.get('clean_top5')), fmt(a.get('adv_top5')),
-                     fmt(a.get('success_rate')), a.get('num_steps', '–'), a.get('step_size', '–'),
-                     a.get('epsilon', '–')])
+        rows.append([run['label'], f"`{a.get('checkpoint', '–')}`",
+                     fmt(a.get('clean_top1')), fmt(a.get('adv_top1')), fmt(drop),
+                     fmt(a.get('clean_top5')), fmt(a.get('adv_top5')), fmt(a.get('success_rate')),
+                     a.get('num_steps', '–'), a.get('step_size', '–'), a.get('epsilon', '–')])
     if not rows:
         return []
     return ['', '## Adversarial attack (`-a`): clean vs adversarial', ''] + table(
@@ -391,7 +405,8 @@ def main(argv=None):
     parser.add_argument('--labels', nargs='+', help='legend names, one per run (default: run name)')
     args = parser.parse_args(argv)
     if not args.runs:
-        raise SystemExit('report.py: no run given: python code/report.py RUN [RUN ...] --out results/NAME')
+        raise SystemExit('report.py: no run given: '
+                         'python code/report.py RUN [RUN ...] --out results/NAME')
     run_dirs = find_runs(args.runs)
     labels = args.labels or default_labels(run_dirs)
     if len(labels) != len(run_dirs):

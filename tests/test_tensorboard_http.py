@@ -38,9 +38,11 @@ def tensorboard(tmp_path):
     run_dir = tmp_path / 'exp_20240101_000000_demo'
     fake_runs.make_run(str(run_dir), 3, IPE, name='demo')
     port = free_port()
+    log = open(tmp_path / 'tensorboard.log', 'w+')  # a file, not a pipe: it never fills up
     proc = subprocess.Popen([TENSORBOARD, '--logdir', str(run_dir), '--host', '127.0.0.1',
-                             '--port', str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                             '--port', str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log = log
     try:
         yield f'http://127.0.0.1:{port}', proc
     finally:
@@ -51,7 +53,7 @@ def tensorboard(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        proc.stderr.close()
+        log.close()
 
 
 def wait_for_tags(base, proc, expected_runs, timeout=60):
@@ -60,7 +62,8 @@ def wait_for_tags(base, proc, expected_runs, timeout=60):
     tags = {}
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f'tensorboard exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}')
+            proc.log.seek(0)
+            pytest.fail(f'tensorboard exited with {proc.returncode}: {proc.log.read()[-2000:]}')
         try:
             tags = get_json(base + '/data/plugin/scalars/tags')
             if expected_runs <= set(tags):
@@ -68,12 +71,14 @@ def wait_for_tags(base, proc, expected_runs, timeout=60):
         except (urllib.error.URLError, ConnectionError, OSError):
             pass  # not listening yet
         time.sleep(0.5)
-    pytest.fail(f'tensorboard did not show runs {expected_runs} within {timeout} s (got {sorted(tags)})')
+    pytest.fail(f'tensorboard did not show runs {expected_runs} within {timeout} s '
+                f'(got {sorted(tags)})')
 
 
 def scalars(base, run, tag):
     query = urllib.parse.urlencode({'run': run, 'tag': tag})
-    return {step: value for _, step, value in get_json(f'{base}/data/plugin/scalars/scalars?{query}')}
+    points = get_json(f'{base}/data/plugin/scalars/scalars?{query}')  # [[wall_time, step, value]]
+    return {step: value for _, step, value in points}
 
 
 def test_tensorboard_serves_the_logged_scalars(tensorboard):
