@@ -1,0 +1,435 @@
+"""Turn training runs into the figures and tables of the writeup.
+
+    python code/report.py RUN [RUN ...] --out results/NAME [--labels A B ...]
+
+RUN is a run folder written by main.py (logs/exp_<timestamp>[_<name>]) or a
+folder holding such runs (e.g. logs/). For every run the script reads the
+TensorBoard event files with TensorBoard's own reader, so the numbers are the
+ones TensorBoard shows, and RUN/summary.json. It writes into --out:
+
+    loss.png lr.png top1.png top5.png  one curve per figure, the runs overlaid
+    overview.png                       the four curves in one grid
+    curves.csv                         every logged scalar: run, tag, split, step, epoch, value
+    results.md                         comparison table, evaluation and attack results
+
+The x axes are in epochs. Values logged every few iterations (training loss,
+learning rate) sit at (step + 1) / iters_per_epoch, the epochs of training done
+when they were logged; values logged once per epoch sit at the end of their
+epoch, so "epoch 3" means "after 3 epochs" on every curve.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from statistics import median
+
+import matplotlib
+matplotlib.use('Agg')  # files only, no window: works over SSH and in tests
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+
+# tags main.py logs every print-freq iterations (step = global iteration);
+# every other tag is logged once per epoch (step = 1-based epoch)
+ITER_TAGS = ('data/training_loss', 'data/learning_rate')
+# split of the tags logged with add_scalar; add_scalars tags get theirs from the sub-folder
+TAG_SPLIT = {'data/training_loss': 'train', 'data/val_loss': 'val'}
+# which figure each tag belongs to; 'summary/...' tags stand in when a run has no event files
+CURVE_OF = {'data/training_loss': 'loss', 'data/val_loss': 'loss', 'summary/loss': 'loss',
+            'data/learning_rate': 'lr', 'summary/lr': 'lr',
+            'data/top1_accuracy': 'top1', 'summary/top1': 'top1',
+            'data/top5_accuracy': 'top5', 'summary/top5': 'top5'}
+CURVES = {'loss': ('Loss', 'cross-entropy loss'),
+          'lr': ('Learning rate', 'learning rate'),
+          'top1': ('Top-1 accuracy', 'top-1 accuracy (%)'),
+          'top5': ('Top-5 accuracy', 'top-5 accuracy (%)')}
+SPLIT_STYLE = {'train': '-', 'val': '--'}
+# per-epoch event tags -> keys of the summary.json epoch records (table fallback)
+RECORD_KEY = {('data/top1_accuracy', 'train'): 'train_top1',
+              ('data/top1_accuracy', 'val'): 'val_top1',
+              ('data/top5_accuracy', 'train'): 'train_top5',
+              ('data/top5_accuracy', 'val'): 'val_top5',
+              ('data/val_loss', 'val'): 'val_loss',
+              ('perf/images_per_sec', ''): 'images_per_s',
+              ('perf/epoch_time_s', ''): 'epoch_time_s',
+              ('perf/peak_memory_mb', ''): 'peak_memory_mb'}
+OUTPUTS = ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png', 'curves.csv', 'results.md']
+
+
+def note(msg):
+    print(f'report.py: {msg}', file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- reading runs
+def has_events(folder):
+    return any(f.startswith('events.out.tfevents') for f in os.listdir(folder))
+
+
+def is_run(folder):
+    return os.path.isfile(os.path.join(folder, 'summary.json')) or has_events(folder)
+
+
+def find_runs(paths):
+    """Run folders named on the command line; a folder of runs (logs/) expands to its runs."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise SystemExit(f'report.py: no such run folder: {path!r}')
+        children = sorted(os.path.join(path, c) for c in os.listdir(path))
+        children = [c for c in children if os.path.isdir(c) and is_run(c)]
+        runs += [path] if is_run(path) or not children else children
+    return runs
+
+
+def split_of(folder_name, tag):
+    """add_scalars(tag, {split: value}) writes to the sub-folder '<tag, / as _>_<split>'."""
+    prefix = tag.replace('/', '_') + '_'
+    return folder_name[len(prefix):] if folder_name.startswith(prefix) else folder_name
+
+
+def read_scalars(run_dir):
+    """{(tag, split): [(step, value), ...]} sorted by step, from the run folder and its
+    add_scalars sub-folders. A step written twice (a resumed run) keeps the later write."""
+    folders = [run_dir] + sorted(os.path.join(run_dir, d) for d in os.listdir(run_dir)
+                                 if os.path.isdir(os.path.join(run_dir, d)))
+    series = {}
+    for folder in filter(has_events, folders):
+        # size_guidance 0 = keep every value (the default keeps a random sample of 10000)
+        acc = event_accumulator.EventAccumulator(
+            folder, size_guidance={event_accumulator.SCALARS: 0})
+        acc.Reload()
+        for tag in acc.Tags()['scalars']:
+            split = (TAG_SPLIT.get(tag, '') if folder == run_dir
+                     else split_of(os.path.basename(folder), tag))
+            latest = {}  # step -> (wall_time, value)
+            for event in acc.Scalars(tag):
+                if event.step not in latest or event.wall_time >= latest[event.step][0]:
+                    latest[event.step] = (event.wall_time, event.value)
+            series[(tag, split)] = sorted((step, value) for step, (_, value) in latest.items())
+    return series
+
+
+def read_summary(run_dir):
+    path = os.path.join(run_dir, 'summary.json')
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        note(f'cannot read {path} ({e}); using the event files only')
+        return {}
+
+
+def summary_epochs(summary):
+    """The per-epoch records of summary.json, one per epoch (a resumed run keeps the later)."""
+    records = {}
+    for record in summary.get('epochs') or []:
+        if isinstance(record, dict) and record.get('epoch') is not None:
+            records[record['epoch']] = record
+    return [records[e] for e in sorted(records)]
+
+
+def series_from_summary(summary):
+    """Epoch-level curves from summary.json, for a run without event files."""
+    series = {}
+    for record in summary_epochs(summary):
+        for key, value in record.items():
+            split, name = key.split('_', 1) if key.startswith(('train_', 'val_')) else ('', key)
+            if value is not None and name in ('loss', 'lr', 'top1', 'top5'):
+                series.setdefault((f'summary/{name}', split), []).append((record['epoch'], value))
+    return series
+
+
+def iters_per_epoch(run):
+    """From summary.json; without it, estimated from the last iteration and epoch logged."""
+    ipe = run['summary'].get('iters_per_epoch')
+    if ipe:
+        return ipe
+    last_iter = max((s for (tag, _), pts in run['series'].items() if tag in ITER_TAGS
+                     for s, _ in pts), default=None)
+    if last_iter is None:
+        return 1
+    last_epoch = max((s for (tag, _), pts in run['series'].items() if tag not in ITER_TAGS
+                      for s, _ in pts), default=0)
+    if last_epoch < 1:
+        note(f'{run["dir"]}: iterations per epoch unknown; loss and lr x axis in iterations')
+        return 1
+    note(f'{run["dir"]}: no iters_per_epoch in summary.json; estimated from the logs')
+    return math.ceil((last_iter + 1) / last_epoch)
+
+
+def load_run(run_dir, label):
+    run = {'dir': run_dir, 'label': label, 'summary': read_summary(run_dir)}
+    run['series'] = read_scalars(run_dir)
+    if not run['series'] and not run['summary']:
+        note(f'{run_dir} has no event files and no summary.json; skipped')
+        return None
+    status = run['summary'].get('status')
+    if not run['series']:
+        run['series'] = series_from_summary(run['summary'])
+        if status in ('evaluated', 'attacked') and not run['series']:
+            kind = {'evaluated': 'evaluation', 'attacked': 'attack'}[status]
+            note(f'{run_dir} is an {kind} run: no curves, its results go into the tables')
+        else:
+            where = 'no scalars in its event files' if has_events(run_dir) else 'no event files'
+            what = 'plotting what summary.json holds' if run['series'] else 'nothing to plot'
+            note(f'{run_dir} has {where}; {what}')
+    run['ipe'] = iters_per_epoch(run)
+    done, planned = len(run_records(run)), run['summary'].get('epochs_planned')
+    if status in ('running', 'stopped') or (status is None and planned and done < planned):
+        note(f'{run_dir} is unfinished ({done} of {planned or "?"} epochs); plotting what exists')
+    return run
+
+
+def epoch_of(run, tag, step):
+    return (step + 1) / run['ipe'] if tag in ITER_TAGS else step
+
+
+# ----------------------------------------------------------------------------- figures
+def epoch_means(xs, ys):
+    """Mean of the values logged within each epoch, placed at the epoch's end."""
+    bins = {}
+    for x, y in zip(xs, ys):
+        bins.setdefault(math.ceil(x - 1e-9), []).append(y)
+    return sorted(bins), [sum(bins[k]) / len(bins[k]) for k in sorted(bins)]
+
+
+def draw(ax, runs, curve):
+    """One curve of every run on one axis: colour = run, line style = split."""
+    splits = set()
+    for run in runs:
+        for (tag, split), points in sorted(run['series'].items()):
+            if CURVE_OF.get(tag) != curve or not points:
+                continue
+            xs = [epoch_of(run, tag, step) for step, _ in points]
+            ys = [value for _, value in points]
+            style = dict(color=run['color'], linestyle=SPLIT_STYLE.get(split, '-'))
+            ex, ey = epoch_means(xs, ys)
+            if curve == 'loss' and tag in ITER_TAGS and len(ex) < len(xs):
+                # every logged training loss faintly, its mean per epoch boldly: the mean
+                # lines up with the validation loss measured at the end of each epoch
+                ax.plot(xs, ys, alpha=0.25, linewidth=0.8, **style)
+                ax.plot(ex, ey, marker='o' if len(ex) <= 30 else None, markersize=3, **style)
+            else:
+                ax.plot(xs, ys, marker='o' if len(xs) <= 30 else None, markersize=3, **style)
+            splits.add(split)
+    title, ylabel = CURVES[curve]
+    ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+    ax.grid(alpha=0.3)
+    if not splits:
+        ax.text(0.5, 0.5, 'no data logged', transform=ax.transAxes, ha='center', color='gray')
+    return splits
+
+
+def legend_handles(runs, splits):
+    handles = [Line2D([], [], color=run['color'], label=run['label']) for run in runs]
+    if len(splits - {''}) > 0:
+        handles += [Line2D([], [], color='gray', linestyle=SPLIT_STYLE.get(s, '-'), label=s)
+                    for s in sorted(splits - {''})]
+    return handles
+
+
+def save_figures(runs, out):
+    for curve in CURVES:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        splits = draw(ax, runs, curve)
+        if splits:
+            ax.legend(handles=legend_handles(runs, splits), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f'{curve}.png'), dpi=150)
+        plt.close(fig)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    splits = set()
+    for ax, curve in zip(axes.flat, CURVES):
+        splits |= draw(ax, runs, curve)
+    handles = legend_handles(runs, splits)
+    ncol = min(len(handles), 6)
+    fig.legend(handles=handles, loc='lower center', ncol=ncol, fontsize=9, frameon=False)
+    rows = math.ceil(len(handles) / ncol)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
+    fig.savefig(os.path.join(out, 'overview.png'), dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tables
+def write_csv(runs, path):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['run', 'tag', 'split', 'step', 'epoch', 'value'])
+        for run in runs:
+            for (tag, split), points in sorted(run['series'].items()):
+                for step, value in points:
+                    writer.writerow([run['label'], tag, split, step,
+                                     round(epoch_of(run, tag, step), 6), repr(float(value))])
+
+
+def run_records(run):
+    """Per-epoch records: summary.json's, or (no summary) rebuilt from the event files."""
+    records = summary_epochs(run['summary'])
+    if records:
+        return records
+    by_epoch = {}
+    for key, name in RECORD_KEY.items():
+        for step, value in run['series'].get(key, []):
+            by_epoch.setdefault(step, {'epoch': step})[name] = value
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def fmt(value, digits=2):
+    return '–' if value is None else f'{value:.{digits}f}'
+
+
+def fmt_time(seconds):
+    if seconds is None:
+        return '–'
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f'{minutes // 60}:{minutes % 60:02d}:{s:02d}'
+
+
+def run_stats(run):
+    """The numbers of one table row (None where the run did not record them)."""
+    summary, records = run['summary'], run_records(run)
+    with_val = [r for r in records if r.get('val_top1') is not None]
+    best = next((r for r in records if r['epoch'] == summary.get('best_epoch')), None)
+    if best is None and with_val:
+        best = max(with_val, key=lambda r: r['val_top1'])
+    final = with_val[-1] if with_val else {}
+    def values(key):
+        return [r[key] for r in records if r.get(key) is not None]
+
+    times, speeds, memory = values('epoch_time_s'), values('images_per_s'), values('peak_memory_mb')
+    wall = summary.get('wall_time_s')
+    if wall is None and times:
+        wall = sum(times)
+    planned = summary.get('epochs_planned')
+    if not records and summary.get('status') in ('evaluated', 'attacked'):
+        epochs = '–'  # an evaluation or attack run trains nothing
+    else:
+        epochs = f'{len(records)}/{planned}' if planned else str(len(records))
+    return {
+        'epochs': epochs,
+        'best_top1': (best or {}).get('val_top1'), 'best_top5': (best or {}).get('val_top5'),
+        'best_epoch': (best or {}).get('epoch'),
+        'final_top1': final.get('val_top1'), 'final_top5': final.get('val_top5'),
+        'train_top1': final.get('train_top1'), 'train_top5': final.get('train_top5'),
+        'wall': wall, 'epoch_time': median(times) if times else None,
+        'images_per_s': median(speeds) if speeds else None,
+        'peak_memory': max(memory) if memory else None,
+    }
+
+
+def table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+
+
+def comparison_table(runs, stats):
+    rows = [[r['label'], r['summary'].get('arch', '–'), s['epochs'],
+             fmt(s['best_top1']), fmt(s['best_top5']), fmt(s['final_top1']), fmt(s['final_top5']),
+             fmt_time(s['wall']), fmt(s['images_per_s'], 1), fmt(s['peak_memory'], 0)]
+            for r, s in zip(runs, stats)]
+    return table(['Run', 'Arch', 'Epochs', 'Best top-1', 'Best top-5', 'Final top-1',
+                  'Final top-5', 'Wall time', 'Images/s', 'Peak memory (MB)'], rows)
+
+
+def details_table(runs, stats):
+    rows = [[r['label'], r['summary'].get('status', '–'), r['summary'].get('device', '–'),
+             f"{r['summary']['num_params']:,}" if r['summary'].get('num_params') else '–',
+             s['best_epoch'] or '–', fmt(s['train_top1']), fmt(s['train_top5']),
+             fmt_time(s['epoch_time']), f"`{r['dir']}`"]
+            for r, s in zip(runs, stats)]
+    return table(['Run', 'Status', 'Device', 'Parameters', 'Best epoch', 'Final train top-1',
+                  'Final train top-5', 'Time/epoch', 'Folder'], rows)
+
+
+def results_markdown(runs, stats, command):
+    lines = ['# Results', '', f'Made by `{command}`.', '',
+             'Validation accuracy in %. *Best* is the epoch with the highest top-1 '
+             '(the model_best checkpoint) and its top-5; *final* is the last epoch. '
+             'Images/s and time/epoch are medians over epochs (training pass); '
+             'peak memory is the largest per-epoch peak of the accelerator (or process).', '']
+    lines += comparison_table(runs, stats)
+    lines += ['', '## Details', ''] + details_table(runs, stats)
+    lines += evaluation_markdown(runs) + attack_markdown(runs)
+    lines += ['', '## Curves', ''] + [f'![{c}]({c}.png)' for c in CURVES] + ['']
+    return '\n'.join(lines)
+
+
+def evaluation_markdown(runs):
+    rows = [[r['label'], f"`{e.get('checkpoint', '–')}`", fmt(e.get('top1')), fmt(e.get('top5')),
+             fmt(e.get('loss'), 4)]
+            for r in runs for e in [r['summary'].get('evaluation')] if isinstance(e, dict)]
+    if not rows:
+        return []
+    header = ['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss']
+    return ['', '## Evaluation (`-e`)', ''] + table(header, rows)
+
+
+def attack_markdown(runs):
+    rows = []
+    for run in runs:
+        a = run['summary'].get('attack')
+        if not isinstance(a, dict):
+            continue
+        drop = (a['clean_top1'] - a['adv_top1']
+                if a.get('clean_top1') is not None and a.get('adv_top1') is not None else None)
+        rows.append([run['label'], f"`{a.get('checkpoint', '–')}`",
+                     fmt(a.get('clean_top1')), fmt(a.get('adv_top1')), fmt(drop),
+                     fmt(a.get('clean_top5')), fmt(a.get('adv_top5')), fmt(a.get('success_rate')),
+                     a.get('num_steps', '–'), a.get('step_size', '–'), a.get('epsilon', '–')])
+    if not rows:
+        return []
+    return ['', '## Adversarial attack (`-a`): clean vs adversarial', ''] + table(
+        ['Run', 'Checkpoint', 'Clean top-1', 'Adv top-1', 'Top-1 drop', 'Clean top-5', 'Adv top-5',
+         'Success rate', 'Steps', 'Step size', 'Epsilon'], rows)
+
+
+# ----------------------------------------------------------------------------- main
+def default_labels(run_dirs):
+    """summary.json's run name, or the folder name; folder names where names repeat."""
+    names = [read_summary(d).get('name') or os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    return [n if names.count(n) == 1 else os.path.basename(os.path.normpath(d))
+            for n, d in zip(names, run_dirs)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='*', metavar='RUN', help='run folder(s) of main.py, or logs/')
+    parser.add_argument('--out', required=True, help='output folder, e.g. results/custom_vs_native')
+    parser.add_argument('--labels', nargs='+', help='legend names, one per run (default: run name)')
+    args = parser.parse_args(argv)
+    if not args.runs:
+        raise SystemExit('report.py: no run given: '
+                         'python code/report.py RUN [RUN ...] --out results/NAME')
+    run_dirs = find_runs(args.runs)
+    labels = args.labels or default_labels(run_dirs)
+    if len(labels) != len(run_dirs):
+        raise SystemExit(f'report.py: {len(labels)} labels for {len(run_dirs)} runs '
+                         f'({", ".join(run_dirs)})')
+    runs = [run for run in map(load_run, run_dirs, labels) if run is not None]
+    if not runs:
+        raise SystemExit('report.py: nothing to report: no event files or summary.json in '
+                         + ', '.join(run_dirs))
+    colors = plt.get_cmap('tab10').colors
+    for i, run in enumerate(runs):
+        run['color'] = colors[i % len(colors)]
+    os.makedirs(args.out, exist_ok=True)
+    save_figures(runs, args.out)
+    write_csv(runs, os.path.join(args.out, 'curves.csv'))
+    stats = [run_stats(run) for run in runs]
+    command = 'python code/report.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    with open(os.path.join(args.out, 'results.md'), 'w') as f:
+        f.write(results_markdown(runs, stats, command))
+    print('\n'.join(comparison_table(runs, stats)))
+    print(f'Figures and tables of {len(runs)} run(s) are in {args.out}/: {" ".join(OUTPUTS)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,103 @@
+#!/bin/sh
+# Download MiniPlaces into data/:  sh ./download_dataset.sh
+#
+#   data/data.tar.gz         the images, from Google Drive (needs gdown: pip install gdown)
+#   data/images/ objects/    unpacked from data.tar.gz
+#   data/train.txt val.txt   the image lists of github.com/CSAILVision/miniplaces
+#
+# Safe to run again: it skips what is already complete, and it ends by checking
+# that every image listed in train.txt and val.txt exists. It stops at the first
+# failure and says what to do. DATA_DIR=/some/folder puts the data elsewhere.
+set -eu
+
+FILE_ID=16GYHdSWS3iMYwMPv5FpeDZN2rH7PR0F2
+LIST_URL=https://raw.githubusercontent.com/CSAILVision/miniplaces/master/data
+DATA_DIR=${DATA_DIR:-$(cd "$(dirname "$0")" && pwd)/data}
+ARCHIVE=$DATA_DIR/data.tar.gz
+
+fail() {
+    echo "download_dataset.sh: $*" >&2
+    exit 1
+}
+
+# fetch URL FILE: download with curl or wget into FILE.part, renamed once complete
+fetch() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsSL --retry 3 -o "$2.part" "$1" || { rm -f "$2.part"; return 1; }
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -O "$2.part" "$1" || { rm -f "$2.part"; return 1; }
+    else
+        fail "neither curl nor wget found; install one (e.g. 'sudo apt install curl') and run again"
+    fi
+    mv "$2.part" "$2"
+}
+
+# count_split NAME: sets $total, $missing and $first_missing for the images of NAME.txt
+count_split() {
+    total=0 missing=0 first_missing=
+    while read -r path label; do
+        [ -n "$path" ] || continue
+        total=$((total + 1))
+        if [ ! -f "$DATA_DIR/images/$path" ]; then
+            missing=$((missing + 1))
+            [ -n "$first_missing" ] || first_missing=$path
+        fi
+    done < "$DATA_DIR/$1.txt"
+}
+
+# images_complete: prints the count per split; true when no listed image is missing
+images_complete() {
+    [ -d "$DATA_DIR/images" ] || return 1
+    complete=0
+    for split in train val; do
+        count_split "$split"
+        echo "$split: $((total - missing)) of $total images listed in $split.txt present"
+        if [ "$missing" -gt 0 ]; then
+            echo "  $missing missing, e.g. images/$first_missing"
+            complete=1
+        fi
+    done
+    return $complete
+}
+
+mkdir -p "$DATA_DIR" || fail "cannot create $DATA_DIR"
+echo "MiniPlaces in $DATA_DIR"
+
+for split in train val; do
+    if [ -s "$DATA_DIR/$split.txt" ]; then
+        echo "$split.txt: already there"
+    else
+        echo "$split.txt: downloading from $LIST_URL"
+        fetch "$LIST_URL/$split.txt" "$DATA_DIR/$split.txt" ||
+            fail "could not download $LIST_URL/$split.txt; check the network connection and run again"
+    fi
+done
+
+if images_complete; then
+    echo "images: complete, nothing to do"
+    exit 0
+fi
+
+if [ -s "$ARCHIVE" ]; then
+    echo "data.tar.gz: already downloaded"
+else
+    command -v gdown >/dev/null 2>&1 ||
+        fail "gdown not found; install it with 'pip install gdown' in the Python environment of the course, then run again"
+    echo "data.tar.gz: downloading from Google Drive with gdown"
+    # into a .part file, so an interrupted download is never taken for a complete one
+    gdown "$FILE_ID" -O "$ARCHIVE.part" || {
+        rm -f "$ARCHIVE.part"
+        fail "gdown could not download file id $FILE_ID; if Google Drive refuses (too many downloads), wait an hour and run again, or save https://drive.google.com/uc?id=$FILE_ID by hand as $ARCHIVE"
+    }
+    mv "$ARCHIVE.part" "$ARCHIVE"
+fi
+
+echo "data.tar.gz: unpacking"
+tar -xzf "$ARCHIVE" -C "$DATA_DIR" ||
+    fail "cannot unpack $ARCHIVE (an incomplete or damaged download?); delete it and run again"
+[ -d "$DATA_DIR/images" ] ||
+    fail "$ARCHIVE holds no images/ folder; delete it and run again"
+
+images_complete ||
+    fail "images listed in train.txt/val.txt are missing after unpacking; delete $ARCHIVE (and $DATA_DIR/images) and run again"
+echo "images: complete"

@@ -1,0 +1,229 @@
+"""code/report.py: runs written with SummaryWriter exactly as main.py writes them go in,
+and the figures, the CSV of curves and the results table must hold what was written."""
+import contextlib
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import fake_runs
+import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IPE = 6  # iterations per epoch of the fake runs (logged every 2nd iteration)
+
+
+@pytest.fixture(scope='module')
+def logs(tmp_path_factory):
+    """Two finished runs of different lengths and a resumed one, in one logs/ folder."""
+    root = tmp_path_factory.mktemp('logs')
+    fake_runs.make_run(str(root / 'exp_20240101_000000_native'), 8, IPE, name='native')
+    fake_runs.make_run(str(root / 'exp_20240101_000100_custom'), 4, IPE, name='custom')
+    fake_runs.make_resumed_run(str(root / 'exp_20240101_000200_resumed'), IPE, offset=100.0)
+    return root
+
+
+@pytest.fixture(scope='module')
+def report_out(logs, tmp_path_factory):
+    out = tmp_path_factory.mktemp('results') / 'cmp'
+    # a folder of runs expands to its runs, in name order
+    assert report.main([str(logs), '--out', str(out), '--labels', 'native', 'custom', 'resumed']) == 0
+    return out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def curve(rows, run, tag, split):
+    """{step: (epoch, value)} of one curve; fails on a step listed twice."""
+    points = {}
+    for r in rows:
+        if (r['run'], r['tag'], r['split']) == (run, tag, split):
+            assert int(r['step']) not in points, f'step {r["step"]} of {run} {tag} listed twice'
+            points[int(r['step'])] = (float(r['epoch']), float(r['value']))
+    return points
+
+
+def table_rows(md_path):
+    """The comparison table of results.md as {run: {column: cell}}."""
+    lines = open(md_path).read().split('\n')
+    start = next(i for i, line in enumerate(lines) if line.startswith('| Run | Arch'))
+    header = [c.strip() for c in lines[start].strip('|').split('|')]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_figures_are_non_empty_pngs(report_out):
+    for name in ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png']:
+        path = report_out / name
+        assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+        image = matplotlib.image.imread(str(path))
+        assert image.shape[0] > 400 and image.shape[1] > 600, name
+        assert image[..., :3].std() > 0.05, f'{name} is blank'  # lines and text, not one colour
+
+
+def test_csv_holds_every_logged_value_on_an_epoch_axis(report_out):
+    rows = read_csv(report_out / 'curves.csv')
+    for run, epochs in (('native', 8), ('custom', 4)):
+        val = curve(rows, run, 'data/top1_accuracy', 'val')
+        assert sorted(val) == list(range(1, epochs + 1))
+        for step, (epoch, value) in val.items():
+            assert epoch == step and value == pytest.approx(fake_runs.acc_at(step, 'val'))
+        train5 = curve(rows, run, 'data/top5_accuracy', 'train')
+        assert train5[epochs][1] == pytest.approx(fake_runs.acc_at(epochs, 'train', 5))
+        loss = curve(rows, run, 'data/training_loss', 'train')
+        assert sorted(loss) == list(range(0, epochs * IPE, 2))  # every 2nd iteration
+        for step, (epoch, value) in loss.items():
+            assert epoch == pytest.approx((step + 1) / IPE, abs=1e-6)
+            assert value == pytest.approx(fake_runs.loss_at(step), rel=1e-6)
+        lr = curve(rows, run, 'data/learning_rate', '')
+        assert lr[4][1] == pytest.approx(fake_runs.lr_at(4), rel=1e-6)
+        assert curve(rows, run, 'perf/peak_memory_mb', '')[2][1] == pytest.approx(52.0)
+
+
+def test_resumed_run_keeps_the_later_write_of_a_repeated_step(report_out):
+    rows = read_csv(report_out / 'curves.csv')
+    val = curve(rows, 'resumed', 'data/top1_accuracy', 'val')
+    assert sorted(val) == [1, 2, 3, 4, 5]
+    assert val[2][1] == pytest.approx(fake_runs.acc_at(2, 'val'))           # written once
+    assert val[3][1] == pytest.approx(fake_runs.acc_at(3, 'val', 1, 100))   # twice: resumed wins
+    loss = curve(rows, 'resumed', 'data/training_loss', 'train')
+    assert sorted(loss) == list(range(0, 5 * IPE, 2))
+    assert loss[2][1] == pytest.approx(fake_runs.loss_at(2), rel=1e-6)
+    # epoch 4 was cut short in the first session, re-run in the second
+    assert loss[18][1] == pytest.approx(fake_runs.loss_at(18, 100), rel=1e-6)
+
+
+def test_table_matches_what_the_runs_wrote(report_out):
+    rows = table_rows(report_out / 'results.md')
+    assert list(rows) == ['native', 'custom', 'resumed']
+    native = rows['native']
+    assert native['Epochs'] == '8/8' and native['Arch'] == 'SimpleNet'
+    assert native['Best top-1'] == f"{fake_runs.acc_at(8, 'val'):.2f}"
+    assert native['Best top-5'] == f"{fake_runs.acc_at(8, 'val', 5):.2f}"
+    assert native['Final top-1'] == f"{fake_runs.acc_at(8, 'val'):.2f}"
+    assert native['Images/s'] == f'{(400 + 500) / 2:.1f}'       # median of 100..800
+    assert native['Peak memory (MB)'] == '58'                    # max of 51..58
+    assert native['Wall time'] == '0:01:56'                      # 11 + ... + 18 = 116 s
+    assert rows['custom']['Epochs'] == '4/4'
+    assert rows['custom']['Final top-5'] == f"{fake_runs.acc_at(4, 'val', 5):.2f}"
+    assert rows['resumed']['Final top-1'] == f"{fake_runs.acc_at(5, 'val', 1, 100):.2f}"
+    md = (report_out / 'results.md').read_text()
+    assert '![top1](top1.png)' in md and 'Evaluation' not in md and 'Adversarial' not in md
+
+
+def test_labels_must_match_the_runs(logs, tmp_path):
+    with pytest.raises(SystemExit, match='2 labels for 3 runs'):
+        report.main([str(logs), '--out', str(tmp_path / 'out'), '--labels', 'a', 'b'])
+
+
+@pytest.fixture(scope='module')
+def odd_runs(tmp_path_factory):
+    """An unfinished run, a run without event files, an attack run and an empty folder,
+    reported together: (output folder, what report.py printed to stderr)."""
+    root = tmp_path_factory.mktemp('odd')
+    unfinished = root / 'exp_unfinished'
+    unfinished.mkdir()
+    fake_runs.write_events(str(unfinished), 0, 2, IPE, partial_iters=3)
+    fake_runs.write_summary(str(unfinished), [fake_runs.epoch_record(e, IPE) for e in (1, 2)],
+                            IPE, planned=10, status='running')
+    no_events = root / 'exp_no_events'
+    no_events.mkdir()
+    fake_runs.write_summary(str(no_events), [fake_runs.epoch_record(e, IPE) for e in (1, 2, 3)], IPE)
+    fake_runs.make_run(str(root / 'exp_20240101_attack'), 2, IPE, name='attacked', status='attacked',
+                       evaluation={'checkpoint': 'm.pth.tar', 'top1': 41.5, 'top5': 70.25},
+                       attack={'checkpoint': 'm.pth.tar', 'clean_top1': 41.5, 'clean_top5': 70.25,
+                               'adv_top1': 3.5, 'adv_top5': 20.0, 'success_rate': 91.5,
+                               'num_steps': 10, 'step_size': 0.01, 'epsilon': 0.1})
+    (root / 'exp_empty').mkdir()
+    # an evaluation run as main.py -e -v writes it: images in the event file, no scalars
+    evaluated = root / 'exp_20240101_eval'
+    with SummaryWriter(str(evaluated)) as writer:
+        writer.add_image('Image/Org_Image', torch.zeros(3, 4, 4), 0)
+    fake_runs.write_summary(str(evaluated), [], 0, planned=90, status='evaluated', name='eval',
+                            evaluation={'checkpoint': 'best.pth.tar', 'top1': 45.0, 'top5': 75.5,
+                                        'loss': 2.25})
+    out = root / 'out'
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert report.main([str(root / d) for d in ('exp_unfinished', 'exp_no_events',
+                                                    'exp_20240101_attack', 'exp_empty',
+                                                    'exp_20240101_eval')]
+                           + ['--out', str(out)]) == 0
+    return out, err.getvalue()
+
+
+def test_unfinished_and_empty_runs_are_reported_on_one_line_each(odd_runs):
+    out, err = odd_runs
+    lines = err.strip().split('\n')
+    for expected in ('exp_unfinished is unfinished (2 of 10 epochs); plotting what exists',
+                     'exp_no_events has no event files; plotting what summary.json holds',
+                     'exp_empty has no event files and no summary.json; skipped',
+                     'exp_20240101_eval is an evaluation run: no curves, its results go into the tables'):
+        assert sum(expected in line for line in lines) == 1, (expected, lines)
+    rows = table_rows(out / 'results.md')
+    assert list(rows) == ['exp_unfinished', 'exp_no_events', 'attacked', 'eval']  # default labels
+    assert rows['eval']['Epochs'] == '–' and rows['eval']['Best top-1'] == '–'
+    assert rows['exp_unfinished']['Epochs'] == '2/10'
+    assert rows['exp_unfinished']['Final top-1'] == f"{fake_runs.acc_at(2, 'val'):.2f}"
+    for name in ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png']:
+        assert (out / name).stat().st_size > 1000
+
+
+def test_run_without_event_files_is_plotted_from_its_summary(odd_runs):
+    rows = read_csv(odd_runs[0] / 'curves.csv')
+    val = curve(rows, 'exp_no_events', 'summary/top1', 'val')
+    assert {step: value for step, (_, value) in val.items()} == pytest.approx(
+        {e: fake_runs.acc_at(e, 'val') for e in (1, 2, 3)})
+    assert curve(rows, 'exp_no_events', 'summary/loss', 'train')[2][1] == pytest.approx(
+        fake_runs.loss_at(2 * IPE - 1))
+    # the unfinished run's partial epoch is plotted too
+    assert max(curve(rows, 'exp_unfinished', 'data/training_loss', 'train')) == 2 * IPE + 2
+
+
+def test_evaluation_and_attack_results(odd_runs):
+    md = (odd_runs[0] / 'results.md').read_text()
+    assert '| attacked | `m.pth.tar` | 41.50 | 70.25 | – |' in md
+    assert '| eval | `best.pth.tar` | 45.00 | 75.50 | 2.2500 |' in md
+    assert ('| attacked | `m.pth.tar` | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | 91.50 | 10 | 0.01 | 0.1 |'
+            in md)
+
+
+def test_bad_input_one_line_errors(tmp_path):
+    empty = tmp_path / 'exp_empty'
+    empty.mkdir()
+    with pytest.raises(SystemExit, match='nothing to report: no event files or summary.json'):
+        report.main([str(empty), '--out', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit, match='no such run folder'):
+        report.main([str(tmp_path / 'missing'), '--out', str(tmp_path / 'out')])
+    # the command line: no run at all
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'report.py'), '--out', 'x'],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count('\n') == 0 and 'no run given' in proc.stderr
+
+
+def test_run_without_summary_estimates_iterations_per_epoch(logs, tmp_path, capsys):
+    run_dir = tmp_path / 'exp_no_summary'
+    shutil.copytree(logs / 'exp_20240101_000000_native', run_dir)
+    (run_dir / 'summary.json').unlink()
+    run = report.load_run(str(run_dir), 'x')
+    assert run['ipe'] == IPE
+    assert 'no iters_per_epoch in summary.json; estimated from the logs' in capsys.readouterr().err
+    stats = report.run_stats(run)  # the table falls back to the event files
+    assert stats['epochs'] == '8' and stats['final_top1'] == pytest.approx(fake_runs.acc_at(8, 'val'))
+    assert stats['peak_memory'] == pytest.approx(58.0) and stats['wall'] == pytest.approx(116.0)
