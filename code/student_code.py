@@ -330,26 +330,26 @@ class PGDAttack(object):
                    for our normalization, 0.1 ~ 6 pixel levels
                    (epsilon and step_size are in normalized units, see above)
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 0:
             raise ValueError("PGD num_steps must be an integer >= 0, got {!r}".format(num_steps))
         if not epsilon >= 0:  # "not >=" also rejects NaN
             raise ValueError("PGD epsilon must be >= 0, got {!r}".format(epsilon))
         if not step_size >= 0:
             raise ValueError("PGD step_size must be >= 0, got {!r}".format(step_size))
         self.loss_fn = loss_fn
-        self.num_steps = num_steps
+        self.num_steps = int(num_steps)
         self.step_size = step_size
         self.epsilon = epsilon
 
-    # The two choices that make this attack *targeted at the least confident
-    # label* (the handout's). UntargetedPGDAttack below overrides them.
-    def choose_labels(self, clean_logits):
-        return least_confident_labels(clean_logits)
-
-    # -1: walk *down* the loss of the chosen label, i.e. make the model believe it.
-    # (Walking up, +1, is what several student reports did by mistake: it pushes
+    # The three choices that make this the handout's attack, *targeted at the
+    # least confident label*; UntargetedPGDAttack below overrides them.
+    # -1: walk *down* the loss of the chosen label, i.e. make the model believe
+    # it. (Walking up, +1, is a sign error seen in student reports: it pushes
     # the image away from a label the model already rejects, and barely hurts.)
     loss_direction = -1.0
+
+    def choose_labels(self, clean_logits):
+        return least_confident_labels(clean_logits)
 
     def start_point(self, input):
         # the handout's PGD starts from the clean image (deterministic)
@@ -430,16 +430,15 @@ class UntargetedPGDAttack(PGDAttack):
     handout's default 0.01 x 5 steps = 0.05 could never reach epsilon = 0.1).
     """
 
+    loss_direction = +1.0       # walk *up* the loss of the predicted label
+
     def __init__(self, loss_fn, num_steps=5, step_size=None, epsilon=0.1):
-        if step_size is None and isinstance(num_steps, int) and num_steps > 0:
-            step_size = 2.5 * epsilon / num_steps
-        super(UntargetedPGDAttack, self).__init__(
-            loss_fn, num_steps, 0.0 if step_size is None else step_size, epsilon)
+        if step_size is None:
+            step_size = 2.5 * epsilon / num_steps if num_steps > 0 else 0.0
+        super(UntargetedPGDAttack, self).__init__(loss_fn, num_steps, step_size, epsilon)
 
     def choose_labels(self, clean_logits):
         return clean_logits.argmax(dim=1)
-
-    loss_direction = +1.0
 
     def start_point(self, input):
         noise = torch.empty_like(input).uniform_(-self.epsilon, self.epsilon)
