@@ -376,8 +376,8 @@ class PGDAttack(object):
         # enable_grad: the caller may be inside torch.no_grad() (a validation loop)
         with _EvalMode(model), torch.enable_grad():
             # the target label is chosen ONCE, from the clean prediction; picking
-            # it again at every step chases a moving target (the least-likely
-            # label changes as the image changes) and the attack goes nowhere
+            # it again at every step chases a moving target (the least likely
+            # label changes as the image moves) and the steps stop adding up
             with torch.no_grad():
                 labels = self.choose_labels(model(x_orig))
             x_adv = self.start_point(x_orig)
@@ -400,7 +400,8 @@ class PGDAttack(object):
         # not need, are not even computed
         grad, = torch.autograd.grad(loss, x)
         with torch.no_grad():
-            # L-inf steepest step: every pixel moves by exactly step_size
+            # L-inf steepest step: every pixel moves by step_size (unless its
+            # gradient is exactly 0), down the loss (up in UntargetedPGDAttack)
             x = x + self.loss_direction * self.step_size * grad.sign()
             # projection onto the L-inf ball: clip each pixel to
             # [original - epsilon, original + epsilon]
@@ -418,9 +419,9 @@ class UntargetedPGDAttack(PGDAttack):
 
     Why this and not the least-confident targeted attack for training: the
     defender must cover every direction the adversary could take, and the
-    untargeted attack finds the nearest wrong decision, a superset of what the
-    least-confident attack finds; the random start avoids training a model
-    whose gradient is merely masked at the clean point. The model's prediction
+    untargeted attack looks for any wrong decision inside the ball, not only
+    the least likely label; the random start avoids training a model whose
+    gradient is merely masked at the clean point. The model's prediction
     stands in for the true label so perturb() keeps the handout's
     (model, input) signature and the label does not "leak" into the sample
     (Kurakin et al. 2017); on training images they mostly agree anyway.
