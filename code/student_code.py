@@ -267,6 +267,54 @@ def get_val_transforms():
 ################################################################################
 # Part III: Adversarial samples
 ################################################################################
+# All attacks and explanations below work on the *normalized* images that the
+# data loader produces (x_norm = (x_pixel - mean) / std, std ~ 0.226). So an
+# epsilon of 0.1 moves a pixel by at most 0.1 * 0.226 * 255 ~ 6 of 255 grey
+# levels, as the handout says. Results are not clipped to the valid pixel range:
+# the handout's attack is "stay within epsilon of the input", nothing more.
+
+
+class _EvalMode(object):
+    """Context manager: put every module of `model` in eval mode, restore each
+    module's own train/eval flag on exit (even on error).
+
+    Attacks and saliency run the model in eval mode because (1) BatchNorm must
+    use its running statistics, otherwise the batch statistics would both couple
+    the images of a batch and be overwritten by adversarial images, and
+    (2) dropout would make every gradient step see a different network.
+    Flags are restored per module, not with model.train(), so a model with some
+    modules deliberately frozen in eval mode stays as the caller had it.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for module, was_training in self.modes:
+            module.training = was_training
+        return False
+
+
+def _check_float_batch(input, who, image=False):
+    if not torch.is_tensor(input) or not input.is_floating_point():
+        raise ValueError("{}: input must be a floating point tensor, got {}".format(
+            who, type(input).__name__ if not torch.is_tensor(input) else input.dtype))
+    if image and input.dim() != 4:
+        raise ValueError("{}: input must be a batch of images N x C x H x W, got shape {}"
+                         .format(who, tuple(input.shape)))
+
+
+def least_confident_labels(logits):
+    """The label the model believes least, per sample: argmin of the logits
+    (the same as argmin of the softmax, which is monotone)."""
+    return logits.argmin(dim=1)
+
+
 class PGDAttack(object):
     def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
         """
@@ -280,11 +328,32 @@ class PGDAttack(object):
           step_size: (float) step size of PGD (i.e., alpha in our lecture)
           epsilon: (float) the range of acceptable samples
                    for our normalization, 0.1 ~ 6 pixel levels
+                   (epsilon and step_size are in normalized units, see above)
         """
+        if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 0:
+            raise ValueError("PGD num_steps must be an integer >= 0, got {!r}".format(num_steps))
+        if not epsilon >= 0:  # "not >=" also rejects NaN
+            raise ValueError("PGD epsilon must be >= 0, got {!r}".format(epsilon))
+        if not step_size >= 0:
+            raise ValueError("PGD step_size must be >= 0, got {!r}".format(step_size))
         self.loss_fn = loss_fn
-        self.num_steps = num_steps
+        self.num_steps = int(num_steps)
         self.step_size = step_size
         self.epsilon = epsilon
+
+    # The three choices that make this the handout's attack, *targeted at the
+    # least confident label*; UntargetedPGDAttack below overrides them.
+    # -1: walk *down* the loss of the chosen label, i.e. make the model believe
+    # it. (Walking up, +1, is a sign error seen in student reports: it pushes
+    # the image away from a label the model already rejects, and barely hurts.)
+    loss_direction = -1.0
+
+    def choose_labels(self, clean_logits):
+        return least_confident_labels(clean_logits)
+
+    def start_point(self, input):
+        # the handout's PGD starts from the clean image (deterministic)
+        return input.clone()
 
     def perturb(self, model, input):
         """
@@ -298,10 +367,159 @@ class PGDAttack(object):
         Outputs:
           output: (torch tensor) an adversarial sample of the given network
         """
-        raise NotImplementedError("PGDAttack.perturb is not implemented yet (Part III)")
+        _check_float_batch(input, "PGDAttack.perturb")
+        # the centre of the epsilon-ball is the ORIGINAL image, for every step
+        # (not the previous iterate: projecting around that lets the image drift
+        # by epsilon per step). detach(): we never write into, nor backprop into,
+        # the caller's tensor or graph.
+        x_orig = input.detach()
+        # enable_grad: the caller may be inside torch.no_grad() (a validation loop)
+        with _EvalMode(model), torch.enable_grad():
+            # the target label is chosen ONCE, from the clean prediction; picking
+            # it again at every step chases a moving target (the least likely
+            # label changes as the image moves) and the steps stop adding up
+            with torch.no_grad():
+                labels = self.choose_labels(model(x_orig))
+            x_adv = self.start_point(x_orig)
+            for _ in range(self.num_steps):
+                x_adv = self._step(model, x_adv, x_orig, labels)
+        # x_adv was produced under no_grad: it has no graph and needs no grad
+        return x_adv
+
+    def _step(self, model, x_adv, x_orig, labels):
+        """One step of the fast gradient sign method, then the projection."""
+        # a fresh leaf per step: this step's graph starts here and is freed by
+        # autograd.grad below, so memory does not grow with num_steps
+        x = x_adv.detach().requires_grad_(True)
+        loss = self.loss_fn(model(x), labels)
+        if loss.dim() > 0:  # a loss_fn with reduction='none'
+            loss = loss.sum()
+        # gradient w.r.t. the image only: autograd.grad returns it instead of
+        # accumulating .grad, so no parameter's .grad is written (the caller's
+        # optimizer state is untouched) and the weight gradients, which we do
+        # not need, are not even computed
+        grad, = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            # L-inf steepest step: every pixel moves by step_size (unless its
+            # gradient is exactly 0), down the loss (up in UntargetedPGDAttack)
+            x = x + self.loss_direction * self.step_size * grad.sign()
+            # projection onto the L-inf ball: clip each pixel to
+            # [original - epsilon, original + epsilon]
+            x = torch.clamp(x, min=x_orig - self.epsilon, max=x_orig + self.epsilon)
+        return x
 
 
 default_attack = PGDAttack
+
+
+class UntargetedPGDAttack(PGDAttack):
+    """PGD that walks *up* the loss of the model's own clean prediction, from a
+    random start in the epsilon-ball (Madry et al. 2018). Meant for
+    adversarial training (main.py --adv-train), not for the handout's evaluation.
+
+    Why this and not the least-confident targeted attack for training: the
+    defender must cover every direction the adversary could take, and the
+    untargeted attack looks for any wrong decision inside the ball, not only
+    the least likely label; the random start avoids training a model whose
+    gradient is merely masked at the clean point. The model's prediction
+    stands in for the true label so perturb() keeps the handout's
+    (model, input) signature and the label does not "leak" into the sample
+    (Kurakin et al. 2017); on training images they mostly agree anyway.
+
+    step_size=None picks Madry's rule 2.5 * epsilon / num_steps, so that even
+    a few steps (--adv-steps 5) can reach the boundary of the ball (the
+    handout's default 0.01 x 5 steps = 0.05 could never reach epsilon = 0.1).
+    """
+
+    loss_direction = +1.0       # walk *up* the loss of the predicted label
+
+    def __init__(self, loss_fn, num_steps=5, step_size=None, epsilon=0.1):
+        if step_size is None:
+            step_size = 2.5 * epsilon / num_steps if num_steps > 0 else 0.0
+        super(UntargetedPGDAttack, self).__init__(loss_fn, num_steps, step_size, epsilon)
+
+    def choose_labels(self, clean_logits):
+        return clean_logits.argmax(dim=1)
+
+    def start_point(self, input):
+        noise = torch.empty_like(input).uniform_(-self.epsilon, self.epsilon)
+        return input + noise
+
+
+def adversarial_training_batch(model, attacker, input, ratio=0.5):
+    """
+    The input batch for one step of adversarial training: the first
+    round(ratio * N) images (rounded half up) are replaced by adversarial samples
+    of the current model, the rest stay clean (Goodfellow et al. 2015 mix clean
+    and adversarial samples, which keeps clean accuracy up). Labels are
+    unchanged: the caller keeps using the batch's labels.
+
+    The samples are crafted by attacker.perturb, which runs the model in eval
+    mode (BatchNorm's running statistics are not polluted by the attack's
+    forward passes) and restores its train mode; the caller then takes the
+    training step on the mixed batch in train mode.
+
+    Args:
+      model: (nn.Module) the network being trained (usually in train mode)
+      attacker: an object with perturb(model, input), e.g. UntargetedPGDAttack
+      input: (torch tensor) training images N * C * H * W
+      ratio: (float in [0, 1]) fraction of the batch made adversarial
+
+    Outputs:
+      a new tensor of the input's shape (the input itself when no sample is replaced)
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("adversarial ratio must be in [0, 1], got {!r}".format(ratio))
+    num_adv = int(math.floor(ratio * input.size(0) + 0.5))
+    if num_adv == 0:
+        return input
+    adv = attacker.perturb(model, input[:num_adv])
+    return torch.cat([adv, input[num_adv:].detach()], dim=0)
+
+
+class GradAttention(object):
+    def __init__(self, loss_fn=None):
+        """
+        Saliency maps (Simonyan et al. 2014, https://arxiv.org/abs/1312.6034):
+        how much each pixel can change the predicted class's score.
+
+        Args:
+          loss_fn: kept for the assignment's interface; not used, because the
+                   saliency is the gradient of the class *score* as in the paper
+                   (the loss of a confidently predicted label is flat, so its
+                   gradient is scaled by 1 - p and mixes in the other classes)
+        """
+        self.loss_fn = loss_fn
+
+    def explain(self, model, input):
+        """
+        Given input image X (torch tensor), return a saliency map: the
+        gradient of the predicted class's score w.r.t. the input, absolute
+        value, max over channels, divided by its maximum per image.
+
+        Args:
+          model: (nn.module) network to explain
+          input: (torch tensor) input image of size N * C * H * W
+
+        Outputs:
+          output: (torch tensor) saliency maps in [0, 1] of size N * 1 * H * W
+        """
+        _check_float_batch(input, "GradAttention.explain", image=True)
+        with _EvalMode(model), torch.enable_grad():
+            # a fresh leaf: the caller's tensor is neither modified nor given a .grad
+            x = input.detach().clone().requires_grad_(True)
+            scores = model(x)
+            predicted = scores.argmax(dim=1, keepdim=True)
+            # summing over the batch gives every image its own gradient in one
+            # backward pass: in eval mode image i's score depends on image i only.
+            # autograd.grad: no parameter .grad is written, the graph is freed.
+            grad, = torch.autograd.grad(scores.gather(1, predicted).sum(), x)
+        saliency = grad.abs().amax(dim=1, keepdim=True)
+        peak = saliency.flatten(1).amax(dim=1).clamp_min(torch.finfo(saliency.dtype).tiny)
+        return saliency / peak.view(-1, 1, 1, 1)
+
+
+default_attention = GradAttention
 
 
 def vis_grid(input, n_rows=10):
@@ -321,3 +539,62 @@ def vis_grid(input, n_rows=10):
 
 
 default_visfunction = vis_grid
+
+
+def _minmax_per_image(images):
+    """Rescale each image of a batch to [0, 1] (flat images become 0)."""
+    flat = images.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1, 1)
+    span = (flat.amax(dim=1).view(-1, 1, 1, 1) - low).clamp_min(1e-12)
+    return (images - low) / span
+
+
+def vis_saliency(input, saliency, n_rows=10, alpha=0.5, cmap='inferno'):
+    """
+    Overlay saliency heat maps on their images and compose a mosaic.
+
+    Args:
+      input: (torch tensor) images N * C * H * W (normalized; each is min-max rescaled)
+      saliency: (torch tensor) maps N * 1 * H * W in [0, 1] (GradAttention.explain)
+      n_rows: (int) number of images per row
+      alpha: (float) weight of the heat map in the blend
+      cmap: (str) matplotlib colormap of the heat map
+
+    Outputs:
+      output: (torch tensor) visualizations of size 3 * HH * WW, values in [0, 1]
+    """
+    from matplotlib import colormaps  # imported here: only visualization needs it
+    if input.dim() != 4 or saliency.dim() != 4 or saliency.size(1) != 1 \
+            or input.shape[0] != saliency.shape[0] or input.shape[2:] != saliency.shape[2:]:
+        raise ValueError("vis_saliency: need images N x C x H x W and maps N x 1 x H x W, got {} and {}"
+                         .format(tuple(input.shape), tuple(saliency.shape)))
+    images = _minmax_per_image(input.detach().cpu().float())
+    if images.size(1) == 1:
+        images = images.expand(-1, 3, -1, -1)
+    maps = saliency.detach().cpu().float().clamp(0, 1)[:, 0]
+    heat = torch.from_numpy(colormaps[cmap](maps.numpy())[..., :3]).permute(0, 3, 1, 2).float()
+    blend = (1.0 - alpha) * images + alpha * heat
+    return make_grid(blend, nrow=n_rows)
+
+
+def vis_perturbation(adv, input, n_rows=10, epsilon=None):
+    """
+    Amplified perturbation (adv - input) for TensorBoard: -epsilon maps to 0,
+    no change to 0.5 (grey), +epsilon to 1, per channel.
+
+    Args:
+      adv: (torch tensor) adversarial samples N * C * H * W
+      input: (torch tensor) the original images N * C * H * W
+      n_rows: (int) number of images per row
+      epsilon: (float) the attack's bound; None uses the largest change seen
+
+    Outputs:
+      output: (torch tensor) visualizations of size 3 * HH * WW, values in [0, 1]
+    """
+    if adv.shape != input.shape:
+        raise ValueError("vis_perturbation: adv and input shapes differ: {} vs {}"
+                         .format(tuple(adv.shape), tuple(input.shape)))
+    delta = (adv.detach() - input.detach()).cpu().float()
+    scale = float(epsilon) if epsilon else float(delta.abs().max())
+    scale = scale if scale > 0 else 1.0
+    return make_grid((0.5 + 0.5 * delta / scale).clamp(0, 1), nrow=n_rows)
