@@ -385,8 +385,8 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
             if args.vis:
                 writer.add_image('Image/Org_Image', student_code.default_visfunction(input), i)
                 writer.add_image('Image/Adv_Image', student_code.default_visfunction(adv_input), i)
-                writer.add_image('Image/Perturbation',
-                                 student_code.vis_perturbation(adv_input, input), i)
+                writer.add_image('Image/Perturbation', student_code.vis_perturbation(
+                    adv_input, input, epsilon=attacker.epsilon), i)
     n = max(sums['n'], 1)
     result = {'clean_top1': sums['clean1'] / n, 'clean_top5': sums['clean5'] / n,
               'adv_top1': sums['adv1'] / n, 'adv_top5': sums['adv5'] / n,
@@ -410,7 +410,7 @@ def log_saliency(val_loader, model, criterion, args, device, writer):
     explainer = student_code.default_attention(criterion)
     model.eval()
     for i, (input, _) in enumerate(val_loader):
-        if i % args.print_freq:
+        if i % args.print_freq:  # one batch in print_freq, like the attack's images
             continue
         input = input.to(device)
         saliency = explainer.explain(model, input)
@@ -456,8 +456,6 @@ def check_args(args):
     if not (args.evaluate or args.attack) and args.warmup >= args.epochs:
         raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
     if args.adv_train:
-        if args.use_vit:
-            raise UsageError("--adv-train supports CNNs only (handout 3.3), not --use-vit")
         if not 0 < args.adv_ratio <= 1:
             raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
 
@@ -540,10 +538,9 @@ def train(args, ckpt, device):
 
     adv_attacker = None
     if args.adv_train:
-        # Madry et al.'s step rule: 2.5 * eps / steps lets PGD reach the ball's edge
-        adv_attacker = student_code.default_attack(
-            criterion, num_steps=args.adv_steps,
-            step_size=2.5 * args.adv_eps / args.adv_steps, epsilon=args.adv_eps)
+        # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
+        adv_attacker = student_code.UntargetedPGDAttack(criterion, num_steps=args.adv_steps,
+                                                        epsilon=args.adv_eps)
 
     invocation_start, wall_before = time.time(), summary.get('wall_time_s', 0.0)
     for epoch in range(start_epoch, args.epochs):

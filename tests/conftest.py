@@ -6,3 +6,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
+
+import pytest  # noqa: E402
+
+# small-and-fast training flags shared by the driver's tests
+FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
+        '--device', 'cpu', '--seed', '3', '--warmup', '1', '--num-classes', '4']
+
+
+@pytest.fixture(scope='session')
+def demo(tmp_path_factory):
+    """A tiny demo set (4 classes, 48x48 JPEGs) in MiniPlaces layout."""
+    from make_demo_data import make_demo_dataset
+    root = tmp_path_factory.mktemp('demo')
+    make_demo_dataset(str(root), num_classes=4, train_per_class=6, val_per_class=3,
+                      size=48, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def trained_run(demo, tmp_path_factory):
+    """A SimpleNet trained 2 epochs on the demo set by main.py: its run folder."""
+    import main as driver
+    logs = str(tmp_path_factory.mktemp('trained_logs'))
+    driver.main([demo, '--log-dir', logs, '--epochs', '2'] + FAST)
+    (run,) = os.listdir(logs)
+    return os.path.join(logs, run)

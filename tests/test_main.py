@@ -10,21 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CODE, REPO
+from conftest import CODE, REPO, FAST
 import main as driver
 import utils
-from make_demo_data import make_demo_dataset
-
-FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
-        '--device', 'cpu', '--seed', '3', '--warmup', '1', '--num-classes', '4']
-
-
-@pytest.fixture(scope='session')
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp('demo')
-    make_demo_dataset(str(root), num_classes=4, train_per_class=6, val_per_class=3,
-                      size=48, seed=0)
-    return str(root)
 
 
 def run_main(argv, capsys):
@@ -160,12 +148,9 @@ def test_cli_train_resume_evaluate(demo, tmp_path):
     assert summary['evaluation']['top1'] == pytest.approx(top1, abs=1e-3)
 
 
-def test_tensorboard_tags(demo, tmp_path, capsys):
+def test_tensorboard_tags(trained_run):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-    code, out, err = run_main([demo, '--log-dir', str(tmp_path), '--epochs', '2'] + FAST,
-                              capsys)
-    assert code == 0, err
-    run = only_run(str(tmp_path))
+    run = trained_run
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(run)
     mux.Reload()
@@ -297,17 +282,16 @@ def test_bad_flag_combinations(demo, tmp_path, capsys):
     expect_error([demo, '--resume', str(tmp_path / 'nope.pth.tar')] + logs, capsys,
                  'nope.pth.tar')
     expect_error([demo, '--epochs', '5', '--warmup', '5'] + logs, capsys, '--warmup')
-    expect_error([demo, '--use-vit', '--adv-train', '--epochs', '2', '--warmup', '1'] + logs,
-                 capsys, '--adv-train')
+    expect_error([demo, '--adv-train', '--adv-ratio', '1.5'] + logs, capsys, '--adv-ratio')
+    expect_error([demo, '-a', '--resume', 'x', '--attack-eps', '-1'] + logs, capsys,
+                 '--attack-eps')
     expect_error([demo, '--device', 'cuda:0' if not torch.cuda.is_available() else 'tpu'] + logs,
                  capsys, '--device')
 
 
-def test_bad_checkpoints(demo, tmp_path, capsys):
+def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     logs = str(tmp_path / 'logs')
-    code, _, err = run_main([demo, '--log-dir', logs, '--epochs', '2'] + FAST, capsys)
-    assert code == 0, err
-    ckpt = checkpoint_of(only_run(logs))
+    ckpt = checkpoint_of(trained_run)
     # a checkpoint of another architecture: say which one it holds
     expect_error([demo, '--log-dir', logs, '-e', '--resume', ckpt, '--use-resnet18'], capsys,
                  "'simplenet'", "'resnet18'")
