@@ -211,6 +211,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def use_fused(self):
+        """Whether forward uses the fused kernel (fused=None: wherever PyTorch has it)."""
         if self.fused is None:
             return hasattr(F, "scaled_dot_product_attention")
         return self.fused
@@ -233,7 +234,7 @@ class Attention(nn.Module):
         if self.use_fused():
             # the same formula in one kernel (flash / memory-efficient attention):
             # the N x N matrix of weights is never stored
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             # S = softmax(Q K^T / sqrt(d)) V, per head, softmax over the keys (row-wise)
             attn = (q * self.scale) @ k.transpose(-2, -1)        # B x heads x N x N
