@@ -303,3 +303,28 @@ def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
                  'truncated.pth.tar')
     # the run folder of the first run was left intact by all of this
     assert torch.load(ckpt, weights_only=True)['epoch'] == 2
+
+
+def test_vit_trains_from_cli_with_adamw_groups(demo, tmp_path, capsys, monkeypatch):
+    built = {}
+    real_adamw = torch.optim.AdamW
+
+    def spy(groups, **kwargs):
+        built['groups'] = groups
+        return real_adamw(groups, **kwargs)
+    monkeypatch.setattr(torch.optim, 'AdamW', spy)
+    argv = [demo, '--log-dir', str(tmp_path), '--epochs', '2', '--use-vit', '--wd', '0.05',
+            '--lr', '0.001'] + FAST[2:]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    decay, no_decay = built['groups']
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+    assert all(p.ndim > 1 for p in decay['params'])
+    assert any(p.ndim == 4 and p.shape[0] == 1 for p in no_decay['params'])  # pos_embed
+    ckpt = torch.load(checkpoint_of(only_run(str(tmp_path))), weights_only=True)
+    assert ckpt['arch'] == 'simplevit'
+    # -e takes the architecture from the checkpoint: no --use-vit needed
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'eval'), '-e', '--resume',
+                               checkpoint_of(only_run(str(tmp_path))), '-j', '0'], capsys)
+    assert code == 0, err
+    assert '(simplevit)' in out
