@@ -92,8 +92,10 @@ def check_module(device):
         if with_bias:
             pairs.append(("bias grad", ours.bias.grad, ref.bias.grad))
         for what, a, r in pairs:
-            if not torch.allclose(a, r, atol=1e-4, rtol=1e-4):
-                return f"case {case}: {what} differs by {(a - r).abs().max().item():.3g}"
+            # float32 sums over thousands of terms: compare relative to the scale
+            err, scale = (a - r).abs().max().item(), max(1.0, r.abs().max().item())
+            if err > 1e-5 * scale:
+                return f"case {case}: {what} differs by {err:.3g} (scale {scale:.3g})"
     return None
 
 
