@@ -100,6 +100,9 @@ def _check_conv_args(input_feats, weight, bias, stride, padding):
         raise ValueError(f"custom_conv2d: input has {input_feats.size(1)} channels but "
                          f"the weight expects {weight.size(1)} (weight shape "
                          f"{tuple(weight.shape)})")
+    if input_feats.dtype != weight.dtype:
+        raise ValueError(f"custom_conv2d: input dtype {input_feats.dtype} differs from "
+                         f"weight dtype {weight.dtype} (convert one of them)")
     if bias is not None and tuple(bias.shape) != (weight.size(0),):
         raise ValueError(f"custom_conv2d: bias must have shape ({weight.size(0)},) "
                          f"(one per output channel), got {tuple(bias.shape)}")
@@ -146,15 +149,15 @@ class CustomConv2DFunction(Function):
         Outputs:
           output: responses of the convolution  w*x+b
         """
-        # sanity check (clear messages instead of a shape error deep in matmul)
-        _check_conv_args(input_feats, weight, bias, stride, padding)
-
         # under torch.autocast a convolution runs in the lower precision (like
         # nn.Conv2d does): cast once here, then compute with autocast off
         dtype = _autocast_dtype(input_feats.device.type)
         if dtype is not None and input_feats.is_floating_point():
             input_feats, weight = input_feats.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+
+        # sanity check (clear messages instead of a shape error deep in matmul)
+        _check_conv_args(input_feats, weight, bias, stride, padding)
 
         # save the conv params
         kernel_size = weight.size(2)
@@ -166,16 +169,21 @@ class CustomConv2DFunction(Function):
         H_out = _conv_out_size(input_feats.size(2), kernel_size, stride, padding)
         W_out = _conv_out_size(input_feats.size(3), kernel_size, stride, padding)
 
+        # the output is an (N, C_o, H_o, W_o) tensor stored channels-last, i.e. in
+        # memory it is the (N*H_o*W_o, C_o) matrix that the GEMM writes into. (We
+        # must return this tensor itself, not a view of a GEMM result: autograd
+        # forbids in-place ops such as ReLU(inplace=True) on views made in a Function.)
+        output = torch.empty((N, C_out, H_out, W_out), dtype=input_feats.dtype,
+                             device=input_feats.device, memory_format=torch.channels_last)
+        output_2d = output.permute(0, 2, 3, 1).view(-1, C_out)
         with torch.autocast(input_feats.device.type, enabled=False):
             cols = _im2col(input_feats, kernel_size, stride, padding)   # (N*H_o*W_o, K*K*C_i)
             # weight in the same (ky, kx, c) order as the patch rows: (C_o, K*K*C_i)
             weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
             if bias is None:
-                output = cols @ weight_2d.t()
+                torch.mm(cols, weight_2d.t(), out=output_2d)             # cols W^T
             else:
-                output = torch.addmm(bias, cols, weight_2d.t())          # b + cols W^T
-        # (N*H_o*W_o, C_o) -> (N, C_o, H_o, W_o) view, channels-last in memory
-        output = output.view(N, H_out, W_out, C_out).permute(0, 3, 1, 2)
+                torch.addmm(bias, cols, weight_2d.t(), out=output_2d)    # b + cols W^T
 
         # save the input (not cols, which is K*K times larger): backward re-unfolds it
         ctx.save_for_backward(input_feats, weight)

@@ -111,6 +111,17 @@ def test_gradcheck(case):
     assert gradcheck(custom_conv2d, (x, w, b, S, P), eps=1e-4, atol=1e-5)
 
 
+def test_output_can_be_modified_in_place():
+    # ReLU(inplace=True) right after the conv, as in SimpleNet
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.relu_(custom_conv2d(x, w, None, 1, 1)).sum().backward()
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.relu_(F.conv2d(x2, w2, None, 1, 1)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
 def test_only_requested_gradients_are_computed(monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     w = torch.randn(4, 3, 3, 3)
@@ -155,6 +166,9 @@ def test_autocast_cpu_bfloat16():
         assert rel < 0.05
     # autocast off again: full precision
     assert ours(x).dtype == torch.float32
+    # a bfloat16 activation meeting a float32 weight is fine under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_state_dict_moves_between_custom_and_native_conv():
@@ -176,6 +190,7 @@ def test_state_dict_moves_between_custom_and_native_conv():
     ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 2)), "only square kernels"),
     ((torch.randn(3, 8, 8), torch.randn(4, 3, 3, 3)), "input must be 4-D"),
     ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)), "bias must have shape"),
+    ((torch.randn(1, 3, 8, 8).double(), torch.randn(4, 3, 3, 3)), "input dtype torch.float64 differs"),
 ])
 def test_bad_shapes_give_clear_messages(args, message):
     x, w = args[0], args[1]
@@ -256,14 +271,15 @@ def test_docstring_states_measured_params_and_flops():
                                     img_size=10) == 2 * 4 * 3 * 9 * 10 * 10
 
 
-def test_custom_conv_network_equals_native_network():
+@pytest.mark.parametrize("arch", ["resnet10", "simplenet"])
+def test_custom_conv_network_equals_native_network(arch):
     torch.manual_seed(0)
-    native = student_code.default_cnn_model(conv_op=nn.Conv2d, num_classes=10).double()
-    custom = student_code.default_cnn_model(conv_op=CustomConv2d, num_classes=10).double()
-    custom.load_state_dict(native.state_dict())        # the same parameter names
-    for block in native.blocks:                        # non-zero residual branches
+    net_cls = student_code.cnn_models[arch]
+    native = net_cls(conv_op=nn.Conv2d, num_classes=10).double()
+    custom = net_cls(conv_op=CustomConv2d, num_classes=10).double()
+    for block in getattr(native, "blocks", []):        # non-zero residual branches
         nn.init.normal_(block.bn2.weight)
-    custom.load_state_dict(native.state_dict())
+    custom.load_state_dict(native.state_dict())        # the same parameter names
     x = torch.randn(3, 3, 48, 40, dtype=torch.float64)
     y = torch.randint(0, 10, (3,))
     losses = []
