@@ -51,15 +51,16 @@ def _saved_bytes(fn):
 
 def _conv_layers_with_inputs(model, images):
     """[(name, conv module, copy of its input)] for every conv of model, from one
-    forward pass over images (the inputs keep their real shape and memory layout)."""
+    forward pass over images (the inputs keep their real shape, memory layout and
+    requires_grad: the first conv needs no gradient for the images)."""
     import torch
     records, hooks = [], []
     for name, module in model.named_modules():
         if hasattr(module, 'kernel_size') and hasattr(module, 'weight') \
                 and module.weight is not None and module.weight.dim() == 4:
             hooks.append(module.register_forward_hook(
-                lambda m, inp, out, name=name:
-                records.append((name, m, inp[0].detach().clone()))))
+                lambda m, inp, out, name=name: records.append(
+                    (name, m, inp[0].detach().clone().requires_grad_(inp[0].requires_grad)))))
     with torch.no_grad():
         model(images)
     for hook in hooks:
@@ -110,14 +111,13 @@ def bench_conv(args):
     layers = zip(_conv_layers_with_inputs(native, images),
                  _conv_layers_with_inputs(custom, images))
     for (name, conv_n, x_n), (_, conv_c, x_c) in layers:
-        x_n.requires_grad_(True)
-        x_c.requires_grad_(True)
         pair = {'native': (conv_n, x_n), 'custom': (conv_c, x_c)}
 
         def fwd_bwd(conv, x):
             # gradients w.r.t. input and weight, as in the network (none accumulated)
             out = conv(x)
-            torch.autograd.grad(out, [x, conv.weight], torch.ones_like(out))
+            wrt = [x, conv.weight] if x.requires_grad else [conv.weight]
+            torch.autograd.grad(out, wrt, torch.ones_like(out))
 
         layer_saved = {k: _saved_bytes(lambda c=c, x=x: c(x))[0] for k, (c, x) in pair.items()}
         layer_times = {k: [] for k in pair}

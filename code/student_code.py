@@ -31,9 +31,11 @@ from custom_blocks import (PatchEmbed, window_partition, window_unpartition,
 #       dL/dX    = col2im(dL/dcols)             ("fold": each input pixel sums the
 #                                                gradients of all patches it was in)
 #       dL/db    = dY summed over N, H_o, W_o
-# Seen as convolutions: dL/dW is the input convolved with dY, and dL/dX is dY
-# convolved with the flipped, transposed kernel (a "transposed convolution").
-# We never call those: the same three matrix products compute them.
+# The gradients of a convolution are convolutions too: dL/dW correlates the
+# input with dY, and dL/dX is dY (zero-padded by K-1-P) convolved with the kernel
+# flipped in space and with C_i/C_o swapped. With stride 1 we compute dL/dX in
+# exactly that form, with the same im2col + GEMM as the forward pass; with a
+# larger stride we use dY @ W followed by the fold (col2im).
 #
 # What makes it fast and lean (a naive unfold version is ~4x slower than nn.Conv2d):
 #  * channels-last rows: we unfold an (N, H, W, C) view, so each patch row is K*K
@@ -73,8 +75,6 @@ def _col2im(cols, input_shape, kernel_size, stride, padding):
     K, S, P = kernel_size, stride, padding
     H_out, W_out = _conv_out_size(H, K, S, P), _conv_out_size(W, K, S, P)
     cols = cols.view(N, H_out, W_out, K, K, C)
-    if K == 1 and S == 1 and P == 0:                # 1x1: nothing overlaps
-        return cols.view(N, H, W, C).permute(0, 3, 1, 2)
     grad = cols.new_zeros(N, H + 2 * P, W + 2 * P, C)
     # kernel tap (ky, kx) of output pixel (i, j) read input pixel (S*i + ky, S*j + kx):
     # K*K strided slice-adds put every contribution back (overlaps are summed)
@@ -83,6 +83,27 @@ def _col2im(cols, input_shape, kernel_size, stride, padding):
             grad[:, ky:ky + S * (H_out - 1) + 1:S, kx:kx + S * (W_out - 1) + 1:S, :] \
                 += cols[:, :, :, ky, kx, :]
     return grad[:, P:P + H, P:P + W, :].permute(0, 3, 1, 2)
+
+
+def _conv2d_gemm(x, weight, bias, stride, padding):
+    """Y = cols @ W^T + b: the convolution as one GEMM. Returns (N, C_o, H_o, W_o)
+    stored channels-last, i.e. in memory the (N*H_o*W_o, C_o) matrix that the
+    GEMM writes into (a fresh tensor, not a view: autograd forbids in-place ops
+    such as ReLU(inplace=True) on a view returned by a custom Function)."""
+    N, C_out, K = x.size(0), weight.size(0), weight.size(2)
+    H_out = _conv_out_size(x.size(2), K, stride, padding)
+    W_out = _conv_out_size(x.size(3), K, stride, padding)
+    output = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last)
+    output_2d = output.permute(0, 2, 3, 1).view(-1, C_out)
+    cols = _im2col(x, K, stride, padding)                        # (N*H_o*W_o, K*K*C_i)
+    # the weight in the same (ky, kx, c) order as the patch rows: (C_o, K*K*C_i)
+    weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
+    if bias is None:
+        torch.mm(cols, weight_2d.t(), out=output_2d)
+    else:
+        torch.addmm(bias, cols, weight_2d.t(), out=output_2d)
+    return output
 
 
 def _check_conv_args(input_feats, weight, bias, stride, padding):
@@ -160,30 +181,13 @@ class CustomConv2DFunction(Function):
         _check_conv_args(input_feats, weight, bias, stride, padding)
 
         # save the conv params
-        kernel_size = weight.size(2)
         ctx.stride = stride
         ctx.padding = padding
         ctx.input_shape = input_feats.shape
         ctx.has_bias = bias is not None
-        N, C_out = input_feats.size(0), weight.size(0)
-        H_out = _conv_out_size(input_feats.size(2), kernel_size, stride, padding)
-        W_out = _conv_out_size(input_feats.size(3), kernel_size, stride, padding)
 
-        # the output is an (N, C_o, H_o, W_o) tensor stored channels-last, i.e. in
-        # memory it is the (N*H_o*W_o, C_o) matrix that the GEMM writes into. (We
-        # must return this tensor itself, not a view of a GEMM result: autograd
-        # forbids in-place ops such as ReLU(inplace=True) on views made in a Function.)
-        output = torch.empty((N, C_out, H_out, W_out), dtype=input_feats.dtype,
-                             device=input_feats.device, memory_format=torch.channels_last)
-        output_2d = output.permute(0, 2, 3, 1).view(-1, C_out)
         with torch.autocast(input_feats.device.type, enabled=False):
-            cols = _im2col(input_feats, kernel_size, stride, padding)   # (N*H_o*W_o, K*K*C_i)
-            # weight in the same (ky, kx, c) order as the patch rows: (C_o, K*K*C_i)
-            weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
-            if bias is None:
-                torch.mm(cols, weight_2d.t(), out=output_2d)             # cols W^T
-            else:
-                torch.addmm(bias, cols, weight_2d.t(), out=output_2d)    # b + cols W^T
+            output = _conv2d_gemm(input_feats, weight, bias, stride, padding)
 
         # save the input (not cols, which is K*K times larger): backward re-unfolds it
         ctx.save_for_backward(input_feats, weight)
@@ -213,13 +217,23 @@ class CustomConv2DFunction(Function):
         C_out = weight.size(0)
 
         with torch.autocast(grad_output.device.type, enabled=False):
+            grad_output = grad_output.to(weight.dtype)
             # dY as a (N*H_o*W_o, C_o) matrix: a free view when it is channels-last
-            grad_out_2d = grad_output.to(weight.dtype).permute(0, 2, 3, 1).reshape(-1, C_out)
-            weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
+            grad_out_2d = grad_output.permute(0, 2, 3, 1).reshape(-1, C_out)
 
-            if ctx.needs_input_grad[0]:
-                # dL/dcols = dY W, then fold each patch gradient back onto the input
-                grad_cols = grad_out_2d @ weight_2d
+            if ctx.needs_input_grad[0] and stride == 1 and padding <= kernel_size - 1:
+                # with stride 1, the gradient of a convolution is a convolution:
+                # dL/dX = dY, zero-padded by K-1-P, convolved with the kernel flipped
+                # in space and with its in/out channels swapped. (Faster than
+                # dY W + fold: the GEMM is compute-heavy and nothing is scattered.)
+                flipped = weight.flip(2, 3).transpose(0, 1)              # (C_i, C_o, K, K)
+                grad_input = _conv2d_gemm(grad_output, flipped, None, 1,
+                                          kernel_size - 1 - padding)
+            elif ctx.needs_input_grad[0]:
+                # general case: dL/dcols = dY W, then fold each patch gradient back
+                # onto the input pixels it came from
+                weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
+                grad_cols = grad_out_2d @ weight_2d                     # (N*H_o*W_o, K*K*C_i)
                 grad_input = _col2im(grad_cols, ctx.input_shape, kernel_size, stride, padding)
 
             if ctx.needs_input_grad[1]:
