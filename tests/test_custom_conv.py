@@ -190,19 +190,22 @@ def test_state_dict_moves_between_custom_and_native_conv():
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("args, message", [
-    ((torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3)), "input has 3 channels but the weight expects 2"),
-    ((torch.randn(1, 3, 4, 4), torch.randn(4, 3, 7, 7)), "kernel size 7 is larger than the padded input"),
-    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 2)), "only square kernels"),
-    ((torch.randn(3, 8, 8), torch.randn(4, 3, 3, 3)), "input must be 4-D"),
-    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)), "bias must have shape"),
-    ((torch.randn(1, 3, 8, 8).double(), torch.randn(4, 3, 3, 3)), "input dtype torch.float64 differs"),
+@pytest.mark.parametrize("x_shape, w_shape, bias_shape, message", [
+    ((1, 3, 8, 8), (4, 2, 3, 3), None, "input has 3 channels but the weight expects 2"),
+    ((1, 3, 4, 4), (4, 3, 7, 7), None, "kernel size 7 is larger than the padded input"),
+    ((1, 3, 8, 8), (4, 3, 3, 2), None, "only square kernels"),
+    ((3, 8, 8), (4, 3, 3, 3), None, "input must be 4-D"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), (5,), "bias must have shape"),
 ])
-def test_bad_shapes_give_clear_messages(args, message):
-    x, w = args[0], args[1]
-    b = args[2] if len(args) > 2 else None
+def test_bad_shapes_give_clear_messages(x_shape, w_shape, bias_shape, message):
+    b = torch.randn(bias_shape) if bias_shape else None
     with pytest.raises(ValueError, match=message):
-        custom_conv2d(x, w, b, 1, 0)
+        custom_conv2d(torch.randn(x_shape), torch.randn(w_shape), b, 1, 0)
+
+
+def test_mixed_dtypes_give_clear_message():
+    with pytest.raises(ValueError, match="input dtype torch.float64 differs"):
+        custom_conv2d(torch.randn(1, 3, 8, 8).double(), torch.randn(4, 3, 3, 3), None, 1, 0)
 
 
 @pytest.mark.parametrize("stride, padding, message", [
