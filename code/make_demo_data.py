@@ -6,12 +6,16 @@
 OUT_DIR gets images/train/a/abbey/00000001.jpg ..., images/val/00000001.jpg ...,
 train.txt, val.txt and categories.txt, like MiniPlaces (class names are borrowed from it).
 
-Each class is a texture: one of five patterns (horizontal, vertical or diagonal stripes,
-a checkerboard, irregular blobs) at one of three scales. Every image draws its own two
-colours, phase, a small tilt, a few distractor shapes and pixel noise, so the class is
-in the structure of the pixels only: the mean colour and the file name say nothing.
-The textures fill the whole image and differ by more than the training augmentations
-change them (flip, +-15% colour, +-15 degree rotation, crops of 25-100% of the area).
+Each class is a texture that fills the image: stripes (horizontal, vertical or diagonal)
+at a fine or a coarse scale, a plain colour ramp, a grid of thin lines, scattered dots,
+or a coarse checkerboard. Every image draws its own colours, phase, small tilt, a few
+distractor shapes and pixel noise, so the class is in the structure of the pixels only:
+the mean colour and the file name say nothing. The classes differ by more than the
+training augmentations change an image (flip, +-15% colour, +-15 degree rotation, crops
+of 25-100% of the area, i.e. up to 2x zoom): orientations are 45 degrees apart and
+flip-symmetric ("diagonal" is either diagonal), scales about 4x apart. Trained with
+`make demo`'s recipe (SGD, lr 0.05, batch 32, 4 epochs), the handout's SimpleNet reaches
+over 90% validation accuracy (chance: 10%).
 """
 import argparse
 import os
@@ -21,34 +25,40 @@ import sys
 import cv2
 import numpy as np
 
-# the first MiniPlaces categories (categories.txt of MiniPlaces starts this way)
+# the first ten MiniPlaces categories (as in its categories.txt)
 CLASS_NAMES = [
     "a/abbey", "a/airport_terminal", "a/amphitheater", "a/amusement_park", "a/aquarium",
     "a/aqueduct", "a/art_gallery", "a/assembly_line", "a/auditorium", "b/badlands",
-    "b/bakery/shop", "b/ballroom", "b/bamboo_forest", "b/banquet_hall", "b/bar",
 ]
-PATTERNS = ["horizontal", "vertical", "diagonal", "checkerboard", "blobs"]
-# pattern period in pixels at size 128, ordered so that the first 10 classes use the two
-# most different scales; neighbouring scales differ by > 2x, more than the crops rescale
-PERIODS = [6.0, 28.0, 13.0]
+# (pattern, period in pixels at size 128) of each class. These were chosen by training
+# SimpleNet on candidates: textures whose spectra overlap (diagonal stripes and a fine
+# checkerboard, irregular blobs) or scales closer than 4x (which the crops' zoom blurs)
+# were confused, these were not.
+CLASS_TEXTURES = [
+    ("horizontal", 6.0), ("vertical", 6.0), ("diagonal", 6.0),
+    ("horizontal", 28.0), ("vertical", 28.0), ("diagonal", 28.0),
+    ("plain", 128.0), ("grid", 16.0), ("dots", 16.0), ("checkerboard", 28.0),
+]
 MARKER = "DEMO_README.txt"     # marks a folder written by this script (safe to overwrite)
-
-
-def class_texture(label):
-    """Class index -> (pattern, period at size 128)."""
-    return PATTERNS[label % len(PATTERNS)], PERIODS[label // len(PATTERNS)]
 
 
 def texture_mask(rng, pattern, period, size):
     """A size x size float32 map in [0, 1] that mixes the image's two colours."""
     period = period * rng.uniform(0.9, 1.1)
-    if pattern == "blobs":
-        # smooth random noise, thresholded: isotropic and aperiodic
-        cells = max(2, int(round(2 * size / period)))
-        noise = rng.standard_normal((cells, cells)).astype(np.float32)
-        smooth = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
-        return np.clip(0.5 + 1.5 * smooth, 0.0, 1.0)
-    tilt = np.deg2rad(rng.uniform(-8, 8))
+    if pattern == "plain":
+        # a smooth linear ramp between the two colours, in a random direction
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+        return np.clip(0.5 + rng.uniform(0.3, 1.0) * (xx * np.cos(angle) + yy * np.sin(angle)),
+                       0.0, 1.0)
+    if pattern == "dots":
+        # small discs scattered at random, about one per period x period cell
+        mask = np.zeros((size, size), np.float32)
+        for _ in range(int(size * size / period ** 2)):
+            centre = tuple(int(c) for c in rng.integers(0, size, 2))
+            cv2.circle(mask, centre, max(1, int(round(period / 5))), 1.0, -1, cv2.LINE_AA)
+        return mask
+    tilt = np.deg2rad(rng.uniform(-5, 5))
     if pattern == "diagonal":
         tilt += np.deg2rad(rng.choice([-45.0, 45.0]))
     elif pattern == "vertical":
@@ -59,20 +69,24 @@ def texture_mask(rng, pattern, period, size):
     wave = np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
     if pattern == "checkerboard":
         wave = wave * np.sin(2 * np.pi * v / period + rng.uniform(0, 2 * np.pi))
+    if pattern == "grid":
+        # thin lines across and along: a plaid of both orientations
+        wave_v = np.sin(2 * np.pi * v / period + rng.uniform(0, 2 * np.pi))
+        return np.clip(4.0 * (np.maximum(wave, wave_v) - 0.7), 0.0, 1.0)
     return np.clip(0.5 + 2.0 * wave, 0.0, 1.0)          # soft-edged square wave
 
 
 def random_colour_pair(rng):
-    """Two random RGB colours far enough apart for the texture to show."""
-    while True:
-        a, b = rng.uniform(0, 255, size=(2, 3))
-        if np.linalg.norm(a - b) > 120:
-            return a.astype(np.float32), b.astype(np.float32)
+    """A random dark and a random light RGB colour: every image gets a different mean
+    colour but about the same, strong contrast."""
+    dark = rng.uniform(0, 100, 3).astype(np.float32)
+    light = rng.uniform(155, 255, 3).astype(np.float32)
+    return (dark, light) if rng.random() < 0.5 else (light, dark)
 
 
 def render_image(rng, label, size):
     """One RGB uint8 image of class `label`."""
-    pattern, period = class_texture(label)
+    pattern, period = CLASS_TEXTURES[label]
     period = max(3.0, period * size / 128.0)            # keep stripes >= 3 px at small sizes
     mask = texture_mask(rng, pattern, period, size)[:, :, None]
     a, b = random_colour_pair(rng)
@@ -87,7 +101,7 @@ def render_image(rng, label, size):
         else:
             cv2.rectangle(img, (centre[0] - radius, centre[1] - radius),
                           (centre[0] + radius, centre[1] + radius), colour, thickness=-1)
-    img += rng.normal(0, 10, img.shape).astype(np.float32)
+    img += rng.normal(0, 8, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -117,7 +131,7 @@ def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_clas
                       size=128, seed=0):
     """Write the demo set to out_dir; deterministic given `seed`. Returns
     {"train": n_train, "val": n_val}."""
-    max_classes = len(PATTERNS) * len(PERIODS)
+    max_classes = len(CLASS_TEXTURES)
     if not 2 <= num_classes <= max_classes:
         raise ValueError(f"num_classes must be in [2, {max_classes}], got {num_classes}")
     if train_per_class < 1 or val_per_class < 1:
