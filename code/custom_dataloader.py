@@ -1,0 +1,113 @@
+"""MiniPlaces dataset: label files + JPEG images decoded with OpenCV.
+
+Layout of a data folder (MiniPlaces, and the demo set of make_demo_data.py):
+    DIR/train.txt, DIR/val.txt      lines "relative/path.jpg label", paths relative to DIR/images/
+    DIR/images/train/a/abbey/00000001.jpg, DIR/images/val/00000001.jpg, ...
+"""
+import os
+import random
+
+import cv2
+import numpy as np
+import torch
+from torch.utils import data
+
+
+class DatasetError(ValueError):
+    """A problem with the data on disk. The message is one line naming the file, so the
+    driver can print it as is, also when a DataLoader worker re-raises it (PyTorch puts
+    the worker's traceback in front; the message stays the last line)."""
+
+
+def read_label_file(label_file, num_classes):
+    """Parse "relative/path.jpg label" lines (blank lines ignored) -> (paths, labels)."""
+    file_list, label_list = [], []
+    with open(label_file, "r") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(None, 1)      # the label is the last field
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DatasetError(f"{label_file}, line {line_no}: expected "
+                                   f"'relative/path.jpg label', got {line!r}")
+            label = int(parts[1])
+            if not 0 <= label < num_classes:
+                raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
+                                   f"[0, {num_classes}) (is --num-classes right?)")
+            file_list.append(parts[0])
+            label_list.append(label)
+    if not file_list:
+        raise DatasetError(f"{label_file} lists no images")
+    return file_list, label_list
+
+
+def to_rgb(img, filename):
+    """Decoded OpenCV image (BGR, BGRA or gray; 8 or 16 bit) -> H x W x 3 uint8 RGB."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DatasetError(f"unsupported pixel type {img.dtype} in image {filename}")
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    raise DatasetError(f"image {filename} has {img.shape[2]} channels, expected 1, 3 or 4")
+
+
+class MiniPlacesLoader(data.Dataset):
+    """Returns (image, label): the image is an H x W x 3 uint8 RGB array, or whatever
+    `transforms` makes of it (a C x H x W tensor with the handout's transforms)."""
+
+    def __init__(self, root_folder, split="train", transforms=None, num_classes=100):
+        if not os.path.isdir(root_folder):
+            raise DatasetError(f"data folder {root_folder} does not exist (MiniPlaces: `make data`; "
+                               f"demo set: `python code/make_demo_data.py DIR`)")
+        label_file = os.path.join(root_folder, split + ".txt")
+        if not os.path.isfile(label_file):
+            raise DatasetError(f"label file {label_file} is missing")
+        self.root_folder = root_folder
+        self.img_folder = os.path.join(root_folder, "images")
+        self.split = split
+        self.num_classes = num_classes
+        self.transforms = transforms
+        self.file_list, self.label_list = read_label_file(label_file, num_classes)
+
+        # fail fast on missing files: one stat per image is cheap (about 0.3 s for
+        # MiniPlaces' 100k training images); corrupt files show up in __getitem__
+        missing = [p for p in self.file_list
+                   if not os.path.isfile(os.path.join(self.img_folder, p))]
+        if missing:
+            raise DatasetError(f"{len(missing)} of the {len(self.file_list)} images listed in "
+                               f"{label_file} are missing, e.g. "
+                               f"{os.path.join(self.img_folder, missing[0])}")
+
+    def __len__(self):
+        return len(self.label_list)
+
+    def __getitem__(self, index):
+        filename = os.path.join(self.img_folder, self.file_list[index])
+        # IMREAD_UNCHANGED: we convert gray / BGRA / BGR to RGB ourselves (to_rgb)
+        img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise DatasetError(f"cannot read image {filename} (missing, corrupt or not an image)")
+        img = to_rgb(img, filename)
+        if self.transforms is not None:
+            img = self.transforms(img)
+        return img, self.label_list[index]
+
+    def __repr__(self):
+        return (f"{self.__class__.__name__}({self.root_folder!r}, split={self.split!r}, "
+                f"{len(self)} images, num_classes={self.num_classes})")
+
+
+def seed_worker(worker_id):
+    """DataLoader(worker_init_fn=seed_worker): seed `random` (used by custom_transforms)
+    and NumPy from torch's per-worker seed, itself derived from the loader's generator
+    (so torch.manual_seed in the main process fixes every worker's augmentations).
+    Recent PyTorch seeds `random` the same way by itself; this makes it explicit."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)

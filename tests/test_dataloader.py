@@ -1,0 +1,173 @@
+"""custom_dataloader.MiniPlacesLoader: decoding to RGB, label files, every DatasetError,
+errors raised inside DataLoader workers, and worker seeding."""
+import os
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import custom_transforms as T
+from custom_dataloader import DatasetError, MiniPlacesLoader, seed_worker
+
+RED_RGB = (255, 0, 0)
+
+
+def write_set(root, entries, split="train"):
+    """entries: (relative path, label, BGR/gray/BGRA image or raw bytes, or None = no file)."""
+    lines = []
+    for rel, label, content in entries:
+        path = os.path.join(root, "images", rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(content, bytes):
+            with open(path, "wb") as f:
+                f.write(content)
+        elif content is not None:
+            assert cv2.imwrite(path, content)
+        lines.append(f"{rel} {label}")
+    with open(os.path.join(root, f"{split}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.fixture
+def small_set(tmp_path):
+    bgr_red = np.zeros((12, 16, 3), np.uint8)
+    bgr_red[:, :, 2] = 255                                  # red in OpenCV's BGR order
+    gray = np.full((10, 8), 90, np.uint8)
+    bgra = np.zeros((9, 9, 4), np.uint8)
+    bgra[:, :, 0], bgra[:, :, 3] = 200, 17                  # blue, mostly transparent
+    return write_set(tmp_path, [
+        ("train/a/abbey/00000001.png", 0, bgr_red),
+        ("train/b/bar/00000001.png", 3, gray),
+        ("train/b/bar/00000002.png", 3, bgra),
+        ("train/b/bakery/shop/00000001.jpg", 1, bgr_red),
+    ])
+
+
+def test_images_are_decoded_to_rgb(small_set):
+    ds = MiniPlacesLoader(small_set, split="train", num_classes=4)
+    assert len(ds) == 4
+    img, label = ds[0]
+    assert label == 0 and img.shape == (12, 16, 3) and img.dtype == np.uint8
+    assert tuple(img[0, 0]) == RED_RGB                      # BGR -> RGB
+    img, label = ds[1]
+    assert label == 3 and img.shape == (10, 8, 3) and (img == 90).all()   # gray -> RGB
+    img, _ = ds[2]
+    assert img.shape == (9, 9, 3) and tuple(img[0, 0]) == (0, 0, 200)   # BGRA -> RGB
+    img, label = ds[3]                                       # nested class folder, JPEG
+    assert label == 1 and abs(int(img[5, 5, 0]) - 255) <= 2 and img[5, 5, 1:].max() <= 2
+
+
+def test_transforms_are_applied(small_set):
+    t = T.Compose([T.Scale(8), T.CenterCrop(8), T.ToTensor()])
+    ds = MiniPlacesLoader(small_set, transforms=t, num_classes=4)
+    for i in range(len(ds)):
+        x, _ = ds[i]
+        assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+
+
+def test_blank_lines_are_ignored(tmp_path):
+    write_set(tmp_path, [("a.png", 1, np.zeros((4, 4, 3), np.uint8))])
+    with open(tmp_path / "train.txt", "w") as f:
+        f.write("\n  \na.png 1\n\n")
+    assert MiniPlacesLoader(str(tmp_path), num_classes=2).label_list == [1]
+
+
+def one_line_error(fn, *args, **kwargs):
+    with pytest.raises(DatasetError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_folder_and_label_file(tmp_path):
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path / "nowhere"))
+    assert "nowhere" in msg and "does not exist" in msg
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), split="val")
+    assert "val.txt" in msg and "missing" in msg
+
+
+@pytest.mark.parametrize("bad_line", ["a.png", "a.png two", "a.png 1.5", ""])
+def test_malformed_label_line_names_file_and_line(tmp_path, bad_line):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("a.png 1\n" + bad_line + "\n")
+    if bad_line == "":
+        # a blank line is fine; an all-blank file is not
+        assert len(MiniPlacesLoader(str(tmp_path), num_classes=2)) == 2
+        with open(tmp_path / "train.txt", "w") as f:
+            f.write("\n\n")
+        assert "lists no images" in one_line_error(MiniPlacesLoader, str(tmp_path))
+        return
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=2)
+    assert "train.txt, line 3" in msg and repr(bad_line) in msg
+
+
+@pytest.mark.parametrize("label", [-1, 5])
+def test_label_out_of_range_names_line(tmp_path, label):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", label, np.zeros((4, 4, 3), np.uint8))])
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=5)
+    assert "line 2" in msg and f"label {label}" in msg and "[0, 5)" in msg
+
+
+def test_missing_image_fails_at_construction(tmp_path):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("train/x/gone.jpg", 0, None)])
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=2)
+    assert os.path.join("train", "x", "gone.jpg") in msg and "missing" in msg
+
+
+def test_corrupt_image_fails_when_read(tmp_path):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("broken.jpg", 1, b"this is not a jpeg")])
+    ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
+    ds[0]
+    msg = one_line_error(ds.__getitem__, 1)
+    assert "broken.jpg" in msg and "cannot read" in msg
+
+
+def test_error_in_worker_keeps_file_name_on_last_line(tmp_path):
+    write_set(tmp_path, [("broken.jpg", 0, b"\xff\xd8 truncated")])
+    ds = MiniPlacesLoader(str(tmp_path), transforms=T.ToTensor(), num_classes=1)
+    loader = DataLoader(ds, batch_size=1, num_workers=1)
+    with pytest.raises(DatasetError) as info:
+        next(iter(loader))
+    last = str(info.value).splitlines()[-1]
+    assert last.startswith("custom_dataloader.DatasetError: cannot read image")
+    assert "broken.jpg" in last
+
+
+class RandomNumbers(Dataset):
+    """Each item is a draw from Python's `random`, as the random transforms make."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return random.random()
+
+
+def test_seed_worker_makes_workers_repeatable_and_distinct():
+    def draw(seed):
+        torch.manual_seed(seed)
+        loader = DataLoader(RandomNumbers(), batch_size=4, num_workers=2,
+                            worker_init_fn=seed_worker)
+        return torch.cat(list(loader)).tolist()
+    first, again, other = draw(0), draw(0), draw(1)
+    assert first == again
+    assert first != other
+    assert first[:4] != first[4:]                 # the two workers draw different numbers
+
+
+def test_seed_worker_seeds_random_and_numpy_from_torch():
+    torch.manual_seed(5)
+    seed_worker(0)
+    got = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    assert got == (random.random(), np.random.rand())
