@@ -264,7 +264,8 @@ class RandomRotate(object):
 
     def __init__(self, degree_range, interpolations=_DEFAULT_INTERPOLATIONS):
         if not (0 <= degree_range <= 180):
-            raise ValueError(f"RandomRotate: degree_range must be in [0, 180], got {degree_range!r}")
+            raise ValueError(f"RandomRotate: degree_range must be in [0, 180], "
+                             f"got {degree_range!r}")
         self.degree_range = degree_range
         self.interpolations = _as_interpolations(interpolations, "RandomRotate")
 
@@ -312,7 +313,8 @@ class Normalize(object):
 
     def __init__(self, mean, std):
         if len(mean) != len(std):
-            raise ValueError(f"Normalize: mean and std differ in length ({len(mean)} vs {len(std)})")
+            raise ValueError(f"Normalize: mean and std differ in length "
+                             f"({len(mean)} vs {len(std)})")
         if any(s <= 0 for s in std):
             raise ValueError(f"Normalize: std must be positive, got {list(std)}")
         self.mean = [float(m) for m in mean]

@@ -145,4 +145,5 @@ def test_classes_are_learnable_from_pixels_not_mean_colour(tmp_path):
             cnn_acc = (model(val_x).argmax(1) == val_y).float().mean().item()
     finally:
         torch.set_num_threads(threads)
-    assert cnn_acc > 0.45, f"tiny CNN reached only {cnn_acc:.2f} (mean colour: {mean_colour_acc:.2f})"
+    assert cnn_acc > 0.45, \
+        f"tiny CNN reached only {cnn_acc:.2f} (mean colour: {mean_colour_acc:.2f})"
