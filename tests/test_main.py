@@ -214,6 +214,9 @@ def test_resnet18_fine_tune_offline_with_local_weights(demo, tmp_path, capsys):
 
 def test_resnet18_without_network_says_where_to_put_weights(demo, tmp_path, capsys,
                                                             monkeypatch):
+    import urllib.request
+    # urlopen caches an opener built from the proxy variables below: restore it afterwards
+    monkeypatch.setattr(urllib.request, '_opener', None)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
         monkeypatch.setenv(var, 'http://127.0.0.1:9')  # a closed port: no download possible

@@ -25,8 +25,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+# loopback only: never go through a proxy from the environment
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get_json(url):
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with OPENER.open(url, timeout=5) as response:
         return json.loads(response.read())
 
 
