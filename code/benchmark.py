@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks: `python code/benchmark.py {conv,attention,attack}`.
+"""Side-by-side benchmarks: `python code/benchmark.py {conv,attention,attack,models}`.
 
 Each benchmark times our code against a reference in the same process, with
 interleaved repetitions, and prints ratios (ratios survive a noisy machine;
@@ -10,6 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _median(values):
@@ -18,14 +19,20 @@ def _median(values):
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
+def _sync(device):
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
+
+
 def _timed(fn, device):
     """Seconds of one call of fn (synchronising the device around it)."""
-    import torch
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    sync()
+    _sync(device)
     start = time.perf_counter()
     fn()
-    sync()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -152,19 +159,10 @@ def bench_conv(args):
     return step_ratio, saved_ratio
 
 
-def _sync(device):
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
-
-
 def _interleaved_times(fns, device, calls):
     """Best seconds per call of each fn in `fns` (a dict). The variants take turns
     call by call, so a busy machine slows each alike, and the minimum is kept,
     since other work on the machine can only add time."""
-    import time
     times = {name: [] for name in fns}
     for fn in fns.values():                          # warm-up (allocator, kernels)
         fn()
@@ -178,22 +176,6 @@ def _interleaved_times(fns, device, calls):
     return {name: min(t) for name, t in times.items()}
 
 
-def _saved_tensor_bytes(fn):
-    """Bytes of the tensors autograd keeps for the backward pass of fn() (the
-    activation memory of training), counting each storage once."""
-    import torch
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def _attention_memory(attn, x, window_size, device):
     """(attention-matrix bytes, saved-tensor bytes, CUDA peak bytes or None) of one
     forward of `attn` over the token grid x, globally or in windows."""
@@ -203,7 +185,7 @@ def _attention_memory(attn, x, window_size, device):
     tokens = window_partition(x, window_size)[0] if window_size else x
     n = tokens.shape[1] * tokens.shape[2]                # tokens per attention
     matrix_bytes = tokens.shape[0] * attn.num_heads * n * n * x.element_size()
-    saved = _saved_tensor_bytes(lambda: attn(tokens))
+    saved = _saved_bytes(lambda: attn(tokens))[0]
     peak = None
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -317,46 +299,6 @@ def bench_attention(args):
         print(f"  {name:8s} attention: {batch / sec:8.1f} images/s   ({sec * 1e3:.0f} ms/step)")
 
 
-class _SavedTensorMeter(object):
-    """Peak bytes of the tensors autograd keeps for backward, alive at once.
-
-    This is the memory a growing graph would add to with every PGD step, and it
-    can be counted on any device: saved_tensors_hooks wrap every tensor that
-    the forward pass saves in a small holder; the holder counts its bytes when
-    created and uncounts them when autograd drops it (graph freed). On CUDA the
-    allocator's own peak is reported as well.
-    """
-
-    def __enter__(self):
-        import torch
-        meter = self
-        self.live, self.peak = 0, 0
-
-        class Held(object):
-            def __init__(self, t):
-                self.t, self.nbytes = t, t.numel() * t.element_size()
-                meter.live += self.nbytes
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self):
-                meter.live -= self.nbytes
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
-def _sync(device):
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
-
-
 def _attack_model(num_classes=100):
     """The default CNN if it builds, else the handout's SimpleNet."""
     import student_code
@@ -372,10 +314,10 @@ def bench_attack(args):
     """One PGD step vs one forward+backward of the same batch (target <= 1.1x),
     and peak memory of a 20-step vs a 1-step attack (target: equal)."""
     import statistics
-    import time
     import torch
     import torch.nn as nn
     import student_code
+    from utils import SavedTensorMeter
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -421,7 +363,7 @@ def bench_attack(args):
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        with _SavedTensorMeter() as meter:
+        with SavedTensorMeter() as meter:
             attacker.perturb(model, x)
         peaks[steps] = {'autograd saved': meter.peak}
         if device.type == 'cuda':
@@ -435,7 +377,45 @@ def bench_attack(args):
                                         'PASS' if ratio <= 1.01 else 'FAIL'))
 
 
-BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack}
+def bench_models(args):
+    """Accuracy at equal epochs on the demo set (issue: the default CNN must beat
+    SimpleNet, and CustomConv2d must train like nn.Conv2d): three runs of main.py
+    with the same data, seed, schedule and batch size."""
+    import contextlib
+    import json
+    import tempfile
+    import main as driver
+    from make_demo_data import make_demo_dataset
+    data = args.data or os.path.join(REPO, 'data', 'demo')
+    if not os.path.isfile(os.path.join(data, 'train.txt')):
+        make_demo_dataset(data)
+    logs = tempfile.mkdtemp(prefix='bench_models_')
+    common = [data, '--num-classes', '10', '--epochs', str(args.epochs), '--warmup', '1',
+              '-b', '32', '--lr', str(args.lr), '-j', '2', '--device', args.device,
+              '--seed', '0', '--log-dir', logs, '-p', '1000']
+    runs = [('SimpleNet, nn.Conv2d', ['--arch', 'simplenet']),
+            ('default CNN, nn.Conv2d', []),
+            ('default CNN, CustomConv2d', ['--use-custom-conv'])]
+    print(f'models benchmark: demo set {data}, {args.epochs} epochs, lr {args.lr}, '
+          f'batch 32, seed 0, device {args.device} (logs of main.py in {logs})')
+    rows = []
+    for label, extra in runs:
+        with open(os.path.join(logs, 'console.log'), 'a') as log, \
+                contextlib.redirect_stdout(log):
+            summary = driver.main(common + extra)
+        rows.append((label, summary))
+    print(f"{'model':<28}{'arch':<11}{'params':>10}{'best val top-1':>16}"
+          f"{'final val top-1':>17}{'images/s':>10}")
+    for label, summary in rows:
+        final = summary['epochs'][-1]
+        speed = sum(e['images_per_s'] for e in summary['epochs']) / len(summary['epochs'])
+        print(f"{label:<28}{summary['arch']:<11}{summary['num_params']:>10,}"
+              f"{summary['best_acc1']:>16.2f}{final['val_top1']:>17.2f}{speed:>10.1f}")
+    return json.loads(json.dumps([s for _, s in rows]))
+
+
+BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
+              'models': bench_models}
 
 
 def main():
@@ -445,6 +425,9 @@ def main():
     parser.add_argument('--repeats', type=int, default=5, help='interleaved repetitions')
     parser.add_argument('--batch-size', type=int, default=64, help='batch size (conv)')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
+    parser.add_argument('--epochs', type=int, default=4, help='training epochs (models)')
+    parser.add_argument('--lr', type=float, default=0.02, help='learning rate (models)')
+    parser.add_argument('--data', default=None, help='demo set (models; default data/demo)')
     args = parser.parse_args()
     import torch
     if args.threads > 0:

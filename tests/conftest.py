@@ -32,3 +32,14 @@ def trained_run(demo, tmp_path_factory):
     driver.main([demo, '--log-dir', logs, '--epochs', '2'] + FAST)
     (run,) = os.listdir(logs)
     return os.path.join(logs, run)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread, then restore the setting: for tiny models a
+    second OpenMP thread on a busy 2-core machine only waits (up to 20x slower)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import student_code as sc
+from utils import SavedTensorMeter
 
 K, C, H = 4, 3, 16          # classes, channels, image size of the synthetic tasks
 
@@ -143,32 +144,6 @@ def test_pgd_leaves_existing_parameter_gradients_alone(trained, test_set):
     grads = [p.grad.clone() for p in model.parameters()]
     sc.PGDAttack(nn.CrossEntropyLoss(), num_steps=3).perturb(model, x)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-
-
-class SavedTensorMeter(object):
-    """Bytes of tensors that autograd keeps for backward, alive at the same time."""
-
-    def __init__(self):
-        self.live, self.peak = 0, 0
-
-    def __enter__(self):
-        meter = self
-
-        class Held(object):
-            def __init__(self, t):
-                self.t, self.nbytes = t, t.numel() * t.element_size()
-                meter.live += self.nbytes
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self):
-                meter.live -= self.nbytes
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
 
 
 def test_pgd_graph_does_not_grow_with_steps(trained, test_set):

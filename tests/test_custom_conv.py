@@ -18,13 +18,8 @@ from student_code import CustomConv2d, CustomConv2DFunction, custom_conv2d
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a shared 2-core machine threads only add sync overhead
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one thread each (on a shared 2-core machine a second only waits)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def conv_and_grads(conv, x, w, b, stride, padding, grad_out=None):

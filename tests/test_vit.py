@@ -16,14 +16,8 @@ from custom_blocks import (PatchEmbed, window_partition, window_unpartition, Dro
 from student_code import Attention, TransformerBlock, SimpleViT, default_vit_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: on a busy 2-core machine a second OpenMP thread only
-    # waits for the first (20x slower here), so run each test on one and restore
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one thread each (on a shared 2-core machine a second only waits)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_vit(**kw):
