@@ -503,6 +503,37 @@ def new_summary(args, run_dir, model, device, iters_per_epoch):
             'best_epoch': None, 'best_acc1': None, 'wall_time_s': 0.0}
 
 
+def resume(ckpt, model, optimizer, scheduler, args):
+    """Restore weights, optimizer and lr schedule; continue the checkpoint's run folder
+    (its curves and summary) when it is one of ours. Returns (start_epoch, best_acc1,
+    run_dir or None, summary or None)."""
+    load_model_state(model, ckpt, args.resume)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
+    run_dir, summary = run_dir_of_checkpoint(args.resume), None
+    if run_dir is not None:
+        summary = read_json(os.path.join(run_dir, 'summary.json'))
+        summary['epochs'] = [e for e in summary['epochs'] if e['epoch'] <= start_epoch]
+        summary['args'], summary['status'] = vars(args), 'running'
+    print(f"=> resumed '{args.resume}' at epoch {start_epoch} (best Acc@1 {best_acc1:.2f})")
+    return start_epoch, best_acc1, run_dir, summary
+
+
+def log_epoch(writer, step, stats, acc1, acc5, val_loss):
+    """The epoch's scalars under the handout's tags (add_scalars puts train and val
+    of one tag on one TensorBoard chart), plus loss, throughput and memory."""
+    writer.add_scalars('data/top1_accuracy', {'train': stats['train_top1']}, step)
+    writer.add_scalars('data/top5_accuracy', {'train': stats['train_top5']}, step)
+    writer.add_scalars('data/top1_accuracy', {'val': acc1}, step)
+    writer.add_scalars('data/top5_accuracy', {'val': acc5}, step)
+    writer.add_scalar('data/val_loss', val_loss, step)
+    writer.add_scalar('perf/images_per_sec', stats['images_per_s'], step)
+    writer.add_scalar('perf/epoch_time_s', stats['epoch_time_s'], step)
+    writer.add_scalar('perf/peak_memory_mb', stats['peak_memory_mb'], step)
+    writer.flush()
+
+
 def train(args, ckpt, device):
     seed_everything(args.seed)
     model = build_model(args).to(device)
@@ -511,23 +542,15 @@ def train(args, ckpt, device):
     optimizer = build_optimizer(model, args)
     n_iters = len(train_loader)
     scheduler = build_lr_scheduler(optimizer, args.warmup, args.epochs, n_iters)
-    start_epoch, best_acc1, summary = args.start_epoch, 0.0, None
+    start_epoch, best_acc1, run_dir, summary = args.start_epoch, 0.0, None, None
     if ckpt is not None:
-        load_model_state(model, ckpt, args.resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
-        run_dir = run_dir_of_checkpoint(args.resume)
-        if run_dir is not None:  # continue the same run folder, curves and summary
-            summary = read_json(os.path.join(run_dir, 'summary.json'))
-            summary['epochs'] = [e for e in summary['epochs'] if e['epoch'] <= start_epoch]
-            summary['args'], summary['status'] = vars(args), 'running'
-        print(f"=> resumed '{args.resume}' at epoch {start_epoch} (best Acc@1 {best_acc1:.2f})")
+        start_epoch, best_acc1, run_dir, summary = resume(ckpt, model, optimizer, scheduler,
+                                                          args)
     elif start_epoch > 0:  # --start-epoch without a checkpoint: fast-forward the lr
         scheduler.last_epoch = start_epoch * n_iters - 1
         scheduler._step_count = 2  # silence "scheduler before optimizer" warning
         scheduler.step()
-    if summary is None:
+    if run_dir is None:
         run_dir = make_run_dir(args.log_dir, args.name)
         summary = new_summary(args, run_dir, model, device, n_iters)
     summary_path = os.path.join(run_dir, 'summary.json')
@@ -557,16 +580,7 @@ def train(args, ckpt, device):
         acc1, acc5, val_loss = validate(val_loader, model, criterion, args, device)
 
         step = epoch + 1
-        writer.add_scalars('data/top1_accuracy', {'train': stats['train_top1']}, step)
-        writer.add_scalars('data/top5_accuracy', {'train': stats['train_top5']}, step)
-        writer.add_scalars('data/top1_accuracy', {'val': acc1}, step)
-        writer.add_scalars('data/top5_accuracy', {'val': acc5}, step)
-        writer.add_scalar('data/val_loss', val_loss, step)
-        writer.add_scalar('perf/images_per_sec', stats['images_per_s'], step)
-        writer.add_scalar('perf/epoch_time_s', stats['epoch_time_s'], step)
-        writer.add_scalar('perf/peak_memory_mb', stats['peak_memory_mb'], step)
-        writer.flush()
-
+        log_epoch(writer, step, stats, acc1, acc5, val_loss)
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
         save_checkpoint({'epoch': epoch + 1, 'arch': summary['arch'],

@@ -331,3 +331,42 @@ def test_vit_trains_from_cli_with_adamw_groups(demo, tmp_path, capsys, monkeypat
                                checkpoint_of(only_run(str(tmp_path))), '-j', '0'], capsys)
     assert code == 0, err
     assert '(simplevit)' in out
+
+
+def test_resume_from_a_checkpoint_outside_a_run_folder(demo, trained_run, tmp_path, capsys):
+    import shutil
+    copied = str(tmp_path / 'copied.pth.tar')
+    shutil.copy(checkpoint_of(trained_run), copied)
+    logs = str(tmp_path / 'logs')
+    code, out, err = run_main([demo, '--log-dir', logs, '--epochs', '3', '--resume', copied]
+                              + FAST, capsys)
+    assert code == 0, err
+    run = only_run(logs)  # a new run folder: the copied file has none
+    summary = json.load(open(os.path.join(run, 'summary.json')))
+    assert [e['epoch'] for e in summary['epochs']] == [3]
+    assert summary['epochs'][0]['lr'] == pytest.approx(0.0, abs=1e-9)  # end of the cosine
+
+
+def test_start_epoch_fast_forwards_the_lr(demo, tmp_path, capsys):
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path), '--epochs', '3',
+                               '--start-epoch', '2'] + FAST, capsys)
+    assert code == 0, err
+    summary = json.load(open(os.path.join(only_run(str(tmp_path)), 'summary.json')))
+    assert [e['epoch'] for e in summary['epochs']] == [3]
+    assert 'Epoch: [3][0/' in out
+
+
+def test_vit_learns_the_demo_set_well_above_chance(tmp_path_factory, capsys):
+    """The ViT recipe from the CLI (AdamW, clipping, warmup + cosine) on a demo set."""
+    from make_demo_data import make_demo_dataset
+    data = str(tmp_path_factory.mktemp('demo_vit'))
+    make_demo_dataset(data, num_classes=4, train_per_class=40, val_per_class=10, size=64,
+                      seed=1)
+    logs = str(tmp_path_factory.mktemp('vit_logs'))
+    argv = [data, '--log-dir', logs, '--use-vit', '--epochs', '3', '--warmup', '1', '-b', '16',
+            '--lr', '0.001', '--wd', '0.05', '-j', '0', '--device', 'cpu', '--seed', '0',
+            '--num-classes', '4', '-p', '100']
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    summary = json.load(open(os.path.join(only_run(logs), 'summary.json')))
+    assert summary['best_acc1'] >= 50.0, summary['epochs']  # chance: 25%
