@@ -68,7 +68,8 @@ class MiniPlacesLoader(data.Dataset):
                                f"demo set: `python code/make_demo_data.py DIR`)")
         label_file = os.path.join(root_folder, split + ".txt")
         if not os.path.isfile(label_file):
-            raise DatasetError(f"label file {label_file} is missing")
+            raise DatasetError(f"label file {label_file} is missing (MiniPlaces: "
+                               f"sh ./download_dataset.sh; a demo set: make demo)")
         self.root_folder = root_folder
         self.img_folder = os.path.join(root_folder, "images")
         self.split = split
