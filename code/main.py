@@ -142,8 +142,10 @@ def adopt_arch(args, arch):
 
 def swap_convolutions(model, conv_op):
     """Replace every nn.Conv2d of a model by conv_op (e.g. CustomConv2d), same weights."""
+    if conv_op is nn.Conv2d:
+        return model
     for name, child in model.named_children():
-        if isinstance(child, nn.Conv2d) and conv_op is not nn.Conv2d:
+        if isinstance(child, nn.Conv2d):
             new = conv_op(child.in_channels, child.out_channels, child.kernel_size[0],
                           stride=child.stride[0], padding=child.padding[0],
                           bias=child.bias is not None)
@@ -310,6 +312,13 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
             'peak_memory_mb': peak_memory_mb(device)}
 
 
+def predict_with_flip(model, input):
+    """(logits of the images, logits averaged with those of their mirror images): the
+    handout's test-time augmentation, a minor performance boost."""
+    logits = model(input)
+    return logits, 0.5 * (logits + model(torch.flip(input, (3,))))
+
+
 def validate(val_loader, model, criterion, args, device):
     """Test the model on the validation set, with the handout's flip test-time
     augmentation; returns (top1, top5, loss)."""
@@ -321,10 +330,8 @@ def validate(val_loader, model, criterion, args, device):
         for i, (input, target) in enumerate(val_loader):
             input = input.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
-            output = model(input)
-            losses.update(criterion(output, target).item(), input.size(0))
-            # test time augmentation (minor performance boost)
-            output = 0.5 * (output + model(torch.flip(input, (3,))))
+            logits, output = predict_with_flip(model, input)
+            losses.update(criterion(logits, target).item(), input.size(0))
             acc1, acc5 = accuracy(output, target, topk=(1, 5))
             top1.update(acc1.item(), input.size(0))
             top5.update(acc5.item(), input.size(0))
@@ -358,13 +365,11 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
         input = input.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.no_grad():
-            clean_logits = model(input)
-            clean = 0.5 * (clean_logits + model(torch.flip(input, (3,))))
+            clean_logits, clean = predict_with_flip(model, input)
         adv_input = attacker.perturb(model, input)
         with torch.no_grad():
-            adv_logits = model(adv_input)
             # always flip the adversarial samples too (the handout's evaluation)
-            adv = 0.5 * (adv_logits + model(torch.flip(adv_input, (3,))))
+            adv_logits, adv = predict_with_flip(model, adv_input)
         n = input.size(0)
         (c1, c5), (a1, a5) = accuracy(clean, target, (1, 5)), accuracy(adv, target, (1, 5))
         correct = clean.argmax(1) == target
@@ -374,7 +379,8 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
         sums['adv5'] += a5.item() * n
         sums['correct'] += correct.sum().item()
         sums['fooled'] += (correct & (adv.argmax(1) != target)).sum().item()
-        sums['hit'] += (adv_logits.argmax(1) == clean_logits.argmin(1)).sum().item()
+        target_labels = student_code.least_confident_labels(clean_logits)
+        sums['hit'] += (adv_logits.argmax(1) == target_labels).sum().item()
         sums['n'] += n
         if i % args.print_freq == 0:
             print('Attack: [{0}/{1}]\tClean Acc@1 {2:.2f}\tAdv Acc@1 {3:.2f}\t'
@@ -498,7 +504,7 @@ def arch_of(args):
 def new_summary(args, run_dir, model, device, iters_per_epoch):
     return {'run_dir': os.path.abspath(run_dir), 'name': args.name, 'status': 'running',
             'args': vars(args), 'arch': arch_of(args),
-            'num_params': sum(p.numel() for p in model.parameters()), 'device': str(device),
+            'num_params': student_code.count_params(model), 'device': str(device),
             'iters_per_epoch': iters_per_epoch, 'epochs_planned': args.epochs, 'epochs': [],
             'best_epoch': None, 'best_acc1': None, 'wall_time_s': 0.0}
 
