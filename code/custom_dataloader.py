@@ -57,19 +57,21 @@ def to_rgb(img, filename):
     raise DatasetError(f"image {filename} has {img.shape[2]} channels, expected 1, 3 or 4")
 
 
+# how to get data, said by every "not there" error below
+GET_DATA_HINT = ("MiniPlaces: `sh ./download_dataset.sh`; a demo set: "
+                 "`python code/make_demo_data.py DIR`")
+
+
 class MiniPlacesLoader(data.Dataset):
     """Returns (image, label): the image is an H x W x 3 uint8 RGB array, or whatever
     `transforms` makes of it (a C x H x W tensor with the handout's transforms)."""
 
     def __init__(self, root_folder, split="train", transforms=None, num_classes=100):
         if not os.path.isdir(root_folder):
-            raise DatasetError(f"data folder {root_folder} does not exist "
-                               f"(MiniPlaces: `make data`; "
-                               f"demo set: `python code/make_demo_data.py DIR`)")
+            raise DatasetError(f"data folder {root_folder} does not exist ({GET_DATA_HINT})")
         label_file = os.path.join(root_folder, split + ".txt")
         if not os.path.isfile(label_file):
-            raise DatasetError(f"label file {label_file} is missing (MiniPlaces: "
-                               f"sh ./download_dataset.sh; a demo set: make demo)")
+            raise DatasetError(f"label file {label_file} is missing ({GET_DATA_HINT})")
         self.root_folder = root_folder
         self.img_folder = os.path.join(root_folder, "images")
         self.split = split

@@ -430,11 +430,8 @@ def log_saliency(val_loader, model, criterion, args, device, writer):
 # The three modes: train, evaluate, attack
 ################################################################################
 def check_args(args):
-    """Reject bad flag combinations before any work starts (one line each)."""
-    if not os.path.isdir(args.data_folder):
-        raise UsageError(f"data folder '{args.data_folder}' does not exist (get MiniPlaces with "
-                         f"'sh ./download_dataset.sh', or a demo set with "
-                         f"'python code/make_demo_data.py DIR')")
+    """Reject bad flag combinations before any work starts (one line each); the data
+    folder is checked by MiniPlacesLoader, built before the model."""
     if args.evaluate and args.attack:
         raise UsageError("-e/--evaluate and -a/--attack are exclusive: run them one at a time")
     if (args.evaluate or args.attack) and not args.resume:
@@ -542,8 +539,8 @@ def log_epoch(writer, step, stats, acc1, acc5, val_loss):
 
 def train(args, ckpt, device):
     seed_everything(args.seed)
+    train_loader, val_loader = build_loaders(args, device)  # first: checks the data
     model = build_model(args).to(device)
-    train_loader, val_loader = build_loaders(args, device)
     criterion = nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, args)
     n_iters = len(train_loader)
@@ -614,10 +611,10 @@ def train(args, ckpt, device):
 
 
 def evaluate_or_attack(args, ckpt, device):
+    _, val_loader = build_loaders(args, device, train=False)  # first: checks the data
     model = build_model(args)
     load_model_state(model, ckpt, args.resume)
     model.to(device)
-    _, val_loader = build_loaders(args, device, train=False)
     criterion = nn.CrossEntropyLoss()
     mode = 'attack' if args.attack else 'eval'
     run_dir = make_run_dir(args.log_dir, args.name or mode)
