@@ -84,7 +84,7 @@ def bench_conv(args):
     import torch.nn as nn
     import student_code
     device = torch.device(args.device)
-    batch = getattr(args, 'batch_size', 64)
+    batch = args.batch_size
     net_cls = student_code.default_cnn_model
     torch.manual_seed(0)
     native = net_cls(conv_op=nn.Conv2d).to(device).train()
@@ -299,21 +299,9 @@ def bench_attention(args):
         print(f"  {name:8s} attention: {batch / sec:8.1f} images/s   ({sec * 1e3:.0f} ms/step)")
 
 
-def _attack_model(num_classes=100):
-    """The default CNN if it builds, else the handout's SimpleNet."""
-    import student_code
-    try:
-        return student_code.default_cnn_model(num_classes=num_classes), \
-            student_code.default_cnn_model.__name__
-    except Exception as err:  # e.g. Part I not written yet
-        print("default_cnn_model does not build ({}); using SimpleNet".format(err))
-        return student_code.SimpleNet(num_classes=num_classes), 'SimpleNet'
-
-
 def bench_attack(args):
     """One PGD step vs one forward+backward of the same batch (target <= 1.1x),
     and peak memory of a 20-step vs a 1-step attack (target: equal)."""
-    import statistics
     import torch
     import torch.nn as nn
     import student_code
@@ -321,8 +309,8 @@ def bench_attack(args):
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model, name = _attack_model()
-    model = model.to(device).eval()      # the attack runs the model in eval mode
+    name = student_code.default_cnn_model.__name__
+    model = student_code.default_cnn_model().to(device).eval()  # attacks run in eval mode
     x = torch.randn(64, 3, 128, 128, device=device)
     criterion = nn.CrossEntropyLoss()
     attack = student_code.PGDAttack(criterion)          # handout defaults
@@ -336,20 +324,13 @@ def bench_attack(args):
     def pgd_step():                       # what perturb() repeats num_steps times
         attack._step(model, x, x, labels)
 
-    def timed(fn):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - start
-
     forward_backward(), pgd_step()        # warm-up (allocator, cuDNN autotuning)
     times = {'fwd+bwd': [], 'pgd step': []}
     for _ in range(args.repeats):         # interleaved: both see the same machine load
-        times['fwd+bwd'].append(timed(forward_backward))
-        times['pgd step'].append(timed(pgd_step))
+        times['fwd+bwd'].append(_timed(forward_backward, device))
+        times['pgd step'].append(_timed(pgd_step, device))
     model.zero_grad(set_to_none=True)
-    fb, step = statistics.median(times['fwd+bwd']), statistics.median(times['pgd step'])
+    fb, step = _median(times['fwd+bwd']), _median(times['pgd step'])
     print("model {}, batch 64 x 3 x 128 x 128 on {}, median of {} interleaved runs".format(
         name, device, args.repeats))
     print("  forward+backward {:8.1f} ms".format(fb * 1e3))
@@ -382,7 +363,6 @@ def bench_models(args):
     SimpleNet, and CustomConv2d must train like nn.Conv2d): three runs of main.py
     with the same data, seed, schedule and batch size."""
     import contextlib
-    import json
     import tempfile
     import main as driver
     from make_demo_data import make_demo_dataset
@@ -411,7 +391,6 @@ def bench_models(args):
         speed = sum(e['images_per_s'] for e in summary['epochs']) / len(summary['epochs'])
         print(f"{label:<28}{summary['arch']:<11}{summary['num_params']:>10,}"
               f"{summary['best_acc1']:>16.2f}{final['val_top1']:>17.2f}{speed:>10.1f}")
-    return json.loads(json.dumps([s for _, s in rows]))
 
 
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
