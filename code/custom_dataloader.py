@@ -12,15 +12,18 @@ import numpy as np
 import torch
 from torch.utils import data
 
+from utils import ToolkitError
 
-class DatasetError(ValueError):
+
+class DatasetError(ToolkitError):
     """A problem with the data on disk. The message is one line naming the file, so the
     driver can print it as is, also when a DataLoader worker re-raises it (PyTorch puts
     the worker's traceback in front; the message stays the last line)."""
 
 
 def read_label_file(label_file, num_classes):
-    """Parse "relative/path.jpg label" lines (blank lines ignored) -> (paths, labels)."""
+    """Parse "relative/path.jpg label" lines (blank lines ignored) -> (paths, labels);
+    num_classes=None accepts any label >= 0 (main.py then counts the classes)."""
     file_list, label_list = [], []
     with open(label_file, "r") as f:
         for line_no, line in enumerate(f, start=1):
@@ -32,7 +35,7 @@ def read_label_file(label_file, num_classes):
                 raise DatasetError(f"{label_file}, line {line_no}: expected "
                                    f"'relative/path.jpg label', got {line!r}")
             label = int(parts[1])
-            if not 0 <= label < num_classes:
+            if label < 0 or (num_classes is not None and label >= num_classes):
                 raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
                                    f"[0, {num_classes}) (is --num-classes right?)")
             file_list.append(parts[0])

@@ -6,13 +6,23 @@
     python main.py ../data --epochs=60 --use-resnet18              # ImageNet fine-tune
     python main.py ../data --resume=../logs/exp_.../models/model_best.pth.tar -e [-v]
     python main.py ../data --resume=../logs/exp_.../models/model_best.pth.tar -a [-v]
+    python main.py ../data --resume=../logs/exp_.../models/checkpoint.pth.tar   # continue
 
 Every run writes logs/exp_<timestamp>[_<name>]/ with TensorBoard events,
-summary.json and models/{checkpoint,model_best}.pth.tar.
+summary.json and models/{checkpoint,model_best}.pth.tar (run_record.py).
+
+How a training run keeps its files consistent, whenever it is killed:
+checkpoint.pth.tar is the commit point of an epoch. It holds everything
+(weights, optimizer, schedule, the epoch history, the best model's weights), and
+is written first, atomically; model_best.pth.tar and summary.json are derived
+from it, written after it, and rewritten from it when the run is resumed.
 """
 import argparse
+import contextlib
+import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -25,15 +35,29 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
 import student_code  # noqa: E402
-from student_code import (cnn_models, default_cnn_model, default_vit_model,  # noqa: E402
+from student_code import (cnn_models, vit_models, default_cnn_model, default_vit_model,  # noqa
                           get_train_transforms, get_val_transforms, CustomConv2d)
-from custom_dataloader import MiniPlacesLoader, DatasetError, seed_worker  # noqa: E402
-from utils import (AverageMeter, accuracy, build_lr_scheduler, select_device,  # noqa: E402
-                   reset_peak_memory, peak_memory_mb, make_run_dir, save_checkpoint,
-                   load_checkpoint, run_dir_of_checkpoint, write_json_atomic, read_json,
-                   format_seconds, CheckpointError)
+from custom_dataloader import MiniPlacesLoader, seed_worker  # noqa: E402
+import run_record as rr  # noqa: E402
+from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
+                   warmup_cosine_factor, select_device, reset_peak_memory, peak_memory_mb,
+                   make_run_dir, save_checkpoint, save_best_model, load_checkpoint,
+                   run_dir_of_checkpoint, write_json_atomic, remove_temp_files, run_lock,
+                   format_seconds, CHECKPOINT, BEST, ToolkitError, UsageError,
+                   CheckpointError, DivergedError)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every model main.py builds, by --arch name -> family. 'cnn' models train with SGD,
+# 'vit' models with AdamW and gradient clipping. To add a model: write its class in
+# student_code.py and add one line to cnn_models (or vit_models) there.
+ARCHS = {**{name: 'cnn' for name in cnn_models},
+         **{name: 'vit' for name in vit_models},
+         'resnet18': 'cnn'}
+
+# the flags that define a training run: --resume takes them from the checkpoint
+PLAN = ('epochs', 'warmup', 'batch_size', 'lr', 'weight_decay', 'momentum', 'arch',
+        'num_classes', 'seed', 'clip_grad', 'adv_train', 'adv_steps', 'adv_eps', 'adv_ratio')
 
 # the arg parser: the handout's flags, names and defaults, then ours
 parser = argparse.ArgumentParser(description='PyTorch Image Classification (MiniPlaces)')
@@ -45,7 +69,8 @@ parser.add_argument('--epochs', default=90, type=int, metavar='N',
 parser.add_argument('--warmup', default=5, type=int, metavar='N',
                     help='number of epochs of linear lr warmup (default: 5)')
 parser.add_argument('--clip-grad', default=1.0, type=float, metavar='NORM',
-                    help='gradient norm clipping for the ViT, 0 to disable (default: 1.0)')
+                    help='gradient norm clipping: on for the ViT by default, for CNNs '
+                         'when given; 0 disables (default: 1.0)')
 parser.add_argument('--start-epoch', default=0, type=int, metavar='N',
                     help='manual epoch number (useful on restarts; --resume sets it)')
 parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
@@ -68,9 +93,11 @@ parser.add_argument('-v', '--vis', dest='vis', action='store_true',
                     help='log images to TensorBoard (saliency with -e, adversarial with -a)')
 parser.add_argument('--use-custom-conv', action='store_true',
                     help='use our own convolution (student_code.CustomConv2d)')
-parser.add_argument('--use-vit', action='store_true', help='use the vision Transformer')
+parser.add_argument('--use-vit', action='store_true',
+                    help='use the vision Transformer (= --arch of default_vit_model)')
 parser.add_argument('--use-resnet18', action='store_true',
-                    help='fine-tune torchvision ResNet-18 pre-trained on ImageNet')
+                    help='fine-tune torchvision ResNet-18 pre-trained on ImageNet '
+                         '(= --arch resnet18)')
 parser.add_argument('--gpu', default=0, type=int, help='GPU id to use, -1 for the CPU')
 parser.add_argument('--use-mps', action='store_true', help='use Apple MPS')
 # additions of this toolkit
@@ -81,10 +108,12 @@ parser.add_argument('--seed', default=None, type=int,
 parser.add_argument('--log-dir', default=os.path.join(REPO_ROOT, 'logs'), metavar='DIR',
                     help='where run folders go (default: logs/ at the repository root)')
 parser.add_argument('--name', default=None, help='suffix of the run folder name')
-parser.add_argument('--arch', default=None, choices=sorted(cnn_models),
-                    help='a CNN by name (default: student_code.default_cnn_model)')
+parser.add_argument('--arch', default=None, choices=sorted(ARCHS), metavar='NAME',
+                    help='the model: ' + ', '.join(sorted(ARCHS)) +
+                         ' (default: student_code.default_cnn_model)')
 parser.add_argument('--num-classes', default=None, type=int,
-                    help='number of classes (default: 100, or the checkpoint\'s)')
+                    help="number of classes (default: largest label + 1 in the label files, "
+                         "or the checkpoint's)")
 parser.add_argument('--pretrained-weights', default=None, metavar='PATH',
                     help='local ResNet-18 state dict for --use-resnet18 (no download)')
 parser.add_argument('--stop-after', default=None, type=int, metavar='N',
@@ -100,46 +129,96 @@ parser.add_argument('--adv-ratio', default=0.5, type=float,
                     help='fraction of each batch replaced by adversarial samples')
 
 
-class UsageError(ValueError):
-    """A bad combination of flags."""
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run; the message says where its checkpoint is."""
+
+
+################################################################################
+# Flags
+################################################################################
+_NOT_GIVEN = object()
+
+
+def given_flags(argv):
+    """The dests of the flags written on the command line (not left at their default):
+    argparse fills in a default only where the namespace has no value yet."""
+    probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN}
+
+
+def registry_name(builder, models, which):
+    for name, model in models.items():
+        if model is builder:
+            return name
+    raise UsageError(f"student_code.{which} ({getattr(builder, '__name__', builder)}) is not "
+                     f"registered: add a line for it to "
+                     f"student_code.{'vit' if 'vit' in which else 'cnn'}_models")
+
+
+def requested_arch(args):
+    """The --arch name the flags ask for (None: they leave it open)."""
+    if args.use_resnet18:
+        return 'resnet18'
+    if args.use_vit:
+        return registry_name(default_vit_model, vit_models, 'default_vit_model')
+    return args.arch
+
+
+def check_args(args, given):
+    """Reject bad flags and combinations before any work starts (one line each); the
+    data folder is checked by MiniPlacesLoader, built before the model."""
+    if args.evaluate and args.attack:
+        raise UsageError("-e/--evaluate and -a/--attack are exclusive: run them one at a time")
+    if (args.evaluate or args.attack) and not args.resume:
+        raise UsageError(f"{'-e' if args.evaluate else '-a'} needs a trained model: "
+                         f"add --resume=PATH/TO/model_best.pth.tar")
+    if args.use_vit and args.use_resnet18:
+        raise UsageError("--use-vit and --use-resnet18 are exclusive")
+    wanted = requested_arch(args)
+    if args.arch and wanted != args.arch:
+        raise UsageError(f"--arch {args.arch} contradicts "
+                         f"{'--use-vit' if args.use_vit else '--use-resnet18'}")
+    if args.use_custom_conv and wanted in vit_models:
+        raise UsageError("--use-custom-conv swaps the convolutions of CNNs, not of the ViT")
+    if args.resume and 'start_epoch' in given:
+        raise UsageError("--start-epoch cannot be combined with --resume: the checkpoint "
+                         "says where the run continues")
+    for flag, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
+                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
+                             ('--warmup', args.warmup, 0), ('--adv-steps', args.adv_steps, 1),
+                             ('--num-classes', args.num_classes, 2),
+                             ('--attack-steps', args.attack_steps, 0),
+                             ('--start-epoch', args.start_epoch, 0),
+                             ('--stop-after', args.stop_after, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (('--attack-eps', args.attack_eps), ('--attack-step-size',
+                        args.attack_step_size), ('--adv-eps', args.adv_eps),
+                        ('--lr', args.lr), ('--wd', args.weight_decay),
+                        ('--clip-grad', args.clip_grad)):
+        if value is not None and not value >= 0:  # `not >=` also rejects NaN
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
+        raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
+    if args.adv_train and not 0 < args.adv_ratio <= 1:
+        raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
+
+
+def settle_new_run(args, given):
+    """Fill in what a new training run's flags leave open: the model, its gradient
+    clipping (the ViT by default, a CNN only when --clip-grad is given), the seed."""
+    args.arch = requested_arch(args) or registry_name(default_cnn_model, cnn_models,
+                                                      'default_cnn_model')
+    if ARCHS[args.arch] != 'vit' and 'clip_grad' not in given:
+        args.clip_grad = 0.0
+    if args.seed is None:  # draw one, and record it so that the run can be replayed
+        args.seed = random.SystemRandom().randrange(2 ** 31)
 
 
 ################################################################################
 # Models
 ################################################################################
-def vit_name():
-    return getattr(default_vit_model, '__name__', 'vit').lower()
-
-
-def default_cnn_name():
-    for name, builder in cnn_models.items():
-        if builder is default_cnn_model:
-            return name
-    return getattr(default_cnn_model, '__name__', 'cnn').lower()
-
-
-def requested_arch(args):
-    """The architecture the flags ask for, or None when they leave it open."""
-    if args.use_resnet18:
-        return 'resnet18'
-    if args.use_vit:
-        return vit_name()
-    return args.arch
-
-
-def adopt_arch(args, arch):
-    """Set the flags so that this command builds `arch` (from a checkpoint)."""
-    if arch == 'resnet18':
-        args.use_resnet18 = True
-    elif arch == vit_name():
-        args.use_vit = True
-    elif arch in cnn_models:
-        args.arch = arch
-    else:
-        raise CheckpointError(f"the checkpoint holds an unknown architecture '{arch}' "
-                              f"(known: resnet18, {vit_name()}, {', '.join(sorted(cnn_models))})")
-
-
 def swap_convolutions(model, conv_op):
     """Replace every nn.Conv2d of a model by conv_op (e.g. CustomConv2d), same weights."""
     if conv_op is nn.Conv2d:
@@ -185,22 +264,21 @@ def build_resnet18(num_classes, weights_path=None, pretrained=True):
     return model
 
 
-def build_model(args):
+def build_model(args, from_checkpoint=False):
     conv_op = CustomConv2d if args.use_custom_conv else nn.Conv2d
-    if args.use_resnet18:
+    if args.arch == 'resnet18':
         model = build_resnet18(args.num_classes, args.pretrained_weights,
-                               pretrained=not args.resume)
+                               pretrained=not from_checkpoint)
         return swap_convolutions(model, conv_op)
-    if args.use_vit:
-        return default_vit_model(num_classes=args.num_classes)
-    builder = cnn_models[args.arch] if args.arch else default_cnn_model
-    return builder(conv_op=conv_op, num_classes=args.num_classes)
+    if ARCHS[args.arch] == 'vit':
+        return vit_models[args.arch](num_classes=args.num_classes)
+    return cnn_models[args.arch](conv_op=conv_op, num_classes=args.num_classes)
 
 
 def build_optimizer(model, args):
     """SGD for CNNs; AdamW for the ViT, without weight decay on norms, biases and
     position embeddings (decaying them only hurts, cf. the ViT/DeiT recipes)."""
-    if not args.use_vit:
+    if ARCHS[args.arch] != 'vit':
         return torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
     decay, no_decay = [], []
@@ -216,6 +294,23 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
+def load_model_state(model, state_dict, path, arch):
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = ' '.join(line.strip() for line in first[:3])[:300]
+        raise CheckpointError(f"'{path}' does not fit the model ({arch}): {detail}")
+
+
+def first_non_finite(model):
+    """Name of the first parameter or buffer holding NaN or inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 ################################################################################
 # Data
 ################################################################################
@@ -226,27 +321,62 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def build_loaders(args, device, train=True):
-    pin = device.type == 'cuda'
+def seed_epoch(seed, epoch, train_loader):
+    """Shuffling and the workers' augmentation seeds depend only on (seed, epoch), so
+    a resumed run replays exactly what an uninterrupted one does."""
+    seed_everything(seed * 1000 + epoch)
+    train_loader.generator.manual_seed(seed * 1000 + epoch)
+
+
+def load_datasets(args, train=True):
+    """(train set or None, val set); their labels are checked by settle_num_classes."""
     val_set = MiniPlacesLoader(args.data_folder, split='val', transforms=get_val_transforms(),
-                               num_classes=args.num_classes)
+                               num_classes=None)
+    if not train:
+        return None, val_set
+    train_set = MiniPlacesLoader(args.data_folder, split='train',
+                                 transforms=get_train_transforms(), num_classes=None)
+    return train_set, val_set
+
+
+def settle_num_classes(args, datasets, source):
+    """The class count is the largest label + 1 of the label files, unless the flags
+    or the checkpoint (`source`) give one: fewer outputs than labels is refused,
+    more is warned about, and so are classes without a training image."""
+    labels = {name: set(ds.label_list) for name, ds in datasets.items() if ds is not None}
+    needed = max(max(found) for found in labels.values()) + 1
+    if args.num_classes is None:
+        args.num_classes = needed
+        print(f'=> {needed} classes (the largest label in the label files is {needed - 1})')
+    elif args.num_classes < needed:
+        name = next(n for n, found in labels.items() if max(found) >= args.num_classes)
+        raise UsageError(f"{source} gives {args.num_classes} classes, but {name}.txt has label "
+                         f"{max(labels[name])}: the model needs at least {needed} outputs")
+    elif args.num_classes > needed:
+        print(f'warning: {source} gives {args.num_classes} classes but the labels use only '
+              f'0..{needed - 1}: the extra outputs are never trained (and PGD targets them '
+              f'as the least-confident labels)')
+    if 'train' in labels:
+        missing = sorted(set(range(needed)) - labels['train'])
+        if missing:
+            shown = ', '.join(map(str, missing[:10])) + (', ...' if len(missing) > 10 else '')
+            print(f'warning: train.txt has no image of {len(missing)} of the labels '
+                  f'0..{needed - 1} ({shown}): the model can never learn them')
+
+
+def build_loaders(args, device, train_set, val_set):
+    pin = device.type == 'cuda'
     val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers,
                             pin_memory=pin, worker_init_fn=seed_worker)
-    if not train:
+    if train_set is None:
         return None, val_loader
-    train_set = MiniPlacesLoader(args.data_folder, split='train',
-                                 transforms=get_train_transforms(),
-                                 num_classes=args.num_classes)
     if args.batch_size > len(train_set):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(train_set)} images): every batch would be dropped")
-    # the generator is re-seeded at the start of every epoch (see train_one_epoch):
-    # shuffling and the workers' augmentation seeds then depend only on
-    # (seed, epoch), so a resumed run replays exactly what an uninterrupted one does
-    generator = torch.Generator()
+    # the generator is re-seeded at the start of every epoch (seed_epoch)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                               num_workers=args.workers, pin_memory=pin, drop_last=True,
-                              worker_init_fn=seed_worker, generator=generator)
+                              worker_init_fn=seed_worker, generator=torch.Generator())
     return train_loader, val_loader
 
 
@@ -255,16 +385,16 @@ def build_loaders(args, device, train=True):
 ################################################################################
 def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch, args,
                     device, writer, adv_attacker=None):
-    """One epoch (0-based `epoch`); returns a dict of the epoch's figures."""
-    batch_time, data_time = AverageMeter(), AverageMeter()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    seed = args.seed * 1000 + epoch
-    seed_everything(seed)
-    train_loader.generator.manual_seed(seed)
-    reset_peak_memory(device)
-
-    model.train()
+    """One epoch (0-based `epoch`); returns the epoch's figures. A non-finite loss
+    stops it at once (DivergedError), before the step that would spread it."""
+    batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
+    losses, top1, top5 = (AverageMeter('Loss', ':.4f'), AverageMeter('Acc@1', ':.2f'),
+                          AverageMeter('Acc@5', ':.2f'))
     n_iters = len(train_loader)
+    progress = ProgressMeter(n_iters, [batch_time, data_time, losses, top1, top5],
+                             prefix=f'Epoch: [{epoch + 1}]')
+    reset_peak_memory(device)
+    model.train()
     bar = tqdm(train_loader, total=n_iters, leave=False, dynamic_ncols=True,
                disable=not sys.stdout.isatty(), desc=f'Epoch {epoch + 1}/{args.epochs}')
     start = end = time.time()
@@ -275,35 +405,35 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
         if adv_attacker is not None:
             input = student_code.adversarial_training_batch(model, adv_attacker, input,
                                                             args.adv_ratio)
-
         output = model(input)
         loss = criterion(output, target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise DivergedError(
+                f"training diverged: the loss is {loss_value} at epoch {epoch + 1}, iteration "
+                f"{i + 1}/{n_iters}; try a lower --lr (now {args.lr:g}), a longer --warmup "
+                f"(now {args.warmup}) or --clip-grad 1.0; the checkpoint of the last finished "
+                f"epoch is intact")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if args.use_vit and args.clip_grad > 0:
+        if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         optimizer.step()
         scheduler.step()  # per iteration: warmup + cosine
 
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        losses.update(loss.item(), input.size(0))
+        losses.update(loss_value, input.size(0))
         top1.update(acc1.item(), input.size(0))
         top5.update(acc5.item(), input.size(0))
         batch_time.update(time.time() - end)
         end = time.time()
-
         if i % args.print_freq == 0 or i == n_iters - 1:
-            global_iter = epoch * n_iters + i
             iters_left = (args.epochs - epoch) * n_iters - i - 1
-            line = ('Epoch: [{0}][{1}/{2}]\tTime {bt.val:.3f} ({bt.avg:.3f})\t'
-                    'Data {dt.val:.3f} ({dt.avg:.3f})\tLoss {ls.val:.4f} ({ls.avg:.4f})\t'
-                    'Acc@1 {t1.val:.2f} ({t1.avg:.2f})\tAcc@5 {t5.val:.2f} ({t5.avg:.2f})\t'
-                    'ETA {eta}').format(epoch + 1, i, n_iters, bt=batch_time, dt=data_time,
-                                        ls=losses, t1=top1, t5=top5,
-                                        eta=format_seconds(iters_left * batch_time.avg))
+            line = progress.line(i, f'ETA {format_seconds(iters_left * batch_time.avg)}')
             tqdm.write(line) if not bar.disable else print(line, flush=True)
-            writer.add_scalar('data/training_loss', losses.val, global_iter)
-            writer.add_scalar('data/learning_rate', optimizer.param_groups[0]['lr'], global_iter)
+            global_iter = epoch * n_iters + i
+            writer.add_scalar(rr.TAG_TRAIN_LOSS, losses.val, global_iter)
+            writer.add_scalar(rr.TAG_LR, optimizer.param_groups[0]['lr'], global_iter)
 
     epoch_time = time.time() - start
     return {'lr': scheduler.get_last_lr()[0], 'train_loss': losses.avg,
@@ -320,10 +450,12 @@ def predict_with_flip(model, input):
 
 
 def validate(val_loader, model, criterion, args, device):
-    """Test the model on the validation set, with the handout's flip test-time
-    augmentation; returns (top1, top5, loss)."""
-    batch_time, losses = AverageMeter(), AverageMeter()
-    top1, top5 = AverageMeter(), AverageMeter()
+    """Test the model on the validation set; returns (top1, top5, loss). Accuracy is
+    that of the flip-averaged logits (the handout's test-time augmentation); the loss
+    is that of the plain logits, comparable with the training loss."""
+    batch_time, losses = AverageMeter('Time', ':.3f'), AverageMeter('Loss', ':.4f')
+    top1, top5 = AverageMeter('Acc@1', ':.2f'), AverageMeter('Acc@5', ':.2f')
+    progress = ProgressMeter(len(val_loader), [batch_time, top1, top5], prefix='Test: ')
     model.eval()
     with torch.no_grad():
         end = time.time()
@@ -338,11 +470,23 @@ def validate(val_loader, model, criterion, args, device):
             batch_time.update(time.time() - end)
             end = time.time()
             if i % args.print_freq == 0:
-                print('Test: [{0}/{1}]\tTime {bt.val:.3f} ({bt.avg:.3f})\t'
-                      'Acc@1 {t1.val:.2f} ({t1.avg:.2f})\tAcc@5 {t5.val:.2f} ({t5.avg:.2f})'
-                      .format(i, len(val_loader), bt=batch_time, t1=top1, t5=top5), flush=True)
-    print('******Acc@1 {t1.avg:.3f} Acc@5 {t5.avg:.3f}'.format(t1=top1, t5=top5), flush=True)
+                print(progress.line(i), flush=True)
+    print(f'******Acc@1 {top1.avg:.3f} Acc@5 {top5.avg:.3f}', flush=True)
     return top1.avg, top5.avg, losses.avg
+
+
+def log_epoch(writer, step, stats, acc1, acc5, val_loss):
+    """The epoch's scalars under the handout's tags (add_scalars puts train and val
+    of one tag on one TensorBoard chart), plus loss, throughput and memory."""
+    writer.add_scalars(rr.TAG_TOP1, {'train': stats['train_top1']}, step)
+    writer.add_scalars(rr.TAG_TOP5, {'train': stats['train_top5']}, step)
+    writer.add_scalars(rr.TAG_TOP1, {'val': acc1}, step)
+    writer.add_scalars(rr.TAG_TOP5, {'val': acc5}, step)
+    writer.add_scalar(rr.TAG_VAL_LOSS, val_loss, step)
+    writer.add_scalar(rr.TAG_IMAGES_PER_S, stats['images_per_s'], step)
+    writer.add_scalar(rr.TAG_EPOCH_TIME, stats['epoch_time_s'], step)
+    writer.add_scalar(rr.TAG_PEAK_MEMORY, stats['peak_memory_mb'], step)
+    writer.flush()
 
 
 ################################################################################
@@ -356,59 +500,84 @@ def build_attacker(criterion, args):
                                                      if v is not None})
 
 
+class AttackMeters(object):
+    """Running accuracies of one attack: clean and adversarial, with and without the
+    flip test-time augmentation, the success rate and the target-hit rate."""
+
+    KEYS = ('clean_top1', 'clean_top5', 'adv_top1', 'adv_top5',
+            'clean_top1_noflip', 'clean_top5_noflip', 'adv_top1_noflip', 'adv_top5_noflip')
+
+    def __init__(self):
+        self.acc = {key: AverageMeter(key, ':.2f') for key in self.KEYS}
+        self.correct = self.fooled = self.hit = 0
+
+    def update(self, target, clean_logits, clean_flip, adv_logits, adv_flip, target_labels):
+        n = target.size(0)
+        for prefix, logits in (('clean', clean_flip), ('adv', adv_flip),
+                               ('clean_noflip', clean_logits), ('adv_noflip', adv_logits)):
+            acc1, acc5 = accuracy(logits, target, (1, 5))
+            head, _, tail = prefix.partition('_')
+            suffix = '_' + tail if tail else ''
+            self.acc[f'{head}_top1{suffix}'].update(acc1.item(), n)
+            self.acc[f'{head}_top5{suffix}'].update(acc5.item(), n)
+        correct = clean_flip.argmax(1) == target
+        self.correct += correct.sum().item()
+        self.fooled += (correct & (adv_flip.argmax(1) != target)).sum().item()
+        self.hit += (adv_logits.argmax(1) == target_labels).sum().item()
+
+    def result(self):
+        n = max(self.acc['clean_top1'].count, 1)
+        result = {key: meter.avg for key, meter in self.acc.items()}
+        result['success_rate'] = 100.0 * self.fooled / max(self.correct, 1)
+        result['target_hit_rate'] = 100.0 * self.hit / n
+        return result
+
+
 def attack_validate(val_loader, model, attacker, args, device, writer):
     """Accuracy on clean and on adversarial validation images, side by side."""
-    sums = dict(clean1=0.0, clean5=0.0, adv1=0.0, adv5=0.0, correct=0, fooled=0, hit=0, n=0)
+    meters = AttackMeters()
+    progress = ProgressMeter(len(val_loader), [meters.acc[k] for k in (
+        'clean_top1', 'adv_top1', 'clean_top5', 'adv_top5')], prefix='Attack: ')
     model.eval()
     start = time.time()
     for i, (input, target) in enumerate(val_loader):
         input = input.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.no_grad():
-            clean_logits, clean = predict_with_flip(model, input)
+            clean_logits, clean_flip = predict_with_flip(model, input)
         adv_input = attacker.perturb(model, input)
         with torch.no_grad():
-            # always flip the adversarial samples too (the handout's evaluation)
-            adv_logits, adv = predict_with_flip(model, adv_input)
-        n = input.size(0)
-        (c1, c5), (a1, a5) = accuracy(clean, target, (1, 5)), accuracy(adv, target, (1, 5))
-        correct = clean.argmax(1) == target
-        sums['clean1'] += c1.item() * n
-        sums['clean5'] += c5.item() * n
-        sums['adv1'] += a1.item() * n
-        sums['adv5'] += a5.item() * n
-        sums['correct'] += correct.sum().item()
-        sums['fooled'] += (correct & (adv.argmax(1) != target)).sum().item()
-        target_labels = student_code.least_confident_labels(clean_logits)
-        sums['hit'] += (adv_logits.argmax(1) == target_labels).sum().item()
-        sums['n'] += n
+            adv_logits, adv_flip = predict_with_flip(model, adv_input)
+        meters.update(target, clean_logits, clean_flip, adv_logits, adv_flip,
+                      student_code.least_confident_labels(clean_logits))
         if i % args.print_freq == 0:
-            print('Attack: [{0}/{1}]\tClean Acc@1 {2:.2f}\tAdv Acc@1 {3:.2f}\t'
-                  'Clean Acc@5 {4:.2f}\tAdv Acc@5 {5:.2f}'.format(
-                      i, len(val_loader), sums['clean1'] / sums['n'],
-                      sums['adv1'] / sums['n'], sums['clean5'] / sums['n'],
-                      sums['adv5'] / sums['n']), flush=True)
+            print(progress.line(i), flush=True)
             if args.vis:
-                writer.add_image('Image/Org_Image', student_code.default_visfunction(input), i)
-                writer.add_image('Image/Adv_Image', student_code.default_visfunction(adv_input), i)
-                writer.add_image('Image/Perturbation', student_code.vis_perturbation(
-                    adv_input, input, epsilon=attacker.epsilon), i)
-    n = max(sums['n'], 1)
-    result = {'clean_top1': sums['clean1'] / n, 'clean_top5': sums['clean5'] / n,
-              'adv_top1': sums['adv1'] / n, 'adv_top5': sums['adv5'] / n,
-              'success_rate': 100.0 * sums['fooled'] / max(sums['correct'], 1),
-              'target_hit_rate': 100.0 * sums['hit'] / n,
-              'num_steps': attacker.num_steps, 'step_size': attacker.step_size,
-              'epsilon': attacker.epsilon, 'time_s': time.time() - start}
-    print('\n{:<8}{:>10}{:>14}'.format('', 'clean', 'adversarial'))
-    print('{:<8}{:>10.2f}{:>14.2f}'.format('Acc@1', result['clean_top1'], result['adv_top1']))
-    print('{:<8}{:>10.2f}{:>14.2f}'.format('Acc@5', result['clean_top5'], result['adv_top5']))
-    print('PGD: {num_steps} steps of {step_size} within epsilon {epsilon} (normalized units); '
-          'attack success rate {success_rate:.2f}% of correctly classified images; '
-          'least-confident label reached for {target_hit_rate:.2f}%'.format(**result))
-    print('******Acc@1 {:.3f} Acc@5 {:.3f}'.format(result['adv_top1'], result['adv_top5']),
-          flush=True)
+                log_attack_images(writer, i, input, adv_input, attacker.epsilon)
+    result = dict(meters.result(), num_steps=attacker.num_steps, step_size=attacker.step_size,
+                  epsilon=attacker.epsilon, time_s=time.time() - start)
+    print_attack_result(result)
     return result
+
+
+def log_attack_images(writer, step, input, adv_input, epsilon):
+    writer.add_image('Image/Org_Image', student_code.default_visfunction(input), step)
+    writer.add_image('Image/Adv_Image', student_code.default_visfunction(adv_input), step)
+    writer.add_image('Image/Perturbation', student_code.vis_perturbation(
+        adv_input, input, epsilon=epsilon), step)
+
+
+def print_attack_result(result):
+    print(f"\n{'':<22}{'clean':>10}{'adversarial':>14}")
+    for label, suffix in (('with flip (handout)', ''), ('without flip', '_noflip')):
+        for k in (1, 5):
+            print(f"{f'Acc@{k} {label}':<22}{result[f'clean_top{k}{suffix}']:>10.2f}"
+                  f"{result[f'adv_top{k}{suffix}']:>14.2f}")
+    print(f"PGD: {result['num_steps']} steps of {result['step_size']} within epsilon "
+          f"{result['epsilon']} (normalized units, images kept in the valid pixel range); "
+          f"attack success rate {result['success_rate']:.2f}% of correctly classified "
+          f"images; least-confident label reached for {result['target_hit_rate']:.2f}%")
+    print(f"******Acc@1 {result['adv_top1']:.3f} Acc@5 {result['adv_top5']:.3f}", flush=True)
 
 
 def log_saliency(val_loader, model, criterion, args, device, writer):
@@ -427,227 +596,310 @@ def log_saliency(val_loader, model, criterion, args, device, writer):
 
 
 ################################################################################
-# The three modes: train, evaluate, attack
+# Resuming: the checkpoint's plan, its run folder, its files made consistent
 ################################################################################
-def check_args(args):
-    """Reject bad flag combinations before any work starts (one line each); the data
-    folder is checked by MiniPlacesLoader, built before the model."""
-    if args.evaluate and args.attack:
-        raise UsageError("-e/--evaluate and -a/--attack are exclusive: run them one at a time")
-    if (args.evaluate or args.attack) and not args.resume:
-        raise UsageError(f"{'-e' if args.evaluate else '-a'} needs a trained model: "
-                         f"add --resume=PATH/TO/model_best.pth.tar")
-    if args.use_vit and args.use_resnet18:
-        raise UsageError("--use-vit and --use-resnet18 are exclusive")
-    if args.arch and (args.use_vit or args.use_resnet18):
-        raise UsageError("--arch chooses a CNN; it cannot be combined with --use-vit/--use-resnet18")
-    if args.use_custom_conv and args.use_vit:
-        raise UsageError("--use-custom-conv swaps the convolutions of CNNs, not of the ViT")
-    for flag, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
-                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
-                             ('--warmup', args.warmup, 0), ('--adv-steps', args.adv_steps, 1),
-                             ('--num-classes', args.num_classes, 2),
-                             ('--attack-steps', args.attack_steps, 0),
-                             ('--stop-after', args.stop_after, 1)):
-        if value is not None and value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (('--attack-eps', args.attack_eps), ('--attack-step-size',
-                        args.attack_step_size), ('--adv-eps', args.adv_eps),
-                        ('--lr', args.lr), ('--wd', args.weight_decay)):
-        if value is not None and value < 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
-    if not (args.evaluate or args.attack) and args.warmup >= args.epochs:
-        raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
-    if args.adv_train:
-        if not 0 < args.adv_ratio <= 1:
-            raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
-
-
-def reconcile_with_checkpoint(args, ckpt, path):
-    """Take the architecture, class count and seed from the checkpoint unless the
-    flags ask for them; refuse a checkpoint of another architecture."""
-    held = ckpt.get('arch')
-    wanted = requested_arch(args)
-    if held is not None:
-        if wanted is not None and wanted != held:
-            raise CheckpointError(f"'{path}' holds a '{held}' model, but the flags build "
-                                  f"'{wanted}'")
-        if wanted is None and held != default_cnn_name():
-            adopt_arch(args, held)
-    saved = ckpt.get('args') or {}
-    if args.num_classes is None:
-        args.num_classes = saved.get('num_classes')
-    if args.seed is None:
-        args.seed = saved.get('seed')
-    if saved.get('use_custom_conv') and not args.use_custom_conv and not (
-            args.evaluate or args.attack):
+def adopt_checkpoint_plan(args, given, ckpt, path):
+    """Resume continues the run's own plan: every PLAN flag comes from the checkpoint;
+    one given on the command line with another value is refused, except a larger
+    --epochs, which extends the run."""
+    saved = dict(ckpt.get('args') or {}, arch=ckpt.get('arch'))
+    requested = requested_arch(args)
+    if requested is not None:
+        args.arch = requested
+        given = given | {'arch'}
+    for key in PLAN:
+        if saved.get(key) is None:
+            continue  # an older checkpoint without it: the flag's value stands
+        if key in given and getattr(args, key) != saved[key]:
+            if key == 'epochs' and args.epochs > saved['epochs']:
+                continue
+            flag = '--' + {'weight_decay': 'wd'}.get(key, key).replace('_', '-')
+            raise UsageError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
+                             f"in '{path}': resume keeps the run's plan (start a new run to "
+                             f"change it; only --epochs can grow, to extend the run)")
+        if not (key == 'epochs' and key in given):
+            setattr(args, key, saved[key])
+    if args.arch not in ARCHS:
+        raise CheckpointError(f"'{path}' holds an unknown architecture '{args.arch}' "
+                              f"(known: {', '.join(sorted(ARCHS))})")
+    args.name = args.name or saved.get('name')
+    if saved.get('use_custom_conv') and not args.use_custom_conv:
         print('note: the checkpoint was trained with --use-custom-conv; continuing with '
               'nn.Conv2d (the weights are interchangeable)')
+    return saved.get('epochs')
 
 
-def load_model_state(model, ckpt, path):
-    try:
-        model.load_state_dict(ckpt['state_dict'])
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()
-        detail = ' '.join(line.strip() for line in first[:3])[:300]
-        raise CheckpointError(f"'{path}' does not fit the model ({ckpt.get('arch')}): {detail}")
+def refuse_unresumable(ckpt, path, planned, run_finished):
+    """Training continues from checkpoint.pth.tar of an unfinished run only."""
+    if ckpt.get('kind') == 'best' or os.path.basename(path) == BEST:
+        raise UsageError(f"'{path}' is the best model of its run, not a point to continue "
+                         f"training from: evaluate it with -e, attack it with -a, or continue "
+                         f"the run from its {CHECKPOINT}")
+    if run_finished:
+        raise UsageError(f"the run of '{path}' finished all its {planned} epochs: evaluate it "
+                         f"with -e or attack it with -a (use model_best.pth.tar), or train it "
+                         f"longer with --epochs N (N > {planned})")
 
 
-def arch_of(args):
-    return requested_arch(args) or default_cnn_name()
+def best_model_of(ckpt):
+    """The contents of model_best.pth.tar, derived from a checkpoint."""
+    weights = ckpt.get('best_state_dict') or ckpt['state_dict']
+    return {'kind': 'best', 'epoch': ckpt['best_epoch'], 'arch': ckpt['arch'],
+            'state_dict': weights, 'best_acc1': ckpt['best_acc1'], 'args': ckpt['args']}
 
 
-def new_summary(args, run_dir, model, device, iters_per_epoch):
-    return {'run_dir': os.path.abspath(run_dir), 'name': args.name, 'status': 'running',
-            'args': vars(args), 'arch': arch_of(args),
-            'num_params': student_code.count_params(model), 'device': str(device),
-            'iters_per_epoch': iters_per_epoch, 'epochs_planned': args.epochs, 'epochs': [],
-            'best_epoch': None, 'best_acc1': None, 'wall_time_s': 0.0}
+def say_extension(args, planned, start_epoch, n_iters):
+    if args.epochs == planned:
+        return
+    it = start_epoch * n_iters
+    old = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, planned * n_iters)
+    new = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, args.epochs * n_iters)
+    print(f'=> extending the run from {planned} to {args.epochs} epochs: the cosine now ends '
+          f'at epoch {args.epochs}, so the learning rate at epoch {start_epoch} goes from '
+          f'{old:.6g} to {new:.6g} and decays from there')
 
 
-def resume(ckpt, model, optimizer, scheduler, args):
-    """Restore weights, optimizer and lr schedule; continue the checkpoint's run folder
-    (its curves and summary) when it is one of ours. Returns (start_epoch, best_acc1,
-    run_dir or None, summary or None)."""
-    load_model_state(model, ckpt, args.resume)
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
-    start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
-    run_dir, summary = run_dir_of_checkpoint(args.resume), None
-    if run_dir is not None:
-        summary = read_json(os.path.join(run_dir, 'summary.json'))
-        summary['epochs'] = [e for e in summary['epochs'] if e['epoch'] <= start_epoch]
-        summary['args'], summary['status'] = vars(args), 'running'
-    print(f"=> resumed '{args.resume}' at epoch {start_epoch} (best Acc@1 {best_acc1:.2f})")
-    return start_epoch, best_acc1, run_dir, summary
+def set_lr_from_schedule(optimizer, scheduler):
+    """After loading a schedule, set the lr its closed form gives for the current
+    iteration (it differs from the saved one when the run was extended)."""
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                      scheduler.lr_lambdas):
+        group['lr'] = base_lr * factor(scheduler.last_epoch)
 
 
-def log_epoch(writer, step, stats, acc1, acc5, val_loss):
-    """The epoch's scalars under the handout's tags (add_scalars puts train and val
-    of one tag on one TensorBoard chart), plus loss, throughput and memory."""
-    writer.add_scalars('data/top1_accuracy', {'train': stats['train_top1']}, step)
-    writer.add_scalars('data/top5_accuracy', {'train': stats['train_top5']}, step)
-    writer.add_scalars('data/top1_accuracy', {'val': acc1}, step)
-    writer.add_scalars('data/top5_accuracy', {'val': acc5}, step)
-    writer.add_scalar('data/val_loss', val_loss, step)
-    writer.add_scalar('perf/images_per_sec', stats['images_per_s'], step)
-    writer.add_scalar('perf/epoch_time_s', stats['epoch_time_s'], step)
-    writer.add_scalar('perf/peak_memory_mb', stats['peak_memory_mb'], step)
-    writer.flush()
+################################################################################
+# Training run
+################################################################################
+def open_run_folder(args, ckpt, lock_stack):
+    """(run folder, its lock). A resumed run continues the checkpoint's own folder;
+    a new run, or a checkpoint copied out of its folder, gets a new one."""
+    run_dir = run_dir_of_checkpoint(args.resume) if ckpt is not None else None
+    if run_dir is None:
+        run_dir = make_run_dir(args.log_dir, args.name)
+    lock = lock_stack(run_lock(run_dir))
+    if lock.previous_holder:
+        print(f'note: took over the lock of {run_dir} from {lock.previous_holder}, which '
+              f'is no longer running')
+    removed = remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir, 'models'))
+    if removed:
+        print(f'note: removed {len(removed)} temporary file(s) left by a killed run')
+    return run_dir
 
 
-def train(args, ckpt, device):
-    seed_everything(args.seed)
-    train_loader, val_loader = build_loaders(args, device)  # first: checks the data
-    model = build_model(args).to(device)
+def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best):
+    """Save one finished epoch: the checkpoint first (the commit point), then the
+    files derived from it. `best` is {'epoch', 'acc1', 'weights'}; updated in place."""
+    is_best = best['epoch'] is None or record['val_top1'] > best['acc1']
+    if is_best:
+        best.update(epoch=record['epoch'], acc1=record['val_top1'], weights=None)
+    history = summary['epochs'] + [record]
+    ckpt = {'schema': rr.SCHEMA_VERSION, 'epoch': record['epoch'], 'arch': args.arch,
+            'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'best_acc1': best['acc1'],
+            'best_epoch': best['epoch'], 'best_state_dict': best['weights'],
+            'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args)}
+    save_checkpoint(ckpt, run_dir)
+    summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
+    if is_best:
+        save_best_model(best_model_of(ckpt), run_dir)
+        # kept for the checkpoints of later epochs, until a better one comes
+        best['weights'] = {k: v.detach().cpu().clone() for k, v in ckpt['state_dict'].items()}
+    rr.write_summary(run_dir, summary)
+
+
+def train(args, given, ckpt, device, lock_stack):
+    planned = adopt_checkpoint_plan(args, given, ckpt, args.resume) if ckpt else None
+    if ckpt is None:
+        settle_new_run(args, given)
+    train_set, val_set = load_datasets(args)  # first: checks the data
+    settle_num_classes(args, {'train': train_set, 'val': val_set},
+                       'the checkpoint' if ckpt else '--num-classes')
+    train_loader, val_loader = build_loaders(args, device, train_set, val_set)
+    seed_everything(args.seed)  # the initial weights depend on the seed only
+    model = build_model(args, from_checkpoint=ckpt is not None).to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, args)
     n_iters = len(train_loader)
-    scheduler = build_lr_scheduler(optimizer, args.warmup, args.epochs, n_iters)
-    start_epoch, best_acc1, run_dir, summary = args.start_epoch, 0.0, None, None
+    scheduler = build_lr_scheduler(optimizer, args.warmup, args.epochs, n_iters,
+                                   start_iter=args.start_epoch * n_iters)
+    start_epoch, best = args.start_epoch, {'epoch': None, 'acc1': None, 'weights': None}
+    run_dir = open_run_folder(args, ckpt, lock_stack)
+    summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
+                             student_code.count_params(model), device, n_iters, args.epochs)
     if ckpt is not None:
-        start_epoch, best_acc1, run_dir, summary = resume(ckpt, model, optimizer, scheduler,
-                                                          args)
-    elif start_epoch > 0:  # --start-epoch without a checkpoint: fast-forward the lr
-        scheduler.last_epoch = start_epoch * n_iters - 1
-        scheduler._step_count = 2  # silence "scheduler before optimizer" warning
-        scheduler.step()
-    if run_dir is None:
-        run_dir = make_run_dir(args.log_dir, args.name)
-        summary = new_summary(args, run_dir, model, device, n_iters)
-    summary_path = os.path.join(run_dir, 'summary.json')
-    writer = SummaryWriter(run_dir)
-    print(f'=> run folder {run_dir} | model {summary["arch"]} '
-          f'({summary["num_params"] / 1e6:.2f}M params) | device {device} | '
-          f'{len(train_loader.dataset)} training images, {n_iters} iterations/epoch')
-
-    adv_attacker = None
-    if args.adv_train:
-        # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
-        adv_attacker = student_code.UntargetedPGDAttack(criterion, num_steps=args.adv_steps,
-                                                        epsilon=args.adv_eps)
-
-    invocation_start, wall_before = time.time(), summary.get('wall_time_s', 0.0)
-    for epoch in range(start_epoch, args.epochs):
-        if args.stop_after is not None and epoch - start_epoch >= args.stop_after:
-            summary['status'] = 'stopped'
-            print(f'=> stopped after {args.stop_after} epoch(s) as asked; continue with '
-                  f'--resume={os.path.join(run_dir, "models", "checkpoint.pth.tar")}')
-            break
-        stats = train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
-                                args, device, writer, adv_attacker)
-        print('[Training]: Epoch {:d} finished with lr={:f} | {:.1f} images/s | {:.1f} s | '
-              'peak memory {:.0f} MB'.format(epoch + 1, stats['lr'], stats['images_per_s'],
-                                             stats['epoch_time_s'], stats['peak_memory_mb']))
-        acc1, acc5, val_loss = validate(val_loader, model, criterion, args, device)
-
-        step = epoch + 1
-        log_epoch(writer, step, stats, acc1, acc5, val_loss)
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
-        save_checkpoint({'epoch': epoch + 1, 'arch': summary['arch'],
-                         'state_dict': model.state_dict(), 'best_acc1': best_acc1,
-                         'optimizer': optimizer.state_dict(),
-                         'scheduler': scheduler.state_dict(), 'args': vars(args)},
-                        is_best, run_dir)
-        summary['epochs'].append(dict(epoch=step, val_loss=val_loss, val_top1=acc1,
-                                      val_top5=acc5, **stats))
-        if is_best:
-            summary['best_epoch'], summary['best_acc1'] = step, best_acc1
-        summary['wall_time_s'] = wall_before + time.time() - invocation_start
-        write_json_atomic(summary_path, summary)
-    else:
-        summary['status'] = 'finished'
-    summary['wall_time_s'] = wall_before + time.time() - invocation_start
-    write_json_atomic(summary_path, summary)
-    writer.close()
-    print(f'=> best Acc@1 {best_acc1:.2f} (epoch {summary["best_epoch"]}) | '
-          f'wall time {format_seconds(summary["wall_time_s"])}')
-    print(f'=> run folder:  {run_dir}')
-    print(f'=> checkpoints: {os.path.join(run_dir, "models")}')
-    print(f'=> TensorBoard: tensorboard --logdir {run_dir}')
+        start_epoch = resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary,
+                                   best, planned)
+        if start_epoch is None:
+            return summary
+        say_extension(args, planned, start_epoch, n_iters)
+    rr.write_summary(run_dir, summary)
+    print(f'=> run folder {run_dir} | model {args.arch} ({summary["num_params"] / 1e6:.2f}M '
+          f'params) | device {device} | {len(train_set)} training images, {n_iters} '
+          f'iterations/epoch')
+    try:
+        run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
+                   device, run_dir, summary, best, start_epoch)
+    except DivergedError:
+        summary['status'] = rr.DIVERGED
+        rr.write_summary(run_dir, summary)
+        raise
+    except KeyboardInterrupt:
+        summary['status'] = rr.INTERRUPTED
+        rr.write_summary(run_dir, summary)
+        path = os.path.join(run_dir, 'models', CHECKPOINT)
+        raise Interrupted(f'interrupted; the last finished epoch is in {path}: continue with '
+                          f'--resume={path}' if os.path.isfile(path) else
+                          f'interrupted before the first epoch finished ({run_dir})')
+    print_run_end(run_dir, summary)
     return summary
 
 
-def evaluate_or_attack(args, ckpt, device):
-    _, val_loader = build_loaders(args, device, train=False)  # first: checks the data
-    model = build_model(args)
-    load_model_state(model, ckpt, args.resume)
-    model.to(device)
+def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best, planned):
+    """Restore weights, optimizer and schedule; rewrite model_best and summary.json from
+    the checkpoint (they may lag behind it after a kill). Returns the epoch to start
+    at, or None when the run had already finished (its files are then consistent)."""
+    load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    set_lr_from_schedule(optimizer, scheduler)
+    same_folder = run_dir_of_checkpoint(args.resume) == run_dir and 'history' in ckpt
+    if same_folder:
+        best.update(epoch=ckpt['best_epoch'], acc1=ckpt['best_acc1'],
+                    weights=ckpt.get('best_state_dict'))
+        summary.update(epochs=ckpt['history'], best_epoch=best['epoch'],
+                       best_acc1=best['acc1'], wall_time_s=ckpt.get('wall_time_s', 0.0))
+        save_best_model(best_model_of(ckpt), run_dir)
+    was = rr.read_summary(run_dir).get('status') if same_folder else None
+    finished = ckpt['epoch'] >= planned and args.epochs == planned
+    refuse_unresumable(ckpt, args.resume, planned, finished and was == rr.FINISHED)
+    print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
+          f"{ckpt['best_acc1']:.2f})")
+    if finished:  # killed between its last checkpoint and its last summary
+        summary['status'] = rr.FINISHED
+        rr.write_summary(run_dir, summary)
+        print(f'=> the run had finished its {planned} epochs; its files are consistent now')
+        return None
+    return ckpt['epoch']
+
+
+def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
+               device, run_dir, summary, best, start_epoch):
+    writer = SummaryWriter(run_dir)
+    adv_attacker = None
+    if args.adv_train:
+        # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
+        adv_attacker = student_code.UntargetedPGDAttack(nn.CrossEntropyLoss(),
+                                                        num_steps=args.adv_steps,
+                                                        epsilon=args.adv_eps)
+    invocation_start, wall_before = time.time(), summary['wall_time_s']
+    epochs_this_time = args.epochs - start_epoch
+    if args.stop_after is not None:
+        epochs_this_time = min(epochs_this_time, args.stop_after)
+    for epoch in range(start_epoch, start_epoch + epochs_this_time):
+        seed_epoch(args.seed, epoch, train_loader)
+        stats = train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
+                                args, device, writer, adv_attacker)
+        print(f"[Training]: Epoch {epoch + 1:d} finished with lr={stats['lr']:f} | "
+              f"{stats['images_per_s']:.1f} images/s | {stats['epoch_time_s']:.1f} s | "
+              f"peak memory {stats['peak_memory_mb']:.0f} MB")
+        bad = first_non_finite(model)
+        if bad is not None:
+            raise DivergedError(f"training diverged: '{bad}' holds NaN or inf after epoch "
+                                f"{epoch + 1}; try a lower --lr (now {args.lr:g}) or "
+                                f"--clip-grad 1.0; the checkpoint of the last finished "
+                                f"epoch is intact")
+        acc1, acc5, val_loss = validate(val_loader, model, criterion, args, device)
+        log_epoch(writer, epoch + 1, stats, acc1, acc5, val_loss)
+        record = dict(epoch=epoch + 1, val_loss=val_loss, val_top1=acc1, val_top5=acc5, **stats)
+        summary['wall_time_s'] = wall_before + time.time() - invocation_start
+        commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best)
+    writer.close()
+    done = start_epoch + epochs_this_time
+    summary['status'] = rr.FINISHED if done == args.epochs else rr.STOPPED
+    summary['wall_time_s'] = wall_before + time.time() - invocation_start
+    rr.write_summary(run_dir, summary)
+    if summary['status'] == rr.STOPPED:
+        print(f'=> stopped after {epochs_this_time} epoch(s) as asked; continue with '
+              f'--resume={os.path.join(run_dir, "models", CHECKPOINT)}')
+
+
+def print_run_end(run_dir, summary):
+    best = summary['best_acc1']
+    print(f"=> best Acc@1 {best if best is not None else float('nan'):.2f} "
+          f"(epoch {summary['best_epoch']}) | wall time {format_seconds(summary['wall_time_s'])}")
+    print(f'=> run folder:  {run_dir}')
+    print(f'=> checkpoints: {os.path.join(run_dir, "models")}')
+    print(f'=> TensorBoard: tensorboard --logdir {run_dir}')
+
+
+################################################################################
+# Evaluating and attacking a trained model
+################################################################################
+def checkpoint_model(args, given, ckpt, device):
+    """(validation loader, model) of the --resume checkpoint, its architecture and
+    class count taken from it."""
+    arch, requested = ckpt.get('arch'), requested_arch(args)
+    if requested is not None and arch is not None and requested != arch:
+        raise CheckpointError(f"'{args.resume}' holds a '{arch}' model, but the flags build "
+                              f"'{requested}'")
+    args.arch = arch or requested or registry_name(default_cnn_model, cnn_models,
+                                                   'default_cnn_model')
+    if args.arch not in ARCHS:
+        raise CheckpointError(f"'{args.resume}' holds an unknown architecture '{args.arch}' "
+                              f"(known: {', '.join(sorted(ARCHS))})")
+    saved = ckpt.get('args') or {}
+    source = '--num-classes' if 'num_classes' in given else 'the checkpoint'
+    args.num_classes = args.num_classes or saved.get('num_classes')
+    _, val_set = load_datasets(args, train=False)  # first: checks the data
+    if args.num_classes is None:  # a foreign checkpoint: the classifier's size says it
+        args.num_classes = next(v.shape[0] for v in reversed(list(ckpt['state_dict'].values()))
+                                if v.ndim >= 1)
+    settle_num_classes(args, {'val': val_set}, source)
+    _, val_loader = build_loaders(args, device, None, val_set)
+    model = build_model(args, from_checkpoint=True)
+    load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
+    return val_loader, model.to(device)
+
+
+def evaluate_or_attack(args, given, ckpt, device):
+    """-e or -a: a run folder of its own; the result also goes into the summary of the
+    training run the checkpoint comes from."""
+    val_loader, model = checkpoint_model(args, given, ckpt, device)
     criterion = nn.CrossEntropyLoss()
     mode = 'attack' if args.attack else 'eval'
     run_dir = make_run_dir(args.log_dir, args.name or mode)
     writer = SummaryWriter(run_dir)
-    summary = new_summary(args, run_dir, model, device, 0)
-    summary['checkpoint'] = os.path.abspath(args.resume)
-    print(f"=> {mode} of '{args.resume}' ({summary['arch']}) on {device}; logs in {run_dir}")
+    summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
+                             student_code.count_params(model), device, 0, 0)
+    print(f"=> {mode} of '{args.resume}' ({args.arch}) on {device}; logs in {run_dir}")
     start = time.time()
     if args.evaluate:
-        top1, top5, loss = validate(val_loader, model, criterion, args, device)
-        if args.vis:
-            log_saliency(val_loader, model, criterion, args, device, writer)
-        key, result = 'evaluation', {'top1': top1, 'top5': top5, 'loss': loss}
-        summary['status'] = 'evaluated'
+        key, result, summary['status'] = rr.EVALUATION, evaluate(val_loader, model, criterion,
+                                                                 args, device, writer), rr.EVALUATED
     else:
         attacker = build_attacker(criterion, args)
-        key, result = 'attack', attack_validate(val_loader, model, attacker, args, device,
-                                                writer)
-        summary['status'] = 'attacked'
+        key, summary['status'] = rr.ATTACK, rr.ATTACKED
+        result = attack_validate(val_loader, model, attacker, args, device, writer)
     writer.close()
     result = dict(checkpoint=os.path.abspath(args.resume), **result)
-    summary[key] = result
-    summary['wall_time_s'] = time.time() - start
-    write_json_atomic(os.path.join(run_dir, 'summary.json'), summary)
-    source = run_dir_of_checkpoint(args.resume)  # add the result to the training run too
-    if source is not None:
-        path = os.path.join(source, 'summary.json')
-        trained = read_json(path)
-        trained[key] = result
-        write_json_atomic(path, trained)
+    summary.update({key: result, 'wall_time_s': time.time() - start})
+    write_json_atomic(rr.summary_path(run_dir), summary)
+    source = run_dir_of_checkpoint(args.resume)
+    if source is not None and os.path.isfile(rr.summary_path(source)):
+        rr.add_result(source, key, result)
     return summary
 
 
+def evaluate(val_loader, model, criterion, args, device, writer):
+    top1, top5, loss = validate(val_loader, model, criterion, args, device)
+    if args.vis:
+        log_saliency(val_loader, model, criterion, args, device, writer)
+    return {'top1': top1, 'top5': top5, 'loss': loss}
+
+
+################################################################################
+# Command line
+################################################################################
 def one_line(exc):
     """The message of an exception on one line, also when a DataLoader worker
     re-raised it wrapped in its own traceback."""
@@ -657,31 +909,36 @@ def one_line(exc):
     return line.split(prefix, 1)[1] if prefix in line else line
 
 
+def sigterm_as_interrupt(signum, frame):
+    """SIGTERM (what a cloud VM sends before preemption) stops a run like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    given = given_flags(argv)
+    previous_handler = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
-        check_args(args)
-        ckpt = load_checkpoint(args.resume) if args.resume else None
-        if ckpt is not None:
-            reconcile_with_checkpoint(args, ckpt, args.resume)
-        args.num_classes = args.num_classes or 100
-        if args.seed is None:  # draw one, and record it so that the run can be replayed
-            args.seed = random.SystemRandom().randrange(2 ** 31)
-        device = select_device(args.device, args.gpu, args.use_mps)
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-        if args.evaluate or args.attack:
-            return evaluate_or_attack(args, ckpt, device)
-        return train(args, ckpt, device)
-    except ValueError as exc:  # UsageError, DatasetError, CheckpointError, bad --device ...
+        with contextlib.ExitStack() as stack:  # holds the run folder's lock, if any
+            check_args(args, given)
+            ckpt = load_checkpoint(args.resume) if args.resume else None
+            device = select_device(args.device, args.gpu, args.use_mps)
+            if device.type == 'cuda':
+                torch.backends.cudnn.benchmark = True
+            if args.evaluate or args.attack:
+                return evaluate_or_attack(args, given, ckpt, device)
+            return train(args, given, ckpt, device, stack.enter_context)
+    except ToolkitError as exc:  # ours: bad flags, data, checkpoint, run folder, divergence
         if os.environ.get('MAIN_DEBUG'):
             raise
         print(f'main.py: error: {one_line(exc)}', file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print('\nmain.py: interrupted; the last finished epoch is in RUN/models/'
-              'checkpoint.pth.tar (continue with --resume)', file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f'\nmain.py: {exc or "interrupted"}', file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == '__main__':

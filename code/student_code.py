@@ -714,6 +714,11 @@ class SimpleViT(nn.Module):
         return self.head(x)
 
 
+# the Transformers main.py can build by name (--arch NAME; --use-vit builds the default)
+vit_models = {
+    'simplevit': SimpleViT,
+}
+
 # change this to your model!
 # We keep the handout's configuration (patch 16 -> 8x8 tokens, dim 192, depth 4,
 # 4 heads, 4x4 windows in blocks 0 and 2, drop path 0.1): 1.96 M parameters

@@ -118,11 +118,14 @@ def test_cli_train_resume_evaluate(demo, tmp_path):
     assert 'Epoch: [1][0/' in out.stdout and 'Test: [0/' in out.stdout
     assert '******Acc@1' in out.stdout and 'images/s' in out.stdout and 'ETA' in out.stdout
     run = only_run(logs)
-    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
-        ckpt = torch.load(checkpoint_of(run, name), weights_only=True)
-        assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler',
-                'args'} <= set(ckpt)
-    assert ckpt['arch'] == 'simplenet'
+    ckpt = torch.load(checkpoint_of(run), weights_only=True)
+    assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler',
+            'args', 'best_epoch', 'best_state_dict', 'history'} <= set(ckpt)
+    best = torch.load(checkpoint_of(run, 'model_best.pth.tar'), weights_only=True)
+    # the best model is for -e/-a: weights and what built them, no optimizer state
+    assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'args'} <= set(best)
+    assert best['kind'] == 'best' and best['epoch'] == ckpt['best_epoch']
+    assert ckpt['arch'] == best['arch'] == 'simplenet'
     summary = json.load(open(os.path.join(run, 'summary.json')))
     assert summary['status'] == 'finished' and [e['epoch'] for e in summary['epochs']] == [1, 2]
 
@@ -262,7 +265,9 @@ def test_bad_data_inputs(tmp_path, capsys):
     d = write_set(tmp_path / 'malformed', ['train/0.jpg 0', 'train/1.jpg'])
     expect_error(argv(d), capsys, 'line 2')
     d = write_set(tmp_path / 'label', ['train/0.jpg 0', 'train/1.jpg 100'])
-    expect_error(argv(d), capsys, '100')
+    expect_error(argv(d) + ['--num-classes', '100'], capsys, '100', 'train.txt')
+    d = write_set(tmp_path / 'negative', ['train/0.jpg 0', 'train/1.jpg -1'])
+    expect_error(argv(d), capsys, '-1', 'line 2')
     d = write_set(tmp_path / 'missing', ['train/0.jpg 0', 'train/9.jpg 1'])
     expect_error(argv(d), capsys, '9.jpg')
     d = write_set(tmp_path / 'corrupt', ['train/0.jpg 0', 'train/1.jpg 1'])

@@ -1,0 +1,94 @@
+"""The run record: what a run folder holds, defined once.
+
+main.py writes it, report.py and the tests read it; every key and TensorBoard tag
+they share is named here, so that renaming one cannot silently break the others.
+
+    RUN/summary.json           SUMMARY_KEYS below, strict JSON (no NaN: null instead)
+    RUN/events.out.tfevents.*  the TAG_* scalars below
+    RUN/models/checkpoint.pth.tar, RUN/models/model_best.pth.tar   (see main.py)
+"""
+import os
+
+from utils import ToolkitError, read_json, summary_lock, write_json_atomic
+
+# Version of the summary.json layout. 1: the first layout (no 'schema' key);
+# 2: adds 'schema', statuses 'interrupted' and 'diverged', attack results without
+# the flip test-time augmentation. report.py refuses a version it does not know.
+SCHEMA_VERSION = 2
+
+# TensorBoard tags: the handout's four, then ours. TOP1/TOP5 are written with
+# add_scalars(tag, {'train': ..}) and ({'val': ..}): one chart, two curves.
+TAG_TRAIN_LOSS = 'data/training_loss'      # every print-freq iterations (step: iteration)
+TAG_LR = 'data/learning_rate'              # every print-freq iterations (step: iteration)
+TAG_TOP1 = 'data/top1_accuracy'            # per epoch (step: 1-based epoch), train and val
+TAG_TOP5 = 'data/top5_accuracy'
+TAG_VAL_LOSS = 'data/val_loss'             # per epoch
+TAG_IMAGES_PER_S = 'perf/images_per_sec'   # per epoch
+TAG_EPOCH_TIME = 'perf/epoch_time_s'       # per epoch
+TAG_PEAK_MEMORY = 'perf/peak_memory_mb'    # per epoch
+ITERATION_TAGS = (TAG_TRAIN_LOSS, TAG_LR)
+
+# summary['status']
+RUNNING, FINISHED, STOPPED, INTERRUPTED, DIVERGED = (
+    'running', 'finished', 'stopped', 'interrupted', 'diverged')
+EVALUATED, ATTACKED = 'evaluated', 'attacked'   # runs of -e and -a
+
+# summary['epochs'][i]: one record per finished epoch
+EPOCH_KEYS = ('epoch', 'lr', 'train_loss', 'train_top1', 'train_top5', 'epoch_time_s',
+              'images_per_s', 'peak_memory_mb', 'val_loss', 'val_top1', 'val_top5')
+
+# results -e and -a add to their own summary and to the training run's
+EVALUATION, ATTACK = 'evaluation', 'attack'
+RESULT_KEYS = (EVALUATION, ATTACK)
+
+SUMMARY_KEYS = ('schema', 'run_dir', 'name', 'status', 'args', 'arch', 'num_params', 'device',
+                'iters_per_epoch', 'epochs_planned', 'epochs', 'best_epoch', 'best_acc1',
+                'wall_time_s') + RESULT_KEYS
+
+
+class SchemaError(ToolkitError):
+    """A summary.json of a layout this code does not know."""
+
+
+def new_summary(run_dir, name, args, arch, num_params, device, iters_per_epoch, epochs_planned):
+    return {'schema': SCHEMA_VERSION, 'run_dir': os.path.abspath(run_dir), 'name': name,
+            'status': RUNNING, 'args': args, 'arch': arch, 'num_params': num_params,
+            'device': str(device), 'iters_per_epoch': iters_per_epoch,
+            'epochs_planned': epochs_planned, 'epochs': [], 'best_epoch': None,
+            'best_acc1': None, 'wall_time_s': 0.0}
+
+
+def summary_path(run_dir):
+    return os.path.join(run_dir, 'summary.json')
+
+
+def read_summary(run_dir):
+    """RUN/summary.json as a dict ({} when there is none); SchemaError for a layout
+    newer than this code."""
+    path = summary_path(run_dir)
+    if not os.path.isfile(path):
+        return {}
+    summary = read_json(path)
+    version = summary.get('schema', 1)
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise SchemaError(f"{path}: summary schema version {version!r} is unknown to this "
+                          f"code (it reads 1 to {SCHEMA_VERSION}); update the toolkit")
+    return summary
+
+
+def write_summary(run_dir, summary):
+    """Write the training run's summary, keeping the results that -e/-a added to the
+    file meanwhile (both writers hold the summary lock for their read-modify-write)."""
+    with summary_lock(run_dir):
+        on_disk = read_summary(run_dir)
+        record = {k: v for k, v in summary.items() if k not in RESULT_KEYS}
+        record.update({k: on_disk[k] for k in RESULT_KEYS if k in on_disk})
+        write_json_atomic(summary_path(run_dir), record)
+
+
+def add_result(run_dir, key, result):
+    """Add an -e/-a result to a run's summary.json (under the summary lock)."""
+    with summary_lock(run_dir):
+        summary = read_summary(run_dir)
+        summary[key] = result
+        write_json_atomic(summary_path(run_dir), summary)
