@@ -165,7 +165,8 @@ def test_damaged_archive_and_no_network_stop_with_advice(sandbox):
 
 
 # what a rate limiter or a captive portal serves with status 200 instead of the list
-HTML = '<!DOCTYPE html>\n<html><head><title>Too Many Requests</title></head>\n<body>\n</body></html>\n'
+HTML = ('<!DOCTYPE html>\n<html><head><title>Too Many Requests</title></head>\n'
+        '<body>\n</body></html>\n')
 
 
 def test_html_list_is_deleted_and_a_rerun_succeeds(sandbox):

@@ -154,6 +154,7 @@ def test_leftover_temporary_zip_of_a_killed_run_is_removed(assignment):
     proc = run(assignment, cwd=assignment)
     assert proc.returncode == 0, proc.stderr
     assert 'removed  .submission-k1ll3d.zip.part  (left by an interrupted run)' in proc.stdout
-    assert [f for f in os.listdir(assignment) if f.startswith('.submission')] == ['.submission-notes.txt']
+    left = [f for f in os.listdir(assignment) if f.startswith('.submission')]
+    assert left == ['.submission-notes.txt']
     with zipfile.ZipFile(assignment / 'submission.zip') as zf:
         assert set(zf.namelist()) == PACKED
