@@ -8,12 +8,19 @@
 # Safe to run again: it skips what is already complete, and it ends by checking
 # that every image listed in train.txt and val.txt exists. It stops at the first
 # failure and says what to do. DATA_DIR=/some/folder puts the data elsewhere.
+#
+# A label file is kept only if every line reads "path label" and it has at least
+# MIN_TRAIN_LINES (100000) or MIN_VAL_LINES (10000) of them; anything else (say, a
+# rate-limit page served as train.txt) is deleted and downloaded again. The two
+# variables exist for the tests, which serve lists of a few lines.
 set -eu
 
 FILE_ID=16GYHdSWS3iMYwMPv5FpeDZN2rH7PR0F2
 LIST_URL=https://raw.githubusercontent.com/CSAILVision/miniplaces/master/data
 DATA_DIR=${DATA_DIR:-$(cd "$(dirname "$0")" && pwd)/data}
 ARCHIVE=$DATA_DIR/data.tar.gz
+MIN_TRAIN_LINES=${MIN_TRAIN_LINES:-100000}
+MIN_VAL_LINES=${MIN_VAL_LINES:-10000}
 
 fail() {
     echo "download_dataset.sh: $*" >&2
@@ -30,6 +37,40 @@ fetch() {
         fail "neither curl nor wget found; install one (e.g. 'sudo apt install curl') and run again"
     fi
     mv "$2.part" "$2"
+}
+
+# list_problem FILE MIN: prints what is wrong with the label file FILE, nothing if it
+# holds at least MIN lines and all of them (blank ones aside) read "path label"
+list_problem() {
+    bad=$(grep -c -v -E '^([^[:space:]]+[[:space:]]+[0-9]+)?[[:space:]]*$' "$1") || true
+    good=$(grep -c -E '^[^[:space:]]+[[:space:]]+[0-9]+[[:space:]]*$' "$1") || true
+    if [ "$bad" -gt 0 ]; then
+        echo "$bad of its lines are not 'path label' (a web page instead of the list?)"
+    elif [ "$good" -lt "$2" ]; then
+        echo "it lists $good images, MiniPlaces has at least $2 (an incomplete download?)"
+    fi
+}
+
+# get_list SPLIT MIN: SPLIT.txt in DATA_DIR, downloaded unless a good one is there
+get_list() {
+    list=$DATA_DIR/$1.txt
+    if [ -s "$list" ]; then
+        problem=$(list_problem "$list" "$2")
+        if [ -z "$problem" ]; then
+            echo "$1.txt: already there"
+            return
+        fi
+        echo "$1.txt: $problem; deleted, downloading it again"
+        rm -f "$list"
+    fi
+    echo "$1.txt: downloading from $LIST_URL"
+    fetch "$LIST_URL/$1.txt" "$list" ||
+        fail "could not download $LIST_URL/$1.txt; check the network connection and run again"
+    problem=$(list_problem "$list" "$2")
+    if [ -n "$problem" ]; then
+        rm -f "$list"
+        fail "the server sent a bad $1.txt: $problem; deleted it; if the network works, wait a few minutes (GitHub may be limiting downloads) and run again"
+    fi
 }
 
 # count_split NAME: sets $total, $missing and $first_missing for the images of NAME.txt
@@ -63,15 +104,8 @@ images_complete() {
 mkdir -p "$DATA_DIR" || fail "cannot create $DATA_DIR"
 echo "MiniPlaces in $DATA_DIR"
 
-for split in train val; do
-    if [ -s "$DATA_DIR/$split.txt" ]; then
-        echo "$split.txt: already there"
-    else
-        echo "$split.txt: downloading from $LIST_URL"
-        fetch "$LIST_URL/$split.txt" "$DATA_DIR/$split.txt" ||
-            fail "could not download $LIST_URL/$split.txt; check the network connection and run again"
-    fi
-done
+get_list train "$MIN_TRAIN_LINES"
+get_list val "$MIN_VAL_LINES"
 
 if images_complete; then
     echo "images: complete, nothing to do"

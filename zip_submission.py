@@ -3,21 +3,27 @@
 Puts code/, writeup/ and results/ into submission.zip next to this script, and
 leaves out what the handout forbids or a course site chokes on: data/, logs/ and
 models/ folders, checkpoints (*.pth, *.pth.tar, *.pt), caches, virtual
-environments, hidden files (.DS_Store, .ipynb_checkpoints, ...) and symlinks
-that point outside the repository. Prints what went in and the total size.
+environments, hidden files (.DS_Store, .ipynb_checkpoints, ...) and every file
+whose real path lies outside the repository (symlinks, and code/, writeup/ or
+results/ themselves when they are symlinks). Prints what went in and the total
+size. Refuses file names with control characters (a newline in a name breaks the
+listing, and unzip tools disagree about such names).
 
 The zip is written to a temporary file and renamed at the end, so an error or
-Ctrl-C never leaves a half-written submission.zip behind (an older one stays).
+Ctrl-C never leaves a half-written submission.zip behind (an older one stays);
+the temporary file of a run killed outright is removed by the next run.
 """
 import os
 import signal
 import sys
 import tempfile
+import unicodedata
 import zipfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # works from any working directory
 FOLDERS = ('code', 'writeup', 'results')
 OUTPUT = 'submission.zip'
+PART_PREFIX, PART_SUFFIX = '.submission-', '.zip.part'  # the temporary zip
 SKIP_DIRS = {'data', 'logs', 'models', '__pycache__', 'venv'}  # plus hidden ones (.venv, .git)
 CHECKPOINTS = ('.pth', '.pth.tar', '.pt')
 CACHES = ('.pyc', '.pyo')
@@ -59,10 +65,16 @@ def skip_dir_reason(path, name):
     return None
 
 
+def outside(path, root):
+    """The real path of `path` when it lies outside the repository `root`, else None."""
+    target = os.path.realpath(path)
+    return target if os.path.commonpath([target, root]) != root else None
+
+
 def link_reason(path, root):
     """Why a symlink stays out: it points outside the repository, nowhere, or at a left-out file."""
     target = os.path.realpath(path)
-    if os.path.commonpath([target, root]) != root:
+    if outside(path, root):
         return f'symlink to {target}, outside the repository'
     if not os.path.isfile(target):
         return 'symlink to nothing'
@@ -75,6 +87,10 @@ def collect(root):
     root = os.path.realpath(root)
     files, skipped = [], []
     for folder in FOLDERS:
+        target = outside(os.path.join(root, folder), root)
+        if target:  # e.g. results/ -> ~/Desktop/figures: os.walk would follow it
+            skipped.append((folder + '/', f'symlink to {target}, outside the repository'))
+            continue
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
             for name in sorted(dirnames):
                 why = skip_dir_reason(os.path.join(dirpath, name), name)
@@ -88,6 +104,8 @@ def collect(root):
                 why = skip_reason(rel)
                 if not why and os.path.islink(path):
                     why = link_reason(path, root)
+                if not why and outside(path, root):  # never pack what is not in the repository
+                    why = f'real path {os.path.realpath(path)} is outside the repository'
                 if not why and not os.path.isfile(path):
                     why = 'not a regular file'
                 if why:
@@ -97,9 +115,28 @@ def collect(root):
     return files, skipped
 
 
+def bad_name(name):
+    """True for a name with a control character (newline, tab, escape, ...) or with bytes
+    that are not UTF-8 (zip stores names as UTF-8; zipfile would fail half-way)."""
+    try:
+        name.encode('utf-8')
+    except UnicodeEncodeError:
+        return True
+    return any(unicodedata.category(c) == 'Cc' for c in name)
+
+
+def remove_leftovers(root):
+    """Delete temporary zips of earlier runs killed before they could clean up (SIGKILL,
+    a power cut): they are ours, and each can be as big as a submission."""
+    for name in os.listdir(root):
+        if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
+            os.remove(os.path.join(root, name))
+            print(f'  removed  {name}  (left by an interrupted run)')
+
+
 def write_zip(files, out):
     """Write to a temporary file beside `out`, then rename: `out` is whole or untouched."""
-    fd, tmp = tempfile.mkstemp(prefix='.submission-', suffix='.zip.part', dir=os.path.dirname(out))
+    fd, tmp = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=os.path.dirname(out))
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as zf:
@@ -137,9 +174,15 @@ def check_folders(root):
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up like Ctrl-C
     check_folders(ROOT)
+    remove_leftovers(ROOT)
     files, skipped = collect(ROOT)
     if not files:
         raise SystemExit('zip_submission.py: nothing to pack in code/, writeup/ and results/')
+    bad = [name for name in [n for _, n in files] + [n for n, _ in skipped] if bad_name(name)]
+    if bad:
+        raise SystemExit(f'zip_submission.py: {len(bad)} file name(s) with control characters '
+                         f'or bytes that are not UTF-8; rename them: '
+                         + ', '.join(repr(name) for name in bad))
     for name, why in skipped:
         print(f'  left out  {name}  ({why})')
     unpacked = 0

@@ -6,6 +6,7 @@ Layout of a data folder (MiniPlaces, and the demo set of make_demo_data.py):
 """
 import os
 import random
+import sys
 
 import cv2
 import numpy as np
@@ -23,26 +24,71 @@ class DatasetError(ToolkitError):
 
 def read_label_file(label_file, num_classes):
     """Parse "relative/path.jpg label" lines (blank lines ignored) -> (paths, labels);
-    num_classes=None accepts any label >= 0 (main.py then counts the classes)."""
-    file_list, label_list = [], []
-    with open(label_file, "r") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(None, 1)      # the label is the last field
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DatasetError(f"{label_file}, line {line_no}: expected "
-                                   f"'relative/path.jpg label', got {line!r}")
-            label = int(parts[1])
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
-                                   f"[0, {num_classes}) (is --num-classes right?)")
-            file_list.append(parts[0])
-            label_list.append(label)
+    num_classes=None accepts any label >= 0 (main.py then counts the classes). A UTF-8 byte-order mark is ignored; images listed more than once are kept, and named
+    in one warning line on stderr (a merged or hand-edited list, trained on twice)."""
+    with open(label_file, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")    # -sig: drop the BOM some Windows editors write
+    except UnicodeDecodeError as e:       # its message names neither file nor line
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{label_file}, line {line_no}: not UTF-8 text "
+                           f"(byte 0x{raw[e.start]:02x}; save it as UTF-8)") from None
+    file_list, label_list, first_line, repeats = [], [], {}, []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)      # the label is the last field
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DatasetError(f"{label_file}, line {line_no}: expected "
+                               f"'relative/path.jpg label', got {line!r}")
+        label = int(parts[1])
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
+                               f"[0, {num_classes}) (is --num-classes right?)")
+        if parts[0] in first_line:
+            repeats.append((line_no, parts[0]))
+        first_line.setdefault(parts[0], line_no)
+        file_list.append(parts[0])
+        label_list.append(label)
     if not file_list:
         raise DatasetError(f"{label_file} lists no images")
+    if repeats:
+        line_no, path = repeats[0]
+        print(f"warning: {label_file}: {len(repeats)} line(s) list an image listed before, "
+              f"e.g. line {line_no} repeats {path} of line {first_line[path]}; kept",
+              file=sys.stderr)
     return file_list, label_list
+
+
+def jpeg_is_complete(buf):
+    """False for a JPEG (starts with the SOI marker FF D8) that lacks its end marker FF D9:
+    the first part of an interrupted download. OpenCV decodes such a file as an image
+    whose missing part is grey and only prints libjpeg's warning, without the file name.
+    Zero or whitespace padding after the marker, which some encoders add, is allowed."""
+    if buf[:2].tobytes() != b"\xff\xd8":
+        return True                       # not a JPEG: the decoder alone judges it
+    return buf.tobytes().rstrip(b"\x00 \t\r\n").endswith(b"\xff\xd9")
+
+
+def load_image(filename):
+    """Read and decode one image -> H x W x 3 uint8 RGB, or DatasetError naming the file.
+    The bytes are read once: the JPEG check and the decoder share them."""
+    try:
+        buf = np.fromfile(filename, dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read image {filename} ({e.strerror})") from None
+    if buf.size == 0:
+        raise DatasetError(f"image {filename} is empty (an interrupted download?)")
+    if not jpeg_is_complete(buf):
+        raise DatasetError(f"image {filename} is truncated: the JPEG has no end marker "
+                           f"(an interrupted download?)")
+    # IMREAD_UNCHANGED: we convert gray / BGRA / BGR to RGB ourselves (to_rgb)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DatasetError(f"cannot read image {filename} (corrupt or not an image)")
+    return to_rgb(img, filename)
 
 
 def to_rgb(img, filename):
@@ -95,12 +141,7 @@ class MiniPlacesLoader(data.Dataset):
         return len(self.label_list)
 
     def __getitem__(self, index):
-        filename = os.path.join(self.img_folder, self.file_list[index])
-        # IMREAD_UNCHANGED: we convert gray / BGRA / BGR to RGB ourselves (to_rgb)
-        img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise DatasetError(f"cannot read image {filename} (missing, corrupt or not an image)")
-        img = to_rgb(img, filename)
+        img = load_image(os.path.join(self.img_folder, self.file_list[index]))
         if self.transforms is not None:
             img = self.transforms(img)
         return img, self.label_list[index]

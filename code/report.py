@@ -7,7 +7,8 @@ folder holding such runs (e.g. logs/). For every run the script reads the
 TensorBoard event files with TensorBoard's own reader, so the numbers are the
 ones TensorBoard shows, and RUN/summary.json. It writes into --out:
 
-    loss.png lr.png top1.png top5.png  one curve per figure, the runs overlaid
+    loss.png lr.png top1.png top5.png  one curve per figure, the runs overlaid (colour and
+                                       marker per run, line style per split)
     overview.png                       the four curves in one grid
     curves.csv                         every logged scalar: run, tag, split, step, epoch, value
     results.md                         comparison table, evaluation and attack results
@@ -47,6 +48,9 @@ CURVES = {'loss': ('Loss', 'cross-entropy loss'),
           'top1': ('Top-1 accuracy', 'top-1 accuracy (%)'),
           'top5': ('Top-5 accuracy', 'top-5 accuracy (%)')}
 SPLIT_STYLE = {'train': '-', 'val': '--'}
+# a run's look: colour i % 10 of tab10, then marker i // 10, so 80 runs look different;
+# the line style stays the split's (train solid, val dashed)
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
 # per-epoch event tags -> keys of the summary.json epoch records (table fallback)
 RECORD_KEY = {('data/top1_accuracy', 'train'): 'train_top1',
               ('data/top1_accuracy', 'val'): 'val_top1',
@@ -207,15 +211,17 @@ def draw(ax, runs, curve):
                 continue
             xs = [epoch_of(run, tag, step) for step, _ in points]
             ys = [value for _, value in points]
-            style = dict(color=run['color'], linestyle=SPLIT_STYLE.get(split, '-'))
+            style = dict(color=run['color'], linestyle=SPLIT_STYLE.get(split, '-'),
+                         gid=run['label'])  # whose line it is, for the tests
             ex, ey = epoch_means(xs, ys)
             if curve == 'loss' and tag in ITER_TAGS and len(ex) < len(xs):
                 # every logged training loss faintly, its mean per epoch boldly: the mean
                 # lines up with the validation loss measured at the end of each epoch
                 ax.plot(xs, ys, alpha=0.25, linewidth=0.8, **style)
-                ax.plot(ex, ey, marker='o' if len(ex) <= 30 else None, markersize=3, **style)
-            else:
-                ax.plot(xs, ys, marker='o' if len(xs) <= 30 else None, markersize=3, **style)
+                xs, ys = ex, ey
+            # the run's marker on every point, or on about 15 of a long curve
+            ax.plot(xs, ys, marker=run['marker'], markevery=max(1, len(xs) // 15),
+                    markersize=3.5, **style)
             splits.add(split)
     title, ylabel = CURVES[curve]
     ax.set(title=title, xlabel='epoch', ylabel=ylabel)
@@ -227,31 +233,57 @@ def draw(ax, runs, curve):
 
 
 def legend_handles(runs, splits):
-    handles = [Line2D([], [], color=run['color'], label=run['label']) for run in runs]
+    handles = [Line2D([], [], color=run['color'], marker=run['marker'], markersize=3.5,
+                      label=run['label']) for run in runs]
     if len(splits - {''}) > 0:
         handles += [Line2D([], [], color='gray', linestyle=SPLIT_STYLE.get(s, '-'), label=s)
                     for s in sorted(splits - {''})]
     return handles
 
 
-def save_figures(runs, out):
-    for curve in CURVES:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        splits = draw(ax, runs, curve)
-        if splits:
-            ax.legend(handles=legend_handles(runs, splits), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f'{curve}.png'), dpi=150)
-        plt.close(fig)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+def assign_styles(runs):
+    colors = plt.get_cmap('tab10').colors
+    for i, run in enumerate(runs):
+        run['color'] = colors[i % len(colors)]
+        run['marker'] = MARKERS[i // len(colors) % len(MARKERS)]
+
+
+def add_legend(fig, handles, fontsize):
+    """The legend right of the plots, in as many columns as the figure's height needs, and
+    the figure widened by its width: a legend inside the axes hid the curves and was cut
+    off after about 21 runs."""
+    rows = max(1, int(fig.get_size_inches()[1] * 72 / (1.8 * fontsize)) - 1)  # entry ~1.8 em
+    legend = fig.legend(handles=handles, loc='outside right upper', fontsize=fontsize,
+                        ncol=math.ceil(len(handles) / rows), frameon=False)
+    fig.draw_without_rendering()  # lays the legend out, to measure it
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + legend.get_window_extent().width / fig.dpi, height)
+    return legend
+
+
+def curve_figure(runs, curve):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout='constrained')
+    splits = draw(ax, runs, curve)
+    if splits:
+        add_legend(fig, legend_handles(runs, splits), 8)
+    return fig
+
+
+def overview_figure(runs):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), layout='constrained')
     splits = set()
     for ax, curve in zip(axes.flat, CURVES):
         splits |= draw(ax, runs, curve)
-    handles = legend_handles(runs, splits)
-    ncol = min(len(handles), 6)
-    fig.legend(handles=handles, loc='lower center', ncol=ncol, fontsize=9, frameon=False)
-    rows = math.ceil(len(handles) / ncol)
-    fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
+    add_legend(fig, legend_handles(runs, splits), 9)
+    return fig
+
+
+def save_figures(runs, out):
+    for curve in CURVES:
+        fig = curve_figure(runs, curve)
+        fig.savefig(os.path.join(out, f'{curve}.png'), dpi=150)
+        plt.close(fig)
+    fig = overview_figure(runs)
     fig.savefig(os.path.join(out, 'overview.png'), dpi=120)
     plt.close(fig)
 
@@ -416,9 +448,7 @@ def main(argv=None):
     if not runs:
         raise SystemExit('report.py: nothing to report: no event files or summary.json in '
                          + ', '.join(run_dirs))
-    colors = plt.get_cmap('tab10').colors
-    for i, run in enumerate(runs):
-        run['color'] = colors[i % len(colors)]
+    assign_styles(runs)
     os.makedirs(args.out, exist_ok=True)
     save_figures(runs, args.out)
     write_csv(runs, os.path.join(args.out, 'curves.csv'))

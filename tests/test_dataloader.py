@@ -131,15 +131,90 @@ def test_corrupt_image_fails_when_read(tmp_path):
     assert "broken.jpg" in msg and "cannot read" in msg
 
 
-def test_error_in_worker_keeps_file_name_on_last_line(tmp_path):
-    write_set(tmp_path, [("broken.jpg", 0, b"\xff\xd8 truncated")])
-    ds = MiniPlacesLoader(str(tmp_path), transforms=T.ToTensor(), num_classes=1)
+def worker_error(ds):
+    """The DatasetError a DataLoader worker raised for item 0, as the main process sees it:
+    its last line (PyTorch puts the worker's traceback in front)."""
     loader = DataLoader(ds, batch_size=1, num_workers=1)
     with pytest.raises(DatasetError) as info:
         next(iter(loader))
-    last = str(info.value).splitlines()[-1]
+    return str(info.value).splitlines()[-1]
+
+
+def test_error_in_worker_keeps_file_name_on_last_line(tmp_path):
+    write_set(tmp_path, [("broken.jpg", 0, b"not an image at all")])
+    ds = MiniPlacesLoader(str(tmp_path), transforms=T.ToTensor(), num_classes=1)
+    last = worker_error(ds)
     assert last.startswith("custom_dataloader.DatasetError: cannot read image")
     assert "broken.jpg" in last
+
+
+def real_jpeg_bytes(tmp_path):
+    """A JPEG written by OpenCV's encoder (a smooth colour ramp, as photos are)."""
+    ramp = cv2.resize(np.random.RandomState(0).randint(0, 256, (4, 4, 3), np.uint8), (64, 48))
+    path = str(tmp_path / "whole.jpg")
+    assert cv2.imwrite(path, ramp)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_truncated_jpeg_is_named_in_main_process_and_worker(tmp_path):
+    whole = real_jpeg_bytes(tmp_path)
+    half = whole[:len(whole) // 2]            # an interrupted download
+    write_set(tmp_path, [("train/a/abbey/00000001.jpg", 0, half),
+                         ("train/a/abbey/00000002.jpg", 0, whole)])
+    ds = MiniPlacesLoader(str(tmp_path), transforms=T.ToTensor(), num_classes=1)
+    name = os.path.join("train", "a", "abbey", "00000001.jpg")
+    msg = one_line_error(ds.__getitem__, 0)
+    assert name in msg and "truncated" in msg
+    last = worker_error(ds)
+    assert last.startswith("custom_dataloader.DatasetError: image") and name in last
+    assert "truncated" in last
+    assert ds[1][0].shape == (3, 48, 64)      # the whole file still loads
+
+
+def test_padding_after_jpeg_end_marker_is_accepted(tmp_path):
+    whole = real_jpeg_bytes(tmp_path)
+    write_set(tmp_path, [("whole.jpg", 0, whole), ("padded.jpg", 0, whole + b"\0" * 100 + b"\n")])
+    ds = MiniPlacesLoader(str(tmp_path), num_classes=1)
+    reference = cv2.cvtColor(cv2.imread(str(tmp_path / "whole.jpg")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(ds[0][0], reference) and np.array_equal(ds[1][0], reference)
+
+
+def test_empty_image_file_is_named(tmp_path):
+    write_set(tmp_path, [("empty.png", 0, b"")])
+    msg = one_line_error(MiniPlacesLoader(str(tmp_path), num_classes=1).__getitem__, 0)
+    assert "empty.png" in msg and "empty" in msg
+
+
+def test_label_file_with_bom_is_read(tmp_path):
+    write_set(tmp_path, [("a.png", 1, np.zeros((4, 4, 3), np.uint8))])
+    text = (tmp_path / "train.txt").read_bytes()
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf" + text)   # what Notepad writes
+    ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
+    assert ds.file_list == ["a.png"] and ds.label_list == [1]
+    assert ds[0][0].shape == (4, 4, 3)
+
+
+def test_non_utf8_label_file_names_file_and_line(tmp_path):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
+    with open(tmp_path / "train.txt", "ab") as f:
+        f.write(b"a.png 1\r\ncaf\xe9.png 1\n")     # Latin-1, after a CRLF line
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=2)
+    assert "train.txt, line 3" in msg and "not UTF-8" in msg and "0xe9" in msg
+
+
+def test_duplicate_lines_are_warned_about_once(tmp_path, capsys):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", 1, np.zeros((4, 4, 3), np.uint8))])
+    ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
+    assert capsys.readouterr().err == ""      # no duplicates, no warning
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("b.png 1\na.png 1\nb.png 1\n")   # lines 3-5 repeat images of lines 1-2
+    ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
+    assert ds.file_list == ["a.png", "b.png", "b.png", "a.png", "b.png"]   # kept
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert "train.txt: 3 line(s)" in err and "line 3 repeats b.png of line 2" in err
 
 
 class RandomNumbers(Dataset):

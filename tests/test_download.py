@@ -1,6 +1,8 @@
 """download_dataset.sh, run by a POSIX sh with stand-ins for gdown, curl and wget that serve
 a tiny archive and tiny lists. PATH holds only the stand-ins and the few tools the script
-uses, so which downloader exists (or is missing) is up to each test."""
+uses, so which downloader exists (or is missing) is up to each test. MIN_TRAIN_LINES and
+MIN_VAL_LINES are set to the sizes of the tiny lists, except where a test checks the
+defaults."""
 import os
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ FILE_ID = '16GYHdSWS3iMYwMPv5FpeDZN2rH7PR0F2'
 LIST_URL = 'https://raw.githubusercontent.com/CSAILVision/miniplaces/master/data'
 TRAIN = ['train/a/abbey/00000001.jpg', 'train/a/abbey/00000002.jpg', 'train/b/bar/00000001.jpg']
 VAL = ['val/00000001.jpg', 'val/00000002.jpg']
-TOOLS = ['mkdir', 'mv', 'rm', 'tar', 'gzip', 'dirname', 'cat']  # what the script and stand-ins call
+TOOLS = ['mkdir', 'mv', 'rm', 'tar', 'gzip', 'dirname', 'cat', 'grep']  # what the script and stand-ins call
 
 STANDINS = {
     'gdown': f'''#!/bin/sh
@@ -56,14 +58,15 @@ def make_archive(path, images, corrupt=False):
 
 @pytest.fixture
 def sandbox(tmp_path):
-    """(run, tmp_path): run(*standins, **env) runs the script with only those stand-ins."""
+    """(run, tmp_path): run(*standins, archive=, **env) runs the script with only those
+    stand-ins; env adds to or (None) removes from its environment."""
     lists = tmp_path / 'lists'
     lists.mkdir()
     (lists / 'train.txt').write_text(''.join(f'{p} {i % 2}\n' for i, p in enumerate(TRAIN)))
     (lists / 'val.txt').write_text(''.join(f'{p} {i}\n' for i, p in enumerate(VAL)))
     make_archive(str(tmp_path / 'data.tar.gz'), TRAIN + VAL)
 
-    def run(*standins, archive=None):
+    def run(*standins, archive=None, **extra):
         bin_dir = tmp_path / ('bin_' + '_'.join(standins))
         if not bin_dir.exists():
             bin_dir.mkdir()
@@ -74,7 +77,10 @@ def sandbox(tmp_path):
                 (bin_dir / name).chmod(0o755)
         env = {'PATH': str(bin_dir), 'DATA_DIR': str(tmp_path / 'data'),
                'STUB_LOG': str(tmp_path / 'calls.log'), 'FAKE_LISTS': str(lists),
-               'FAKE_ARCHIVE': str(archive or tmp_path / 'data.tar.gz')}
+               'FAKE_ARCHIVE': str(archive or tmp_path / 'data.tar.gz'),
+               'MIN_TRAIN_LINES': str(len(TRAIN)), 'MIN_VAL_LINES': str(len(VAL))}
+        env.update(extra)
+        env = {k: v for k, v in env.items() if v is not None}
         return subprocess.run(['/bin/sh', SCRIPT], env=env, capture_output=True, text=True,
                               timeout=30)
 
@@ -156,3 +162,51 @@ def test_damaged_archive_and_no_network_stop_with_advice(sandbox):
     assert proc.returncode != 0
     assert 'could not download' in proc.stderr and 'train.txt' in proc.stderr
     assert not (tmp / 'data' / 'train.txt').exists() and not (tmp / 'data' / 'train.txt.part').exists()
+
+
+# what a rate limiter or a captive portal serves with status 200 instead of the list
+HTML = ('<!DOCTYPE html>\n<html><head><title>Too Many Requests</title></head>\n'
+        '<body>\n</body></html>\n')
+
+
+def test_html_list_is_deleted_and_a_rerun_succeeds(sandbox):
+    run, tmp = sandbox
+    good = (tmp / 'lists' / 'train.txt').read_text()
+    (tmp / 'lists' / 'train.txt').write_text(HTML)
+    proc = run('gdown', 'curl')
+    assert proc.returncode != 0
+    assert proc.stderr.count('\n') == 1
+    assert 'bad train.txt' in proc.stderr and "4 of its lines are not 'path label'" in proc.stderr
+    assert 'deleted it' in proc.stderr and 'run again' in proc.stderr
+    assert not (tmp / 'data' / 'train.txt').exists()
+    assert 'gdown' not in ' '.join(calls(tmp))  # stopped before the archive
+    (tmp / 'lists' / 'train.txt').write_text(good)  # the network is fine again
+    proc = run('gdown', 'curl')
+    assert proc.returncode == 0, proc.stderr
+    assert 'train: 3 of 3 images listed in train.txt present' in proc.stdout
+    assert (tmp / 'data' / 'train.txt').read_text() == good
+
+
+def test_bad_list_left_by_an_earlier_run_is_fetched_again(sandbox):
+    run, tmp = sandbox
+    assert run('gdown', 'curl').returncode == 0
+    (tmp / 'data' / 'val.txt').write_text(HTML)  # as an older version of the script kept it
+    proc = run('gdown', 'curl')
+    assert proc.returncode == 0, proc.stderr
+    assert 'train.txt: already there' in proc.stdout
+    assert "val.txt: 4 of its lines are not 'path label' (a web page instead of the list?); " \
+           'deleted, downloading it again' in proc.stdout
+    assert (tmp / 'data' / 'val.txt').read_text() == (tmp / 'lists' / 'val.txt').read_text()
+    assert [c.split()[0] for c in calls(tmp)] == ['curl', 'curl', 'gdown', 'curl']
+
+
+def test_short_list_is_refused_at_the_miniplaces_sizes(sandbox):
+    run, tmp = sandbox
+    proc = run('gdown', 'curl', MIN_TRAIN_LINES=None, MIN_VAL_LINES=None)  # the defaults
+    assert proc.returncode != 0
+    assert 'bad train.txt: it lists 3 images, MiniPlaces has at least 100000' in proc.stderr
+    assert not (tmp / 'data' / 'train.txt').exists()
+    proc = run('gdown', 'curl', MIN_VAL_LINES=None)
+    assert proc.returncode != 0
+    assert 'bad val.txt: it lists 2 images, MiniPlaces has at least 10000' in proc.stderr
+    assert (tmp / 'data' / 'train.txt').exists() and not (tmp / 'data' / 'val.txt').exists()

@@ -227,3 +227,51 @@ def test_run_without_summary_estimates_iterations_per_epoch(logs, tmp_path, caps
     stats = report.run_stats(run)  # the table falls back to the event files
     assert stats['epochs'] == '8' and stats['final_top1'] == pytest.approx(fake_runs.acc_at(8, 'val'))
     assert stats['peak_memory'] == pytest.approx(58.0) and stats['wall'] == pytest.approx(116.0)
+
+
+@pytest.fixture(scope='module')
+def fifty_runs(tmp_path_factory):
+    """50 runs of 3 epochs (summary.json only: the figures are drawn the same way, and it
+    keeps the test fast), each with its own values."""
+    root = tmp_path_factory.mktemp('fifty')
+    for i in range(50):
+        run_dir = root / f'exp_20240101_{i:06d}'
+        run_dir.mkdir()
+        fake_runs.write_summary(str(run_dir), [fake_runs.epoch_record(e, IPE, offset=i)
+                                               for e in (1, 2, 3)], IPE, name=f'run{i:02d}')
+    return root
+
+
+def test_fifty_runs_stay_readable(fifty_runs, tmp_path):
+    out = tmp_path / 'out'
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert report.main([str(fifty_runs), '--out', str(out)]) == 0
+        run_dirs = report.find_runs([str(fifty_runs)])
+        runs = [report.load_run(d, label)
+                for d, label in zip(run_dirs, report.default_labels(run_dirs))]
+    labels = [f'run{i:02d}' for i in range(50)]
+    assert [run['label'] for run in runs] == labels
+    report.assign_styles(runs)
+    for name, fig, dpi in [('top1', report.curve_figure(runs, 'top1'), 150),
+                           ('overview', report.overview_figure(runs), 120)]:
+        fig.savefig(str(tmp_path / f'{name}.png'), dpi=dpi)
+        # the figure checked here is the one report.main saved: same size in pixels
+        saved = matplotlib.image.imread(str(out / f'{name}.png'))
+        assert saved.shape[:2] == matplotlib.image.imread(str(tmp_path / f'{name}.png')).shape[:2]
+        assert abs(saved.shape[1] - fig.get_size_inches()[0] * dpi) <= 1  # nothing cropped
+        (legend,) = fig.legends
+        handles = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+        assert set(labels) <= set(handles), name
+        looks = {label: (tuple(handles[label].get_color()), handles[label].get_marker())
+                 for label in labels}
+        assert len(set(looks.values())) == 50, f'{name}: two runs look the same'
+        for ax in fig.axes:  # each drawn curve looks like its run's legend entry
+            for line in ax.get_lines():
+                if line.get_marker() not in (None, 'None', ''):
+                    assert (tuple(line.get_color()), line.get_marker()) == looks[line.get_gid()]
+        # the legend lies inside the saved figure and covers no plot
+        box = legend.get_window_extent()
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, name
+        assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, name
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes), name
+        matplotlib.pyplot.close(fig)

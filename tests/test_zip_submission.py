@@ -118,3 +118,43 @@ def test_size_warning(assignment, monkeypatch, capsys):
     assert module.main() == 0
     err = capsys.readouterr().err
     assert 'submission.zip is over 0.0001 MB' in err and 'the biggest files:' in err
+
+
+def test_symlinked_folder_outside_the_repository_is_left_out(assignment, tmp_path):
+    shutil.move(str(assignment / 'results'), str(tmp_path / 'my_figures'))
+    os.symlink(tmp_path / 'my_figures', assignment / 'results')     # results/ -> outside
+    os.rename(assignment / 'writeup', assignment / 'notes')
+    os.symlink('notes', assignment / 'writeup')                       # writeup/ -> inside
+    proc = run(assignment, cwd=assignment)
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(assignment / 'submission.zip') as zf:
+        assert set(zf.namelist()) == {n for n in PACKED if not n.startswith('results/')}
+    real = os.path.realpath(tmp_path / 'my_figures')
+    assert f'left out  results/  (symlink to {real}, outside the repository)' in proc.stdout
+
+
+def test_names_with_control_characters_are_refused(assignment):
+    write(str(assignment / 'code' / 'two\nlines.py'))
+    write(str(assignment / 'results' / 'tab\there.png'))
+    write(os.path.join(os.fsencode(assignment), b'code', b'caf\xe9.py'))  # Latin-1, not UTF-8
+    write(str(assignment / 'code' / 'caf\u00e9.py'))                      # UTF-8: fine
+    proc = run(assignment, cwd=assignment)
+    assert proc.returncode != 0
+    assert proc.stderr.count('\n') == 1 and '3 file name(s) with control characters' in proc.stderr
+    for name in ('code/two\nlines.py', 'results/tab\there.png', 'code/caf\udce9.py'):
+        assert repr(name) in proc.stderr
+    assert 'café' not in proc.stderr
+    assert not (assignment / 'submission.zip').exists()
+    assert not [f for f in os.listdir(assignment) if f.startswith('.submission')]
+
+
+def test_leftover_temporary_zip_of_a_killed_run_is_removed(assignment):
+    write(str(assignment / '.submission-k1ll3d.zip.part'), os.urandom(1 << 20))
+    write(str(assignment / '.submission-notes.txt'))           # not ours: kept
+    proc = run(assignment, cwd=assignment)
+    assert proc.returncode == 0, proc.stderr
+    assert 'removed  .submission-k1ll3d.zip.part  (left by an interrupted run)' in proc.stdout
+    left = [f for f in os.listdir(assignment) if f.startswith('.submission')]
+    assert left == ['.submission-notes.txt']
+    with zipfile.ZipFile(assignment / 'submission.zip') as zf:
+        assert set(zf.namelist()) == PACKED
