@@ -1,3 +1,53 @@
+"""CS 771 HW2 (MiniPlaces): the code students fill in, and what graders import.
+
+The autograder and code/test_conv.py import this module by the handout's names
+and signatures, and code/main.py reads the names marked below. Never rename
+them or change their signatures; put new code under new names.
+
+Parts, in file order:
+  Part I.1   Understanding convolutions: a 2-D convolution written as im2col +
+             one matrix product, forward and backward (CustomConv2DFunction),
+             and its module wrapper (CustomConv2d)
+  Part I.2   Design and train a network: SimpleNet (the handout's CNN), ResNet10
+             (ours, the default), weight init, parameter and FLOP counts
+  Part II.1  Self-attention and the Transformer block (Attention,
+             TransformerBlock)
+  Part II.2  A vision Transformer (SimpleViT), then the data augmentation
+             (get_train_transforms, get_val_transforms)
+  Part III   Adversarial samples: the PGD attack, adversarial training,
+             saliency maps and the images main.py logs to TensorBoard
+
+Public names. "graded": the handout's name and signature, never changed;
+"main.py": read by code/main.py; "-": neither (used here, by tests, benchmarks).
+  CustomConv2DFunction        graded           the convolution's forward and backward
+  custom_conv2d               -                CustomConv2DFunction.apply
+  CustomConv2d                graded, main.py  its nn.Conv2d-like module (--use-custom-conv)
+  SimpleNet                   graded           the handout's CNN (--arch simplenet)
+  init_cnn_weights            -                Kaiming init of convolutions, unit BatchNorm
+  BasicBlock, ResNet10        -                our CNN, one residual block a stage (--arch resnet10)
+  count_params                main.py          number of trainable parameters
+  count_flops                 -                FLOPs of a forward pass of one image
+  cnn_models                  main.py          {name: CNN class}: the choices of --arch
+  default_cnn_model           graded, main.py  the CNN main.py trains by default (ResNet10)
+  Attention                   graded           multi-head self-attention
+  TransformerBlock            graded           Transformer block, global or window attention
+  SimpleViT                   graded           the vision Transformer
+  default_vit_model           graded, main.py  the ViT of --use-vit (SimpleViT)
+  get_train_transforms        graded, main.py  training augmentation
+  get_val_transforms          graded, main.py  validation transforms
+  least_confident_labels      main.py          argmin of the logits: PGDAttack's target
+  PGDAttack                   graded           PGD towards the least confident label
+  default_attack              graded, main.py  the attack of -a (PGDAttack)
+  UntargetedPGDAttack         main.py          PGD for adversarial training (--adv-train)
+  adversarial_training_batch  main.py          a training batch, part of it adversarial
+  GradAttention               graded           saliency maps (gradient of the class score)
+  default_attention           graded, main.py  the explainer of -e -v (GradAttention)
+  vis_grid                    graded, main.py  a mosaic of a batch of images
+  default_visfunction         graded, main.py  the mosaic main.py logs (vis_grid)
+  vis_saliency                main.py          saliency heat maps over their images
+  vis_perturbation            main.py          the perturbation adv - input, amplified
+Names that start with "_" are helpers of this file.
+"""
 # python imports
 import math
 
