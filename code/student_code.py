@@ -203,6 +203,10 @@ def _autocast_dtype(device_type):
 
 
 class CustomConv2DFunction(Function):
+    """Our 2-D convolution as an autograd Function: forward and backward written
+    with im2col and matrix products (no torch convolution), as described above.
+    Call it as custom_conv2d(input, weight, bias, stride, padding); the module
+    CustomConv2d wraps it like nn.Conv2d."""
 
     @staticmethod
     def forward(ctx, input_feats, weight, bias, stride=1, padding=0):
@@ -852,21 +856,22 @@ def least_confident_labels(logits):
     return logits.argmin(dim=1)
 
 
-class PGDAttack(object):
-    def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
-        """
-        Attack a network by Project Gradient Descent. The attacker performs
-        k steps of gradient descent of step size a, while always staying
-        within the range of epsilon (under l infinity norm) from the input image.
+class PGDAttack:
+    """
+    Attack a network by Projected Gradient Descent. The attacker performs
+    k steps of gradient descent of step size a, while always staying
+    within the range of epsilon (under l infinity norm) from the input image.
 
-        Args:
-          loss_fn: loss function used for the attack
-          num_steps: (int) number of steps for PGD
-          step_size: (float) step size of PGD (i.e., alpha in our lecture)
-          epsilon: (float) the range of acceptable samples
-                   for our normalization, 0.1 ~ 6 pixel levels
-                   (epsilon and step_size are in normalized units, see above)
-        """
+    Args:
+      loss_fn: loss function used for the attack
+      num_steps: (int) number of steps for PGD
+      step_size: (float) step size of PGD (i.e., alpha in our lecture)
+      epsilon: (float) the range of acceptable samples
+               for our normalization, 0.1 ~ 6 pixel levels
+               (epsilon and step_size are in normalized units, see Part III)
+    """
+
+    def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
         if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 0:
             raise ValueError("PGD num_steps must be an integer >= 0, got {!r}".format(num_steps))
         if not epsilon >= 0:  # "not >=" also rejects NaN
@@ -1014,18 +1019,19 @@ def adversarial_training_batch(model, attacker, input, ratio=0.5):
     return torch.cat([adv, input[num_adv:].detach()], dim=0)
 
 
-class GradAttention(object):
-    def __init__(self, loss_fn=None):
-        """
-        Saliency maps (Simonyan et al. 2014, https://arxiv.org/abs/1312.6034):
-        how much each pixel can change the predicted class's score.
+class GradAttention:
+    """
+    Saliency maps (Simonyan et al. 2014, https://arxiv.org/abs/1312.6034):
+    how much each pixel can change the predicted class's score.
 
-        Args:
-          loss_fn: kept for the assignment's interface; not used, because the
-                   saliency is the gradient of the class *score* as in the paper
-                   (the loss of a confidently predicted label is flat, so its
-                   gradient is scaled by 1 - p and mixes in the other classes)
-        """
+    Args:
+      loss_fn: kept for the assignment's interface; not used, because the
+               saliency is the gradient of the class *score* as in the paper
+               (the loss of a confidently predicted label is flat, so its
+               gradient is scaled by 1 - p and mixes in the other classes)
+    """
+
+    def __init__(self, loss_fn=None):
         self.loss_fn = loss_fn
 
     def explain(self, model, input):
