@@ -310,20 +310,27 @@ custom_conv2d = CustomConv2DFunction.apply
 
 class CustomConv2d(Module):
     """
-    The same interface as torch.nn.Conv2D
+    The same interface as torch.nn.Conv2d
+    (square kernels, one stride and one padding for both axes, dilation=1, groups=1;
+    anything else raises ValueError)
     """
     def __init__(self, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True):
-        super(CustomConv2d, self).__init__()
-        assert isinstance(kernel_size, int), \
-            f"We only support squared filters: kernel_size must be an int, got {kernel_size!r}"
-        assert isinstance(stride, int), \
-            f"We only support equal stride: stride must be an int, got {stride!r}"
-        assert isinstance(padding, int), \
-            f"We only support equal padding: padding must be an int, got {padding!r}"
+        super().__init__()
+        # ValueError, not assert: the checks must stay under python -O
+        if not isinstance(kernel_size, int):
+            raise ValueError(f"We only support squared filters: kernel_size must be an int, "
+                             f"got {kernel_size!r}")
+        if not isinstance(stride, int):
+            raise ValueError(f"We only support equal stride: stride must be an int, "
+                             f"got {stride!r}")
+        if not isinstance(padding, int):
+            raise ValueError(f"We only support equal padding: padding must be an int, "
+                             f"got {padding!r}")
         # silently ignoring these would compute a different convolution
-        assert dilation == 1 and groups == 1, \
-            f"CustomConv2d supports only dilation=1 and groups=1, got {dilation!r}, {groups!r}"
+        if dilation != 1 or groups != 1:
+            raise ValueError(f"CustomConv2d supports only dilation=1 and groups=1, "
+                             f"got {dilation!r}, {groups!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -335,10 +342,11 @@ class CustomConv2d(Module):
         self.groups = groups
 
         # register weight and bias as parameters
-        self.weight = nn.Parameter(torch.Tensor(
+        # (uninitialized memory: reset_parameters fills it)
+        self.weight = nn.Parameter(torch.empty(
             out_channels, in_channels, kernel_size, kernel_size))
         if bias:
-            self.bias = nn.Parameter(torch.Tensor(out_channels))
+            self.bias = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter('bias', None)
         self.reset_parameters()
@@ -356,11 +364,11 @@ class CustomConv2d(Module):
         return custom_conv2d(input, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self):
-        s = ('{in_channels}, {out_channels}, kernel_size={kernel_size}'
-             ', stride={stride}, padding={padding}')
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}'
+             f', stride={self.stride}, padding={self.padding}')
         if self.bias is None:
             s += ', bias=False'
-        return s.format(**self.__dict__)
+        return s
 
 
 ################################################################################
