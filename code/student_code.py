@@ -554,7 +554,7 @@ class Attention(nn.Module):
         Args:
             dim (int): Number of input channels.
             num_heads (int): Number of attention heads.
-            qkv_bias (bool:  If True, add a learnable bias to query, key, value.
+            qkv_bias (bool): If True, add a learnable bias to query, key, value.
             fused (bool or None): compute softmax(QK^T/sqrt(d))V with PyTorch's fused
                 kernel (True), with the formula written out below (False), or pick
                 automatically (None: fused wherever PyTorch has it; it gives the same
@@ -700,7 +700,7 @@ class SimpleViT(nn.Module):
                 Local window attention allows more efficient computation, and can be
                 coupled with standard global attention.
         """
-        super(SimpleViT, self).__init__()
+        super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"SimpleViT: img_size {img_size} is not divisible by "
                              f"patch_size {patch_size}")
@@ -779,10 +779,9 @@ class SimpleViT(nn.Module):
 # change this to your model!
 # We keep the handout's configuration (patch 16 -> 8x8 tokens, dim 192, depth 4,
 # 4 heads, 4x4 windows in blocks 0 and 2, drop path 0.1): 1.96 M parameters
-# (100 classes) and 0.25 GFLOPs (0.13 G multiply-adds) per 128x128 image. It is the
-# one configuration with a measured MiniPlaces result (36.6% top-1 after 90 epochs,
-# 41% after 150) and it trains a few demo epochs on a 2-core CPU in minutes; larger
-# variants (depth 6: +45% FLOPs; patch 8: 4x FLOPs) are left to experiments, see README.
+# (100 classes) and 0.25 GFLOPs (0.13 G multiply-adds) per 128x128 image. Why this
+# one (it has a measured MiniPlaces result), its accuracy, and larger variants to
+# try: README.md, section "SimpleViT".
 default_vit_model = SimpleViT
 
 
@@ -851,11 +850,11 @@ class _EvalMode(object):
 
 def _check_float_batch(input, who, image=False):
     if not torch.is_tensor(input) or not input.is_floating_point():
-        raise ValueError("{}: input must be a floating point tensor, got {}".format(
-            who, type(input).__name__ if not torch.is_tensor(input) else input.dtype))
+        got = input.dtype if torch.is_tensor(input) else type(input).__name__
+        raise ValueError(f"{who}: input must be a floating point tensor, got {got}")
     if image and input.dim() != 4:
-        raise ValueError("{}: input must be a batch of images N x C x H x W, got shape {}"
-                         .format(who, tuple(input.shape)))
+        raise ValueError(f"{who}: input must be a batch of images N x C x H x W, "
+                         f"got shape {tuple(input.shape)}")
 
 
 def least_confident_labels(logits):
@@ -881,11 +880,11 @@ class PGDAttack:
 
     def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
         if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 0:
-            raise ValueError("PGD num_steps must be an integer >= 0, got {!r}".format(num_steps))
+            raise ValueError(f"PGD num_steps must be an integer >= 0, got {num_steps!r}")
         if not epsilon >= 0:  # "not >=" also rejects NaN
-            raise ValueError("PGD epsilon must be >= 0, got {!r}".format(epsilon))
+            raise ValueError(f"PGD epsilon must be >= 0, got {epsilon!r}")
         if not step_size >= 0:
-            raise ValueError("PGD step_size must be >= 0, got {!r}".format(step_size))
+            raise ValueError(f"PGD step_size must be >= 0, got {step_size!r}")
         self.loss_fn = loss_fn
         self.num_steps = int(num_steps)
         self.step_size = step_size
@@ -1075,7 +1074,7 @@ default_attention = GradAttention
 
 def vis_grid(input, n_rows=10):
     """
-    Given a batch of image X (torch tensor), compose a mosaic for visualziation.
+    Given a batch of images X (torch tensor), compose a mosaic for visualization.
 
     Args:
       input: (torch tensor) input image of size N * C * H * W
@@ -1117,8 +1116,8 @@ def vis_saliency(input, saliency, n_rows=10, alpha=0.5, cmap='inferno'):
     from matplotlib import colormaps  # imported here: only visualization needs it
     if input.dim() != 4 or saliency.dim() != 4 or saliency.size(1) != 1 \
             or input.shape[0] != saliency.shape[0] or input.shape[2:] != saliency.shape[2:]:
-        raise ValueError("vis_saliency: need images N x C x H x W and maps N x 1 x H x W, got {} and {}"
-                         .format(tuple(input.shape), tuple(saliency.shape)))
+        raise ValueError(f"vis_saliency: need images N x C x H x W and maps N x 1 x H x W, "
+                         f"got {tuple(input.shape)} and {tuple(saliency.shape)}")
     images = _minmax_per_image(input.detach().cpu().float())
     if images.size(1) == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -1143,8 +1142,8 @@ def vis_perturbation(adv, input, n_rows=10, epsilon=None):
       output: (torch tensor) visualizations of size 3 * HH * WW, values in [0, 1]
     """
     if adv.shape != input.shape:
-        raise ValueError("vis_perturbation: adv and input shapes differ: {} vs {}"
-                         .format(tuple(adv.shape), tuple(input.shape)))
+        raise ValueError(f"vis_perturbation: adv and input shapes differ: "
+                         f"{tuple(adv.shape)} vs {tuple(input.shape)}")
     delta = (adv.detach() - input.detach()).cpu().float()
     scale = float(epsilon) if epsilon else float(delta.abs().max())
     scale = scale if scale > 0 else 1.0
