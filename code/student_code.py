@@ -1,3 +1,53 @@
+"""CS 771 HW2 (MiniPlaces): the code students fill in, and what graders import.
+
+The autograder and code/test_conv.py import this module by the handout's names
+and signatures, and code/main.py reads the names marked below. Never rename
+them or change their signatures; put new code under new names.
+
+Parts, in file order:
+  Part I.1   Understanding convolutions: a 2-D convolution written as im2col +
+             one matrix product, forward and backward (CustomConv2DFunction),
+             and its module wrapper (CustomConv2d)
+  Part I.2   Design and train a network: SimpleNet (the handout's CNN), ResNet10
+             (ours, the default), weight init, parameter and FLOP counts
+  Part II.1  Self-attention and the Transformer block (Attention,
+             TransformerBlock)
+  Part II.2  A vision Transformer (SimpleViT), then the data augmentation
+             (get_train_transforms, get_val_transforms)
+  Part III   Adversarial samples: the PGD attack, adversarial training,
+             saliency maps and the images main.py logs to TensorBoard
+
+Public names. "graded": the handout's name and signature, never changed;
+"main.py": read by code/main.py; "-": neither (used here, by tests, benchmarks).
+  CustomConv2DFunction        graded           the convolution's forward and backward
+  custom_conv2d               -                CustomConv2DFunction.apply
+  CustomConv2d                graded, main.py  its nn.Conv2d-like module (--use-custom-conv)
+  SimpleNet                   graded           the handout's CNN (--arch simplenet)
+  init_cnn_weights            -                Kaiming init of convolutions, unit BatchNorm
+  BasicBlock, ResNet10        -                our CNN, one residual block a stage (--arch resnet10)
+  count_params                main.py          number of trainable parameters
+  count_flops                 -                FLOPs of a forward pass of one image
+  cnn_models                  main.py          {name: CNN class}: the choices of --arch
+  default_cnn_model           graded, main.py  the CNN main.py trains by default (ResNet10)
+  Attention                   graded           multi-head self-attention
+  TransformerBlock            graded           Transformer block, global or window attention
+  SimpleViT                   graded           the vision Transformer
+  default_vit_model           graded, main.py  the ViT of --use-vit (SimpleViT)
+  get_train_transforms        graded, main.py  training augmentation
+  get_val_transforms          graded, main.py  validation transforms
+  least_confident_labels      main.py          argmin of the logits: PGDAttack's target
+  PGDAttack                   graded           PGD towards the least confident label
+  default_attack              graded, main.py  the attack of -a (PGDAttack)
+  UntargetedPGDAttack         main.py          PGD for adversarial training (--adv-train)
+  adversarial_training_batch  main.py          a training batch, part of it adversarial
+  GradAttention               graded           saliency maps (gradient of the class score)
+  default_attention           graded, main.py  the explainer of -e -v (GradAttention)
+  vis_grid                    graded, main.py  a mosaic of a batch of images
+  default_visfunction         graded, main.py  the mosaic main.py logs (vis_grid)
+  vis_saliency                main.py          saliency heat maps over their images
+  vis_perturbation            main.py          the perturbation adv - input, amplified
+Names that start with "_" are helpers of this file.
+"""
 # python imports
 import math
 
@@ -153,6 +203,10 @@ def _autocast_dtype(device_type):
 
 
 class CustomConv2DFunction(Function):
+    """Our 2-D convolution as an autograd Function: forward and backward written
+    with im2col and matrix products (no torch convolution), as described above.
+    Call it as custom_conv2d(input, weight, bias, stride, padding); the module
+    CustomConv2d wraps it like nn.Conv2d."""
 
     @staticmethod
     def forward(ctx, input_feats, weight, bias, stride=1, padding=0):
@@ -256,20 +310,27 @@ custom_conv2d = CustomConv2DFunction.apply
 
 class CustomConv2d(Module):
     """
-    The same interface as torch.nn.Conv2D
+    The same interface as torch.nn.Conv2d
+    (square kernels, one stride and one padding for both axes, dilation=1, groups=1;
+    anything else raises ValueError)
     """
     def __init__(self, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True):
-        super(CustomConv2d, self).__init__()
-        assert isinstance(kernel_size, int), \
-            f"We only support squared filters: kernel_size must be an int, got {kernel_size!r}"
-        assert isinstance(stride, int), \
-            f"We only support equal stride: stride must be an int, got {stride!r}"
-        assert isinstance(padding, int), \
-            f"We only support equal padding: padding must be an int, got {padding!r}"
+        super().__init__()
+        # ValueError, not assert: the checks must stay under python -O
+        if not isinstance(kernel_size, int):
+            raise ValueError(f"We only support squared filters: kernel_size must be an int, "
+                             f"got {kernel_size!r}")
+        if not isinstance(stride, int):
+            raise ValueError(f"We only support equal stride: stride must be an int, "
+                             f"got {stride!r}")
+        if not isinstance(padding, int):
+            raise ValueError(f"We only support equal padding: padding must be an int, "
+                             f"got {padding!r}")
         # silently ignoring these would compute a different convolution
-        assert dilation == 1 and groups == 1, \
-            f"CustomConv2d supports only dilation=1 and groups=1, got {dilation!r}, {groups!r}"
+        if dilation != 1 or groups != 1:
+            raise ValueError(f"CustomConv2d supports only dilation=1 and groups=1, "
+                             f"got {dilation!r}, {groups!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -281,10 +342,11 @@ class CustomConv2d(Module):
         self.groups = groups
 
         # register weight and bias as parameters
-        self.weight = nn.Parameter(torch.Tensor(
+        # (uninitialized memory: reset_parameters fills it)
+        self.weight = nn.Parameter(torch.empty(
             out_channels, in_channels, kernel_size, kernel_size))
         if bias:
-            self.bias = nn.Parameter(torch.Tensor(out_channels))
+            self.bias = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter('bias', None)
         self.reset_parameters()
@@ -302,11 +364,11 @@ class CustomConv2d(Module):
         return custom_conv2d(input, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self):
-        s = ('{in_channels}, {out_channels}, kernel_size={kernel_size}'
-             ', stride={stride}, padding={padding}')
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}'
+             f', stride={self.stride}, padding={self.padding}')
         if self.bias is None:
             s += ', bias=False'
-        return s.format(**self.__dict__)
+        return s
 
 
 ################################################################################
@@ -492,7 +554,7 @@ class Attention(nn.Module):
         Args:
             dim (int): Number of input channels.
             num_heads (int): Number of attention heads.
-            qkv_bias (bool:  If True, add a learnable bias to query, key, value.
+            qkv_bias (bool): If True, add a learnable bias to query, key, value.
             fused (bool or None): compute softmax(QK^T/sqrt(d))V with PyTorch's fused
                 kernel (True), with the formula written out below (False), or pick
                 automatically (None: fused wherever PyTorch has it; it gives the same
@@ -638,7 +700,7 @@ class SimpleViT(nn.Module):
                 Local window attention allows more efficient computation, and can be
                 coupled with standard global attention.
         """
-        super(SimpleViT, self).__init__()
+        super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"SimpleViT: img_size {img_size} is not divisible by "
                              f"patch_size {patch_size}")
@@ -722,10 +784,9 @@ vit_models = {
 # change this to your model!
 # We keep the handout's configuration (patch 16 -> 8x8 tokens, dim 192, depth 4,
 # 4 heads, 4x4 windows in blocks 0 and 2, drop path 0.1): 1.96 M parameters
-# (100 classes) and 0.25 GFLOPs (0.13 G multiply-adds) per 128x128 image. It is the
-# one configuration with a measured MiniPlaces result (36.6% top-1 after 90 epochs,
-# 41% after 150) and it trains a few demo epochs on a 2-core CPU in minutes; larger
-# variants (depth 6: +45% FLOPs; patch 8: 4x FLOPs) are left to experiments, see README.
+# (100 classes) and 0.25 GFLOPs (0.13 G multiply-adds) per 128x128 image. Why this
+# one (it has a measured MiniPlaces result), its accuracy, and larger variants to
+# try: README.md, section "SimpleViT".
 default_vit_model = SimpleViT
 
 
@@ -794,11 +855,11 @@ class _EvalMode(object):
 
 def _check_float_batch(input, who, image=False):
     if not torch.is_tensor(input) or not input.is_floating_point():
-        raise ValueError("{}: input must be a floating point tensor, got {}".format(
-            who, type(input).__name__ if not torch.is_tensor(input) else input.dtype))
+        got = input.dtype if torch.is_tensor(input) else type(input).__name__
+        raise ValueError(f"{who}: input must be a floating point tensor, got {got}")
     if image and input.dim() != 4:
-        raise ValueError("{}: input must be a batch of images N x C x H x W, got shape {}"
-                         .format(who, tuple(input.shape)))
+        raise ValueError(f"{who}: input must be a batch of images N x C x H x W, "
+                         f"got shape {tuple(input.shape)}")
 
 
 def least_confident_labels(logits):
@@ -807,27 +868,28 @@ def least_confident_labels(logits):
     return logits.argmin(dim=1)
 
 
-class PGDAttack(object):
-    def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
-        """
-        Attack a network by Project Gradient Descent. The attacker performs
-        k steps of gradient descent of step size a, while always staying
-        within the range of epsilon (under l infinity norm) from the input image.
+class PGDAttack:
+    """
+    Attack a network by Projected Gradient Descent. The attacker performs
+    k steps of gradient descent of step size a, while always staying
+    within the range of epsilon (under l infinity norm) from the input image.
 
-        Args:
-          loss_fn: loss function used for the attack
-          num_steps: (int) number of steps for PGD
-          step_size: (float) step size of PGD (i.e., alpha in our lecture)
-          epsilon: (float) the range of acceptable samples
-                   for our normalization, 0.1 ~ 6 pixel levels
-                   (epsilon and step_size are in normalized units, see above)
-        """
+    Args:
+      loss_fn: loss function used for the attack
+      num_steps: (int) number of steps for PGD
+      step_size: (float) step size of PGD (i.e., alpha in our lecture)
+      epsilon: (float) the range of acceptable samples
+               for our normalization, 0.1 ~ 6 pixel levels
+               (epsilon and step_size are in normalized units, see Part III)
+    """
+
+    def __init__(self, loss_fn, num_steps=10, step_size=0.01, epsilon=0.1):
         if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 0:
-            raise ValueError("PGD num_steps must be an integer >= 0, got {!r}".format(num_steps))
+            raise ValueError(f"PGD num_steps must be an integer >= 0, got {num_steps!r}")
         if not epsilon >= 0:  # "not >=" also rejects NaN
-            raise ValueError("PGD epsilon must be >= 0, got {!r}".format(epsilon))
+            raise ValueError(f"PGD epsilon must be >= 0, got {epsilon!r}")
         if not step_size >= 0:
-            raise ValueError("PGD step_size must be >= 0, got {!r}".format(step_size))
+            raise ValueError(f"PGD step_size must be >= 0, got {step_size!r}")
         self.loss_fn = loss_fn
         self.num_steps = int(num_steps)
         self.step_size = step_size
@@ -969,18 +1031,19 @@ def adversarial_training_batch(model, attacker, input, ratio=0.5):
     return torch.cat([adv, input[num_adv:].detach()], dim=0)
 
 
-class GradAttention(object):
-    def __init__(self, loss_fn=None):
-        """
-        Saliency maps (Simonyan et al. 2014, https://arxiv.org/abs/1312.6034):
-        how much each pixel can change the predicted class's score.
+class GradAttention:
+    """
+    Saliency maps (Simonyan et al. 2014, https://arxiv.org/abs/1312.6034):
+    how much each pixel can change the predicted class's score.
 
-        Args:
-          loss_fn: kept for the assignment's interface; not used, because the
-                   saliency is the gradient of the class *score* as in the paper
-                   (the loss of a confidently predicted label is flat, so its
-                   gradient is scaled by 1 - p and mixes in the other classes)
-        """
+    Args:
+      loss_fn: kept for the assignment's interface; not used, because the
+               saliency is the gradient of the class *score* as in the paper
+               (the loss of a confidently predicted label is flat, so its
+               gradient is scaled by 1 - p and mixes in the other classes)
+    """
+
+    def __init__(self, loss_fn=None):
         self.loss_fn = loss_fn
 
     def explain(self, model, input):
@@ -1016,7 +1079,7 @@ default_attention = GradAttention
 
 def vis_grid(input, n_rows=10):
     """
-    Given a batch of image X (torch tensor), compose a mosaic for visualziation.
+    Given a batch of images X (torch tensor), compose a mosaic for visualization.
 
     Args:
       input: (torch tensor) input image of size N * C * H * W
@@ -1058,8 +1121,8 @@ def vis_saliency(input, saliency, n_rows=10, alpha=0.5, cmap='inferno'):
     from matplotlib import colormaps  # imported here: only visualization needs it
     if input.dim() != 4 or saliency.dim() != 4 or saliency.size(1) != 1 \
             or input.shape[0] != saliency.shape[0] or input.shape[2:] != saliency.shape[2:]:
-        raise ValueError("vis_saliency: need images N x C x H x W and maps N x 1 x H x W, got {} and {}"
-                         .format(tuple(input.shape), tuple(saliency.shape)))
+        raise ValueError(f"vis_saliency: need images N x C x H x W and maps N x 1 x H x W, "
+                         f"got {tuple(input.shape)} and {tuple(saliency.shape)}")
     images = _minmax_per_image(input.detach().cpu().float())
     if images.size(1) == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -1084,8 +1147,8 @@ def vis_perturbation(adv, input, n_rows=10, epsilon=None):
       output: (torch tensor) visualizations of size 3 * HH * WW, values in [0, 1]
     """
     if adv.shape != input.shape:
-        raise ValueError("vis_perturbation: adv and input shapes differ: {} vs {}"
-                         .format(tuple(adv.shape), tuple(input.shape)))
+        raise ValueError(f"vis_perturbation: adv and input shapes differ: "
+                         f"{tuple(adv.shape)} vs {tuple(input.shape)}")
     delta = (adv.detach() - input.detach()).cpu().float()
     scale = float(epsilon) if epsilon else float(delta.abs().max())
     scale = scale if scale > 0 else 1.0

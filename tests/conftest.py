@@ -14,6 +14,18 @@ FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
         '--device', 'cpu', '--seed', '3', '--warmup', '1', '--num-classes', '4']
 
 
+def run_main(argv, capsys):
+    """Run main.main in-process; return (exit code, stdout, stderr)."""
+    import main as driver
+    code = 0
+    try:
+        driver.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope='session')
 def demo(tmp_path_factory):
     """A tiny demo set (4 classes, 48x48 JPEGs) in MiniPlaces layout."""
@@ -34,10 +46,12 @@ def trained_run(demo, tmp_path_factory):
     return os.path.join(logs, run)
 
 
-@pytest.fixture
+@pytest.fixture(scope='module')
 def one_thread():
-    """Run a test on one torch thread, then restore the setting: for tiny models a
-    second OpenMP thread on a busy 2-core machine only waits (up to 20x slower)."""
+    """Run a test module on one torch thread, then restore the setting: for tiny models
+    a second OpenMP thread on a busy 2-core machine only waits (up to 20x slower).
+    Use it as `pytestmark = pytest.mark.usefixtures('one_thread')`; module scope, so
+    the module's own module-scoped fixtures (models trained once) run on one thread too."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -17,13 +17,8 @@ from utils import SavedTensorMeter
 K, C, H = 4, 3, 16          # classes, channels, image size of the synthetic tasks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: threads only add overhead (and the test machine is shared)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: threads only add overhead (and the test machine is shared)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ---------------------------------------------------------------- synthetic tasks

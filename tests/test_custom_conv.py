@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -213,13 +214,42 @@ def test_bad_stride_or_padding(stride, padding, message):
         custom_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, stride, padding)
 
 
-def test_module_wrapper_rejects_what_it_cannot_compute():
-    with pytest.raises(AssertionError, match="squared filters"):
-        CustomConv2d(3, 4, (3, 5))
-    with pytest.raises(AssertionError, match="equal stride"):
-        CustomConv2d(3, 4, 3, stride=(1, 2))
-    with pytest.raises(AssertionError, match="dilation=1 and groups=1"):
-        CustomConv2d(3, 4, 3, dilation=2)
+# what CustomConv2d cannot compute, and the message that says so
+UNSUPPORTED = [
+    (((3, 4, (3, 5)), {}), r"squared filters: kernel_size must be an int, got \(3, 5\)"),
+    (((3, 4, 3), {'stride': (1, 2)}), r"equal stride: stride must be an int, got \(1, 2\)"),
+    (((3, 4, 3), {'padding': (0, 1)}), r"equal padding: padding must be an int, got \(0, 1\)"),
+    (((3, 4, 3), {'dilation': 2}), "only dilation=1 and groups=1, got 2, 1"),
+    (((4, 4, 3), {'groups': 2}), "only dilation=1 and groups=1, got 1, 2"),
+]
+
+
+@pytest.mark.parametrize("call, message", UNSUPPORTED)
+def test_module_wrapper_rejects_what_it_cannot_compute(call, message):
+    args, kwargs = call
+    with pytest.raises(ValueError, match=message):
+        CustomConv2d(*args, **kwargs)
+
+
+def test_module_wrapper_checks_survive_python_O():
+    """The checks are not asserts: under python -O they still raise ValueError."""
+    script = textwrap.dedent(f"""
+        import re, sys
+        from student_code import CustomConv2d
+        for (args, kwargs), message in {UNSUPPORTED!r}:
+            try:
+                CustomConv2d(*args, **kwargs)
+            except ValueError as exc:
+                if not re.search(message, str(exc)):
+                    sys.exit(f'wrong message: {{exc}}')
+            else:
+                sys.exit(f'no ValueError for {{args}} {{kwargs}}')
+        print('ok', sys.flags.optimize)
+        """)
+    result = subprocess.run([sys.executable, "-O", "-c", script], cwd=os.path.join(REPO, "code"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["ok", "1"]   # really ran with asserts off
 
 
 # ---------------------------------------------------------------- no torch conv

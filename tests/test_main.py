@@ -10,20 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CODE, REPO, FAST
-import main as driver
+from conftest import CODE, REPO, FAST, run_main
 import utils
-
-
-def run_main(argv, capsys):
-    """Run main.main in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        driver.main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def checkpoint_of(run_dir, name='checkpoint.pth.tar'):

@@ -6,18 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST
-import main as driver
-
-
-def run_main(argv, capsys):
-    code = 0
-    try:
-        driver.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import FAST, run_main
 
 
 def new_run(log_dir):
