@@ -823,8 +823,41 @@ def get_val_transforms():
 # All attacks and explanations below work on the *normalized* images that the
 # data loader produces (x_norm = (x_pixel - mean) / std, std ~ 0.226). So an
 # epsilon of 0.1 moves a pixel by at most 0.1 * 0.226 * 255 ~ 6 of 255 grey
-# levels, as the handout says. Results are not clipped to the valid pixel range:
-# the handout's attack is "stay within epsilon of the input", nothing more.
+# levels, as the handout says. Every step is also clipped to the valid pixel
+# range, [0, 1] before normalization, i.e. [(0 - mean) / std, (1 - mean) / std]
+# per channel with the mean and std of get_val_transforms(): an adversarial
+# sample must be an image one could save and show (torchattacks does the same).
+
+
+def pixel_bounds(input):
+    """(low, high), each 1 x C x 1 x 1 on input's device: the normalized values of
+    the pixel intensities 0 and 1 under get_val_transforms()'s Normalize, or 0 and 1
+    when it has none. None when input's channels do not match the normalization
+    (not an image of this data set: no pixel range to keep)."""
+    norm = next((t for t in getattr(get_val_transforms(), 'transforms', [])
+                 if isinstance(t, transforms.Normalize)), None)
+    mean, std = (norm.mean, norm.std) if norm is not None else ([0.0], [1.0])
+    if len(mean) == 1:
+        mean, std = mean * input.shape[1], std * input.shape[1]
+    if len(mean) != input.shape[1]:
+        return None
+    kwargs = dict(dtype=input.dtype, device=input.device)
+    mean = torch.tensor(mean, **kwargs).view(1, -1, 1, 1)
+    std = torch.tensor(std, **kwargs).view(1, -1, 1, 1)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def feasible_box(x_orig, epsilon):
+    """Per-pixel (lower, upper) bounds of a PGD sample: the epsilon-ball around the
+    original image, intersected with the valid pixel range. The range is clamped
+    into the ball, so the bounds never leave the ball, even for an input outside
+    the range (then the sample is as close to the range as the ball allows)."""
+    lower, upper = x_orig - epsilon, x_orig + epsilon
+    bounds = pixel_bounds(x_orig) if x_orig.dim() == 4 else None
+    if bounds is None:
+        return lower, upper
+    low, high = bounds
+    return torch.clamp(low, min=lower, max=upper), torch.clamp(high, min=lower, max=upper)
 
 
 class _EvalMode(object):
@@ -905,7 +938,7 @@ class PGDAttack:
     def choose_labels(self, clean_logits):
         return least_confident_labels(clean_logits)
 
-    def start_point(self, input):
+    def start_point(self, input, lower, upper):
         # the handout's PGD starts from the clean image (deterministic)
         return input.clone()
 
@@ -934,14 +967,16 @@ class PGDAttack:
             # label changes as the image moves) and the steps stop adding up
             with torch.no_grad():
                 labels = self.choose_labels(model(x_orig))
-            x_adv = self.start_point(x_orig)
+            lower, upper = feasible_box(x_orig, self.epsilon)
+            x_adv = self.start_point(x_orig, lower, upper)
             for _ in range(self.num_steps):
-                x_adv = self._step(model, x_adv, x_orig, labels)
+                x_adv = self._step(model, x_adv, lower, upper, labels)
         # x_adv was produced under no_grad: it has no graph and needs no grad
         return x_adv
 
-    def _step(self, model, x_adv, x_orig, labels):
-        """One step of the fast gradient sign method, then the projection."""
+    def _step(self, model, x_adv, lower, upper, labels):
+        """One step of the fast gradient sign method, then the projection onto the
+        box [lower, upper] (see feasible_box)."""
         # a fresh leaf per step: this step's graph starts here and is freed by
         # autograd.grad below, so memory does not grow with num_steps
         x = x_adv.detach().requires_grad_(True)
@@ -957,9 +992,10 @@ class PGDAttack:
             # L-inf steepest step: every pixel moves by step_size (unless its
             # gradient is exactly 0), down the loss (up in UntargetedPGDAttack)
             x = x + self.loss_direction * self.step_size * grad.sign()
-            # projection onto the L-inf ball: clip each pixel to
-            # [original - epsilon, original + epsilon]
-            x = torch.clamp(x, min=x_orig - self.epsilon, max=x_orig + self.epsilon)
+            # projection onto the L-inf ball (each pixel within [original - epsilon,
+            # original + epsilon]) and the valid pixel range: both are boxes, so
+            # clipping to their intersection is the exact projection
+            x = torch.max(torch.min(x, upper), lower)
         return x
 
 
@@ -995,9 +1031,9 @@ class UntargetedPGDAttack(PGDAttack):
     def choose_labels(self, clean_logits):
         return clean_logits.argmax(dim=1)
 
-    def start_point(self, input):
+    def start_point(self, input, lower, upper):
         noise = torch.empty_like(input).uniform_(-self.epsilon, self.epsilon)
-        return input + noise
+        return torch.max(torch.min(input + noise, upper), lower)
 
 
 def adversarial_training_batch(model, attacker, input, ratio=0.5):

@@ -91,7 +91,10 @@ def test_pgd_matches_hand_written_reference_on_linear_model():
     with torch.no_grad():
         model[1].weight.copy_(W.t())
         model[1].bias.copy_(b)
-    x = torch.randn(n, C, H, H, dtype=torch.float64)
+    # real images: pixels in [0, 1], normalized as the data loader does
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, C, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, C, 1, 1)
+    x = (torch.rand(n, C, H, H, dtype=torch.float64) - mean) / std
     eps, step, steps = 0.1, 0.03, 10          # 10 x 0.03 > 0.1: the projection is active
 
     # reference: targeted PGD with the analytic gradient of the mean cross-entropy,
@@ -103,6 +106,7 @@ def test_pgd_matches_hand_written_reference_on_linear_model():
         grad = ((p - F.one_hot(target, K)) @ W.t() / n).view_as(x)
         ref = ref - step * grad.sign()                       # descend the target's loss
         ref = torch.max(torch.min(ref, x + eps), x - eps)    # project around the ORIGINAL x
+        ref = torch.max(torch.min(ref, (1 - mean) / std), -mean / std)  # pixels in [0, 1]
 
     adv = sc.PGDAttack(nn.CrossEntropyLoss(), num_steps=steps, step_size=step,
                        epsilon=eps).perturb(model, x)
@@ -339,3 +343,32 @@ def test_vis_grids_land_in_tensorboard_event_files(tmp_path, trained, test_set):
     events.Reload()
     assert set(events.Tags()['images']) == {'Image/Org_Image', 'Image/Adv_Image',
                                             'Image/Perturbation', 'Image/Saliency'}
+
+
+# ------------------------------------------------------- adversarial images are images
+@pytest.mark.parametrize("attack", [
+    sc.PGDAttack(nn.CrossEntropyLoss(), num_steps=20, step_size=0.1, epsilon=1.0),
+    sc.UntargetedPGDAttack(nn.CrossEntropyLoss(), num_steps=20, epsilon=1.0),
+    sc.PGDAttack(nn.CrossEntropyLoss()),                     # the handout's defaults
+], ids=["targeted-eps1", "untargeted-eps1", "targeted-default"])
+def test_pgd_samples_are_valid_images_within_epsilon(trained, attack):
+    """Un-normalized with get_val_transforms()'s mean and std, every adversarial pixel
+    lies in [0, 1] (an image one can save), and within epsilon of the input, also at
+    an epsilon (1.0 ~ 58 grey levels) where an unclipped attack leaves the range."""
+    norm = [t for t in sc.get_val_transforms().transforms
+            if isinstance(t, sc.transforms.Normalize)][0]
+    mean = torch.tensor(norm.mean).view(1, C, 1, 1)
+    std = torch.tensor(norm.std).view(1, C, 1, 1)
+    torch.manual_seed(3)
+    pixels = torch.rand(32, C, H, H)
+    pixels[:, :, :4] = 0.0                   # saturated regions: any step outward leaves
+    pixels[:, :, -4:] = 1.0                  # the range unless it is clipped
+    x = (pixels - mean) / std
+    adv = attack.perturb(trained, x)
+    adv_pixels = adv * std + mean
+    assert adv_pixels.min() >= -1e-6 and adv_pixels.max() <= 1 + 1e-6
+    assert (adv - x).abs().max() <= attack.epsilon + 1e-6
+    assert (adv - x).abs().max() > 0.5 * attack.epsilon     # it did move
+    mixed = sc.adversarial_training_batch(trained, attack, x, ratio=0.5)
+    mixed_pixels = mixed * std + mean
+    assert mixed_pixels.min() >= -1e-6 and mixed_pixels.max() <= 1 + 1e-6
