@@ -641,6 +641,14 @@ def refuse_unresumable(ckpt, path, planned, run_finished):
                          f"longer with --epochs N (N > {planned})")
 
 
+def finished_cleanly(args, ckpt, planned):
+    """The checkpoint holds the run's last epoch and its summary says so."""
+    if ckpt['epoch'] < planned or args.epochs != planned:
+        return False
+    run_dir = run_dir_of_checkpoint(args.resume)
+    return run_dir is not None and rr.read_summary(run_dir).get('status') == rr.FINISHED
+
+
 def best_model_of(ckpt):
     """The contents of model_best.pth.tar, derived from a checkpoint."""
     weights = ckpt.get('best_state_dict') or ckpt['state_dict']
@@ -708,8 +716,11 @@ def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, be
 
 
 def train(args, given, ckpt, device, lock_stack):
-    planned = adopt_checkpoint_plan(args, given, ckpt, args.resume) if ckpt else None
-    if ckpt is None:
+    planned = None
+    if ckpt is not None:
+        planned = adopt_checkpoint_plan(args, given, ckpt, args.resume)
+        refuse_unresumable(ckpt, args.resume, planned, finished_cleanly(args, ckpt, planned))
+    else:
         settle_new_run(args, given)
     train_set, val_set = load_datasets(args)  # first: checks the data
     settle_num_classes(args, {'train': train_set, 'val': val_set},
@@ -732,11 +743,11 @@ def train(args, given, ckpt, device, lock_stack):
         if start_epoch is None:
             return summary
         say_extension(args, planned, start_epoch, n_iters)
-    rr.write_summary(run_dir, summary)
     print(f'=> run folder {run_dir} | model {args.arch} ({summary["num_params"] / 1e6:.2f}M '
           f'params) | device {device} | {len(train_set)} training images, {n_iters} '
           f'iterations/epoch')
     try:
+        rr.write_summary(run_dir, summary)
         run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
                    device, run_dir, summary, best, start_epoch)
     except DivergedError:
@@ -769,9 +780,7 @@ def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best
         summary.update(epochs=ckpt['history'], best_epoch=best['epoch'],
                        best_acc1=best['acc1'], wall_time_s=ckpt.get('wall_time_s', 0.0))
         save_best_model(best_model_of(ckpt), run_dir)
-    was = rr.read_summary(run_dir).get('status') if same_folder else None
     finished = ckpt['epoch'] >= planned and args.epochs == planned
-    refuse_unresumable(ckpt, args.resume, planned, finished and was == rr.FINISHED)
     print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
           f"{ckpt['best_acc1']:.2f})")
     if finished:  # killed between its last checkpoint and its last summary
@@ -935,7 +944,7 @@ def main(argv=None):
         print(f'main.py: error: {one_line(exc)}', file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(f'\nmain.py: {exc or "interrupted"}', file=sys.stderr)
+        print(f'\nmain.py: {str(exc) or "interrupted"}', file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -473,9 +473,12 @@ class ResNet10(nn.Module):
         (each stage halves the resolution and doubles the width, so every stage
         costs about the same FLOPs);
       * batch normalization after every conv, residual shortcuts (1x1 conv + BN
-        where the shape changes), so it trains fast with a large learning rate;
-        the last BN of each residual branch starts at zero (the block starts as
-        an identity, He et al. / Goyal et al. 2017);
+        where the shape changes), so it trains fast with a large learning rate.
+        Every BN starts at scale 1, as in torchvision. Starting the last BN of
+        each residual branch at 0 (Goyal et al. 2017) helps long large-batch
+        ImageNet runs, but stalled the short runs this assignment is full of:
+        on real digit scans, 8 epochs at batch 64, 27.5% against 83.9% top-1
+        (BENCHMARKS.md, "Training recipe");
       * global average pooling + one linear classifier.
     It is ResNet-18 with half the blocks: 1.8x the FLOPs of SimpleNet, but with
     BN and shortcuts it learns much faster per epoch.
@@ -505,8 +508,6 @@ class ResNet10(nn.Module):
 
     def reset_parameters(self):
         init_cnn_weights(self)
-        for block in self.blocks:
-            nn.init.zeros_(block.bn2.weight)   # each block starts as (relu of) identity
 
     def forward(self, x):
         x = self.blocks(self.stem(x))

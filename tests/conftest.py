@@ -26,6 +26,26 @@ def run_main(argv, capsys):
     return code, out, err
 
 
+def checkpoint_of(run_dir, name='checkpoint.pth.tar'):
+    return os.path.join(run_dir, 'models', name)
+
+
+def only_run(log_dir):
+    runs = sorted(os.listdir(log_dir))
+    assert len(runs) == 1, runs
+    return os.path.join(log_dir, runs[0])
+
+
+def expect_error(argv, capsys, *words, code=1):
+    got, out, err = run_main(argv, capsys)
+    assert got == code, (got, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 @pytest.fixture(scope='session')
 def demo(tmp_path_factory):
     """A tiny demo set (4 classes, 48x48 JPEGs) in MiniPlaces layout."""

@@ -10,18 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CODE, REPO, FAST, run_main
+from conftest import CODE, REPO, FAST, run_main, checkpoint_of, only_run, expect_error
 import utils
-
-
-def checkpoint_of(run_dir, name='checkpoint.pth.tar'):
-    return os.path.join(run_dir, 'models', name)
-
-
-def only_run(log_dir):
-    runs = sorted(os.listdir(log_dir))
-    assert len(runs) == 1, runs
-    return os.path.join(log_dir, runs[0])
 
 
 # --------------------------------------------------------------------------- schedule
@@ -232,16 +222,6 @@ def write_set(root, train_lines, val_lines=('val/0.jpg 0',), images=('train/0.jp
     with open(os.path.join(root, 'val.txt'), 'w') as f:
         f.write('\n'.join(val_lines) + '\n')
     return str(root)
-
-
-def expect_error(argv, capsys, *words, code=1):
-    got, out, err = run_main(argv, capsys)
-    assert got == code, (got, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def test_bad_data_inputs(tmp_path, capsys):

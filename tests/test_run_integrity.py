@@ -1,0 +1,270 @@
+"""A run is never lost or silently changed: resume keeps the run's plan, one writer per
+run folder, consistent files after a kill at any write, strict JSON, one-line errors."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CODE, FAST, run_main, checkpoint_of, only_run, expect_error
+import main as driver
+import utils
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def train_args(demo, logs, epochs=3):
+    return [demo, '--log-dir', str(logs), '--epochs', str(epochs)] + FAST
+
+
+def strict_json(path):
+    """json.load that refuses NaN/Infinity, as strict parsers do."""
+    def refuse(name):
+        raise ValueError(f'{path}: non-standard JSON constant {name}')
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def summary_of(run):
+    return strict_json(os.path.join(run, 'summary.json'))
+
+
+def file_bytes(run):
+    return {name: open(os.path.join(root, name), 'rb').read()
+            for root, _, names in os.walk(run) for name in names
+            if not name.startswith('events.out')}
+
+
+@pytest.fixture(scope='module')
+def stopped_run(demo, tmp_path_factory):
+    """A 3-epoch run stopped after 1 epoch: (log dir, run folder)."""
+    logs = tmp_path_factory.mktemp('stopped')
+    driver.main(train_args(demo, logs) + ['--stop-after', '1'])
+    return str(logs), only_run(str(logs))
+
+
+def copy_run(run, tmp_path):
+    dst = str(tmp_path / os.path.basename(run))
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ------------------------------------------------------------------ resume keeps the plan
+def test_resume_refuses_flags_that_change_the_plan(demo, stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    before = file_bytes(run)
+    ckpt = checkpoint_of(run)
+    base = [demo, '--resume', ckpt, '--log-dir', str(tmp_path)]
+    expect_error(base + ['-b', '4'], capsys, '--batch-size 4', '8')
+    expect_error(base + ['--lr', '0.05'], capsys, '--lr 0.05', '0.02')
+    expect_error(base + ['--warmup', '2'], capsys, '--warmup 2', '1')
+    expect_error(base + ['--epochs', '2'], capsys, '--epochs 2', '3')
+    expect_error(base + ['--use-vit'], capsys, '--arch simplevit', 'simplenet')
+    assert file_bytes(run) == before  # nothing was written by the refused commands
+
+
+def test_resume_without_flags_continues_the_runs_plan(demo, stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    code, out, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
+    assert code == 0, err
+    summary = summary_of(run)
+    assert summary['status'] == 'finished' and [e['epoch'] for e in summary['epochs']] == [1, 2, 3]
+    assert summary['args']['batch_size'] == 8 and summary['args']['lr'] == 0.02
+    assert summary['args']['epochs'] == 3 and summary['args']['warmup'] == 1
+    assert summary['epochs'][-1]['lr'] == pytest.approx(0.0, abs=1e-9)  # the run's own cosine
+
+
+def test_larger_epochs_extends_the_run_and_says_how_the_lr_changes(demo, stopped_run,
+                                                                    tmp_path, capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    code, out, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0', '--epochs', '4',
+                               '--stop-after', '1'], capsys)
+    assert code == 0, err
+    assert 'extending the run from 3 to 4 epochs' in out
+    assert torch.load(checkpoint_of(run), weights_only=True)['args']['epochs'] == 4
+
+
+def test_resume_refuses_a_finished_run_and_the_best_model(demo, trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path)
+    before = file_bytes(run)
+    line = expect_error([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys,
+                        'finished all its 2 epochs', '-e', '--epochs N')
+    assert 'model_best' in line
+    expect_error([demo, '--resume', checkpoint_of(run, 'model_best.pth.tar'), '-j', '0'],
+                 capsys, 'best model', '-e', 'checkpoint.pth.tar')
+    expect_error([demo, '--resume', checkpoint_of(run, 'model_best.pth.tar'), '-j', '0',
+                  '--epochs', '5'], capsys, 'best model')
+    assert file_bytes(run) == before
+
+
+# ------------------------------------------------------------------ one writer per folder
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo, stopped_run, tmp_path,
+                                                                capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    resume = [demo, '--resume', checkpoint_of(run), '-j', '0']
+    with utils.run_lock(run):  # another training holds the folder
+        expect_error(resume, capsys, 'in use by', f'pid {os.getpid()}', 'one training')
+    with open(os.path.join(run, '.lock'), 'w') as f:
+        f.write('pid 999999 on elsewhere')  # written by a process that died holding it
+    code, out, err = run_main(resume, capsys)
+    assert code == 0, err
+    assert 'took over the lock' in out and 'pid 999999' in out
+    assert summary_of(run)['status'] == 'finished'
+
+
+def test_evaluation_results_survive_later_epochs(demo, stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    code, _, err = run_main([demo, '-e', '--resume', checkpoint_of(run, 'model_best.pth.tar'),
+                             '-j', '0', '--log-dir', str(tmp_path / 'eval')], capsys)
+    assert code == 0, err
+    top1 = summary_of(run)['evaluation']['top1']
+    code, _, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
+    assert code == 0, err
+    summary = summary_of(run)
+    assert summary['status'] == 'finished' and summary['evaluation']['top1'] == top1
+
+
+# ------------------------------------------------------------------ kill at every write
+def final_files(run):
+    ckpt = torch.load(checkpoint_of(run), weights_only=True)
+    best = torch.load(checkpoint_of(run, 'model_best.pth.tar'), weights_only=True)
+    return ckpt, best, summary_of(run)
+
+
+def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys, monkeypatch):
+    """Ctrl-C arriving before each atomic write of a 3-epoch run in turn (the write
+    never happens); resuming the run then ends with the files of an uninterrupted one."""
+    real_write = utils._atomic_write
+    calls = []
+
+    def counting(path, write_fn, binary):
+        calls.append(os.path.basename(path))
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt
+        return real_write(path, write_fn, binary)
+    monkeypatch.setattr(utils, '_atomic_write', counting)
+    kill_at = [0]
+    code, _, err = run_main(train_args(demo, tmp_path / 'whole'), capsys)
+    assert code == 0, err
+    writes = list(calls)
+    assert writes.count('checkpoint.pth.tar') == 3
+    ref_ckpt, ref_best, ref_summary = final_files(only_run(str(tmp_path / 'whole')))
+
+    for k in range(1, len(writes) + 1):
+        logs = tmp_path / f'kill{k}'
+        calls.clear()
+        kill_at[0] = k
+        code, out, err = run_main(train_args(demo, logs), capsys)
+        assert code == 130, (k, err)
+        kill_at[0] = 0
+        run = only_run(str(logs))
+        if not os.path.exists(checkpoint_of(run)):
+            assert 'before the first epoch finished' in err, (k, err)
+            continue
+        assert checkpoint_of(run) in err  # the real path, to resume from
+        code, out, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
+        assert code == 0, (k, writes[k - 1], err)
+        assert only_run(str(logs)) == run
+        ckpt, best, summary = final_files(run)
+        for key, value in ref_ckpt['state_dict'].items():
+            assert torch.equal(ckpt['state_dict'][key], value), (k, key)
+            assert torch.equal(best['state_dict'][key], ref_best['state_dict'][key]), (k, key)
+        assert best['epoch'] == ref_best['epoch'] == ckpt['best_epoch'], k
+        assert summary['status'] == 'finished', k
+        assert [(e['epoch'], e['val_top1']) for e in summary['epochs']] == \
+            [(e['epoch'], e['val_top1']) for e in ref_summary['epochs']], k
+        assert summary['best_epoch'] == ref_summary['best_epoch'], k
+
+
+def test_leftover_temporary_files_are_removed_and_a_run_without_summary_resumes_in_place(
+        demo, stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run[1], tmp_path)
+    os.remove(os.path.join(run, 'summary.json'))  # killed before its first summary
+    for folder in (run, os.path.join(run, 'models')):
+        with open(os.path.join(folder, '.tmp_xyzcheckpoint.pth.tar'), 'wb') as f:
+            f.write(b'\0' * 1000)  # what a kill in the middle of a write leaves
+    code, out, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
+    assert code == 0, err
+    assert only_run(str(tmp_path)) == run and 'removed 2 temporary file' in out
+    assert [e['epoch'] for e in summary_of(run)['epochs']] == [1, 2, 3]
+    leftovers = [n for _, _, names in os.walk(run) for n in names if n.startswith('.tmp_')]
+    assert leftovers == []
+
+
+# ------------------------------------------------------------------ bad input, one line
+def test_unusable_log_dir_and_a_full_disk_give_one_line(demo, stopped_run, tmp_path, capsys,
+                                                        monkeypatch):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    expect_error(train_args(demo, blocker / 'logs'), capsys, '--log-dir', 'cannot create')
+
+    run = copy_run(stopped_run[1], tmp_path)
+    before = file_bytes(run)
+
+    def full_disk(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, 'save', full_disk)
+    expect_error([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys,
+                 'No space left on device', '.pth.tar', 'intact')
+    monkeypatch.undo()
+    after = file_bytes(run)
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        assert after[name] == before[name]  # the epoch-1 files are intact
+    assert torch.load(checkpoint_of(run), weights_only=True)['epoch'] == 1
+
+
+class NotAllowed(object):
+    pass
+
+
+def test_refused_and_non_finite_checkpoints_give_our_words(demo, trained_run, tmp_path, capsys):
+    ckpt = torch.load(checkpoint_of(trained_run), weights_only=True)
+    pickled = str(tmp_path / 'pickled.pth.tar')
+    torch.save(dict(ckpt, extra=NotAllowed()), pickled)
+    line = expect_error([demo, '-e', '--resume', pickled, '-j', '0'], capsys, 'pickled.pth.tar',
+                        'refused')
+    assert 'weights_only=False' not in line
+    for key in ckpt['state_dict']:
+        if ckpt['state_dict'][key].is_floating_point():
+            ckpt['state_dict'][key][0] = float('nan')
+            break
+    nan = str(tmp_path / 'nan.pth.tar')
+    torch.save(ckpt, nan)
+    for mode in (['-e'], ['-a'], []):
+        expect_error([demo, '--resume', nan, '-j', '0'] + mode, capsys, 'non-finite', key)
+
+
+def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(demo, tmp_path):
+    """What a cloud VM sends before preemption: exit 130, the real path to resume."""
+    logs = str(tmp_path / 'logs')
+    proc = subprocess.Popen([sys.executable, 'main.py'] + train_args(demo, logs, epochs=50),
+                            cwd=CODE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait for the first finished epoch
+        if line.startswith('******') or time.time() > deadline:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    run = only_run(logs)
+    assert proc.returncode == 130, err
+    assert 'Traceback' not in err and checkpoint_of(run) in err
+    assert summary_of(run)['status'] == 'interrupted'
+    torch.load(checkpoint_of(run), weights_only=True)  # loadable
+
+
+def test_an_error_in_student_code_keeps_its_traceback(demo, tmp_path, capsys, monkeypatch):
+    import student_code
+
+    def broken_forward(self, x):
+        raise ValueError('a bad reshape in my own forward')
+    monkeypatch.setattr(student_code.SimpleNet, 'forward', broken_forward)
+    with pytest.raises(ValueError, match='bad reshape'):
+        driver.main(train_args(demo, tmp_path))
