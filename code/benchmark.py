@@ -542,10 +542,17 @@ def best_and_final(summary):
     return (max(top1) if best is None else best), top1[-1]
 
 
+def model_label(model, summary=None):
+    """The model's name in the table; the default CNN's also names its architecture,
+    which changes when student_code.default_cnn_model does."""
+    label = RECIPE_MODELS[model][0]
+    return f"{label} ({summary['arch']})" if model == 'cnn' and summary else label
+
+
 def recipe_row(dataset, model, config, seed, summary):
     """The table's line for one finished run (summary: main.py's summary.json)."""
     best, final = best_and_final(summary)
-    return (f"| {dataset} | {RECIPE_MODELS[model][0]} | {config} | {seed} "
+    return (f"| {dataset} | {model_label(model, summary)} | {config} | {seed} "
             f"| {best:.2f} | {final:.2f} "
             f"| {len(summary['epochs'])} | {summary['wall_time_s'] / 60:.1f} |")
 
@@ -561,7 +568,7 @@ def recipe_summary(results):
     for (dataset, model, config), runs in cells.items():
         best, final = zip(*(best_and_final(s) for _, s in runs))
         seeds = ' '.join(str(seed) for seed, _ in runs)
-        lines.append(f"| {dataset} | {RECIPE_MODELS[model][0]} | {config} | {seeds} "
+        lines.append(f"| {dataset} | {model_label(model, runs[0][1])} | {config} | {seeds} "
                      f"| {mean(best):.2f} ({min(best):.2f}-{max(best):.2f}) "
                      f"| {mean(final):.2f} ({min(final):.2f}-{max(final):.2f}) |")
     return lines
@@ -605,7 +612,7 @@ def bench_recipe(args):
                         print(recipe_row(*key, results[key]), flush=True)
                     except RecipeError as e:
                         failed += 1
-                        print(f"| {dataset} | {RECIPE_MODELS[model][0]} | {config} | {seed} "
+                        print(f"| {dataset} | {model_label(model)} | {config} | {seed} "
                               f"| failed: {e} | | | |", flush=True)
     if len(seeds) > 1 and results:
         print('\n' + '\n'.join(recipe_summary(results)))

@@ -113,8 +113,8 @@ def test_recipe_data_errors_are_one_line(tmp_path):
     assert '\n' not in str(info.value)
 
 
-def fake_summary(top1, best):
-    return {'best_acc1': best, 'wall_time_s': 90.0,
+def fake_summary(top1, best, arch='somenet'):
+    return {'best_acc1': best, 'wall_time_s': 90.0, 'arch': arch,
             'epochs': [{'epoch': i + 1, 'val_top1': v} for i, v in enumerate(top1)]}
 
 
@@ -126,19 +126,21 @@ def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
     results = {('real', 'vit', '8ep', 0): fake_summary([20.0, 35.5, 31.25], 35.5),
                ('real', 'vit', '8ep', 1): fake_summary([25.0, 41.0, 40.0], 41.0),
                # main.py leaves best_acc1 at None when no epoch scored above 0 %
-               ('demo', 'simplenet', 'demo', 0): fake_summary([0.0, 0.0], None)}
+               ('demo', 'simplenet', 'demo', 0): fake_summary([0.0, 0.0], None),
+               ('demo', 'cnn', 'demo', 0): fake_summary([50.0], 50.0, arch='resnet10')}
     rows = [cells(benchmark.recipe_row(*key, s)) for key, s in results.items()]
     assert rows[0] == ['real', 'ViT', '8ep', '0', '35.50', '31.25', '3', '1.5']
     assert rows[2][4:6] == ['0.00', '0.00']
+    assert rows[3][1] == 'default CNN (resnet10)'     # the default CNN names its arch
     assert len(cells(benchmark.RECIPE_HEADER.splitlines()[0])) == len(rows[0])
 
-    header, rule, vit, simplenet = benchmark.recipe_summary(results)
+    header, rule, vit, simplenet, cnn = benchmark.recipe_summary(results)
     assert len(cells(header)) == len(cells(rule)) == len(cells(vit))
     vit = cells(vit)
     assert vit[:4] == ['real', 'ViT', '8ep', '0 1']
     assert vit[4] == f"{mean([35.5, 41.0]):.2f} (35.50-41.00)"
     assert vit[5] == f"{mean([31.25, 40.0]):.2f} (31.25-40.00)"
-    assert cells(simplenet)[3] == '0'
+    assert cells(simplenet)[3] == '0' and cells(cnn)[1] == 'default CNN (resnet10)'
 
 
 def test_cpu_name_says_something():
