@@ -7,6 +7,7 @@ accuracy: recipe over data sets (the demo textures and real digit scans), models
 and training configurations. Figures are recorded in BENCHMARKS.md.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -591,6 +592,7 @@ def bench_recipe(args):
     batch 64, the Makefile's demo command) x seed -> best and final val top-1."""
     import torch
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = list(dict.fromkeys(seeds))          # a seed twice would only repeat a run
     work = tempfile.mkdtemp(prefix='bench_recipe_')
     print(f"recipe: torch {torch.__version__}, CPU {cpu_name()} ({os.cpu_count()} cores), "
           f"main.py per cell{', QUICK (tiny sets, 1 epoch)' if args.quick else ''}; "
@@ -599,21 +601,18 @@ def bench_recipe(args):
         build_recipe_data(name, os.path.join(work, 'data', name), args.quick)
     print(RECIPE_HEADER, flush=True)
     results, failed = {}, 0
-    for dataset in args.datasets:
-        for config in args.configs:
-            for model in args.models:
-                for seed in seeds:
-                    key = (dataset, model, config, seed)
-                    try:
-                        results[key] = run_recipe_cell(
-                            os.path.join(work, 'data', dataset),
-                            recipe_flags(model, config, seed, args.quick),
-                            os.path.join(work, 'logs', '_'.join(map(str, key))))
-                        print(recipe_row(*key, results[key]), flush=True)
-                    except RecipeError as e:
-                        failed += 1
-                        print(f"| {dataset} | {model_label(model)} | {config} | {seed} "
-                              f"| failed: {e} | | | |", flush=True)
+    for dataset, config, model, seed in itertools.product(args.datasets, args.configs,
+                                                          args.models, seeds):
+        key = (dataset, model, config, seed)
+        try:
+            results[key] = run_recipe_cell(os.path.join(work, 'data', dataset),
+                                           recipe_flags(model, config, seed, args.quick),
+                                           os.path.join(work, 'logs', '_'.join(map(str, key))))
+            print(recipe_row(*key, results[key]), flush=True)
+        except RecipeError as e:            # the other cells still run
+            failed += 1
+            print(f"| {dataset} | {model_label(model)} | {config} | {seed} | failed: {e} "
+                  f"| | | |", flush=True)
     if len(seeds) > 1 and results:
         print('\n' + '\n'.join(recipe_summary(results)))
     if failed:

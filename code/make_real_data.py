@@ -4,11 +4,12 @@
                                           [--max-train N]
 
 The images are the 1797 handwritten digits that scikit-learn ships inside its package
-(sklearn.datasets.load_digits, no download): real scans of digits written by 43 people,
-from the test set of the UCI "Optical Recognition of Handwritten Digits" data (Alpaydin
-and Kaynak, 1998), each reduced by NIST's preprocessing to 8 x 8 pixels of 17 grey
-levels (0..16, ink is high). Unlike the generated textures of make_demo_data.py, nobody
-designed these classes to be learnable, so accuracy on them says something about a model.
+(sklearn.datasets.load_digits, no download): the test set of the UCI "Optical
+Recognition of Handwritten Digits" data (Alpaydin and Kaynak, 1998), scans of forms
+filled in by 13 writers, each digit reduced by NIST's preprocessing to 8 x 8 pixels of
+17 grey levels (0..16, ink is high). The textures of make_demo_data.py were chosen so
+that the handout's SimpleNet learns them; these were not chosen by us at all, and vary
+as handwriting does, so accuracy on them says more about a model.
 
 Each digit is scaled to 0..255 and upscaled with OpenCV's bilinear interpolation to
 size x size pixels, then written as a grayscale JPEG (MiniPlacesLoader turns it into
