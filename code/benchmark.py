@@ -1,22 +1,24 @@
-"""Side-by-side benchmarks: `python code/benchmark.py {conv,attention,attack,models}`.
+"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe}`.
 
-Each benchmark times our code against a reference in the same process, with
-interleaved repetitions, and prints ratios (ratios survive a noisy machine;
-absolute times do not). Figures are recorded in BENCHMARKS.md.
+conv, attention and attack time our code against a reference in the same process,
+with interleaved repetitions, and print ratios (ratios survive a noisy machine;
+absolute times do not). models and recipe train with main.py and print validation
+accuracy: recipe over data sets (the demo textures and real digit scans), models
+and training configurations. Figures are recorded in BENCHMARKS.md.
 """
 import argparse
+import itertools
+import json
 import os
+import platform
+import subprocess
 import sys
+import tempfile
 import time
+from statistics import mean, median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 def _sync(device):
@@ -27,33 +29,89 @@ def _sync(device):
         torch.mps.synchronize()
 
 
-def _timed(fn, device):
-    """Seconds of one call of fn (synchronising the device around it)."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+def interleaved_times(fns, device, repeats):
+    """{name: [seconds of each call]} for the functions in `fns` (a dict name -> fn).
+    After one warm-up call each (allocator, kernels, cuDNN autotuning) the variants
+    take turns call by call, so a busy machine slows each alike. Callers report the
+    median, or the minimum where only other work on the machine could add time."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def _saved_bytes(fn):
-    """Bytes the autograd graph built by fn() keeps for backward. Counted with
-    torch.autograd.graph.saved_tensors_hooks: every tensor an op saves goes
-    through the pack hook; each distinct storage (by its data_ptr) is counted
-    once, with its full size, so a tensor saved by two ops (e.g. a ReLU output
-    that is also the next conv's input) or a view of it is not counted twice.
-    Parameters saved by the ops are included, on both sides alike."""
-    import torch
-    storages = {}
+def _median_ratio(times, num, den):
+    """Median over repetitions of times[num] / times[den], taken pairwise: each pair
+    ran back to back, under the same load."""
+    return median(a / b for a, b in zip(times[num], times[den]))
 
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[(t.device, storage.data_ptr())] = storage.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return sum(storages.values()), result
+class SavedForBackwardMeter(object):
+    """Bytes of the tensors that autograd holds for backward, within a `with` block:
+    `live_bytes` now and `peak_bytes` the most at any time.
+
+    Every tensor an op saves goes through a saved_tensors_hooks pack hook, which
+    wraps it in a small holder; the bytes are counted per storage (keyed by its
+    data_ptr), each distinct storage once with its full size, so a tensor saved by
+    two ops (a ReLU output that is also the next conv's input) or a view of it is
+    not counted twice. A storage stops counting when autograd has dropped all its
+    holders (graph freed). Parameters saved by the ops count, on both sides of a
+    comparison alike. Works on any device; on CUDA the allocator's peak includes
+    more (workspaces, outputs, gradients)."""
+
+    def __enter__(self):
+        import torch
+        self.live_bytes, self.peak_bytes, self._storages = 0, 0, {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack,
+                                                               lambda holder: holder.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        holders, nbytes = self._storages.get(key, (0, storage.nbytes()))
+        if holders == 0:
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._storages[key] = (holders + 1, nbytes)
+        return _SavedHolder(tensor, key, self)
+
+    def _dropped(self, key):
+        """Autograd dropped a holder of storage `key`."""
+        holders, nbytes = self._storages[key]
+        if holders == 1:
+            del self._storages[key]
+            self.live_bytes -= nbytes
+        else:
+            self._storages[key] = (holders - 1, nbytes)
+
+
+class _SavedHolder(object):
+    """A saved tensor as autograd keeps it; tells the meter when it is dropped."""
+
+    def __init__(self, tensor, key, meter):
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self):
+        self.meter._dropped(self.key)
+
+
+def saved_bytes(fn):
+    """Peak bytes autograd holds for backward while fn() builds its graph."""
+    with SavedForBackwardMeter() as meter:
+        fn()
+    return meter.peak_bytes
 
 
 def _conv_layers_with_inputs(model, images):
@@ -75,6 +133,49 @@ def _conv_layers_with_inputs(model, images):
     return records
 
 
+def _conv_step(nets, images, labels, device, repeats):
+    """(a) a full training step of each net: ({name: [seconds]}, {name: saved bytes}).
+    BatchNorm statistics get updated: that is harmless here."""
+    import torch.nn.functional as F
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+        return run
+
+    saved = {k: saved_bytes(lambda m=m: F.cross_entropy(m(images), labels))
+             for k, m in nets.items()}
+    return interleaved_times({k: step(m) for k, m in nets.items()}, device, repeats), saved
+
+
+def _conv_layer_rows(nets, images, device, repeats):
+    """(b) every conv layer alone, at the input it gets in its own network:
+    [(name, shape, native ms, custom ms, time ratio, saved-bytes ratio)]."""
+    import torch
+
+    def fwd_bwd(conv, x):
+        def run():   # gradients w.r.t. input and weight, as in the network
+            out = conv(x)
+            wrt = [x, conv.weight] if x.requires_grad else [conv.weight]
+            torch.autograd.grad(out, wrt, torch.ones_like(out))
+        return run
+
+    rows = []
+    for (name, conv_n, x_n), (_, conv_c, x_c) in zip(
+            _conv_layers_with_inputs(nets['native'], images),
+            _conv_layers_with_inputs(nets['custom'], images)):
+        pair = {'native': (conv_n, x_n), 'custom': (conv_c, x_c)}
+        saved = {k: saved_bytes(lambda c=c, x=x: c(x)) for k, (c, x) in pair.items()}
+        times = interleaved_times({k: fwd_bwd(c, x) for k, (c, x) in pair.items()},
+                                  device, repeats)
+        shape = (f"{conv_n.in_channels}->{conv_n.out_channels} k{conv_n.kernel_size[0]} "
+                 f"s{conv_n.stride[0]} @{x_n.shape[2]}x{x_n.shape[3]}")
+        rows.append((name, shape, median(times['native']) * 1e3, median(times['custom']) * 1e3,
+                     _median_ratio(times, 'custom', 'native'), saved['custom'] / saved['native']))
+    return rows
+
+
 def bench_conv(args):
     """CustomConv2d vs nn.Conv2d in the default CNN of student_code: (a) a full
     training step (forward + backward, same weights, same batch), (b) each conv
@@ -83,143 +184,59 @@ def bench_conv(args):
     import torch
     import torch.nn as nn
     import student_code
-    device = torch.device(args.device)
-    batch = args.batch_size
+    device, batch = torch.device(args.device), args.batch_size
     net_cls = student_code.default_cnn_model
     torch.manual_seed(0)
-    native = net_cls(conv_op=nn.Conv2d).to(device).train()
-    custom = net_cls(conv_op=student_code.CustomConv2d).to(device).train()
-    custom.load_state_dict(native.state_dict())       # same weights
+    nets = {'native': net_cls(conv_op=nn.Conv2d).to(device).train(),
+            'custom': net_cls(conv_op=student_code.CustomConv2d).to(device).train()}
+    nets['custom'].load_state_dict(nets['native'].state_dict())       # same weights
     images = torch.randn(batch, 3, 128, 128, device=device)
     labels = torch.randint(0, 100, (batch,), device=device)
     print(f"conv benchmark: {net_cls.__name__}, batch {batch}x3x128x128, device {device}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repetitions")
-
-    # (a) full training step (BN statistics get updated: that is harmless here)
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-
-    nets = {'native': native, 'custom': custom}
-    saved = {k: _saved_bytes(lambda m=m: nn.functional.cross_entropy(m(images), labels))[0]
-             for k, m in nets.items()}
-    times = {k: [] for k in nets}
-    for k, m in nets.items():                          # warm-up
-        step(m)
-    for _ in range(args.repeats):
-        for k, m in nets.items():
-            times[k].append(_timed(lambda: step(m), device))
-    step_ratio = _median([c / n for n, c in zip(times['native'], times['custom'])])
-    saved_ratio = saved['custom'] / saved['native']
-
-    # (b) every conv layer alone, at the input it gets in its own network
-    rows = []
-    layers = zip(_conv_layers_with_inputs(native, images),
-                 _conv_layers_with_inputs(custom, images))
-    for (name, conv_n, x_n), (_, conv_c, x_c) in layers:
-        pair = {'native': (conv_n, x_n), 'custom': (conv_c, x_c)}
-
-        def fwd_bwd(conv, x):
-            # gradients w.r.t. input and weight, as in the network (none accumulated)
-            out = conv(x)
-            wrt = [x, conv.weight] if x.requires_grad else [conv.weight]
-            torch.autograd.grad(out, wrt, torch.ones_like(out))
-
-        layer_saved = {k: _saved_bytes(lambda c=c, x=x: c(x))[0] for k, (c, x) in pair.items()}
-        layer_times = {k: [] for k in pair}
-        for k, (c, x) in pair.items():
-            fwd_bwd(c, x)
-        for _ in range(args.repeats):
-            for k, (c, x) in pair.items():
-                layer_times[k].append(_timed(lambda: fwd_bwd(c, x), device))
-        ratio = _median([c / n for n, c in zip(layer_times['native'], layer_times['custom'])])
-        shape = (f"{conv_n.in_channels}->{conv_n.out_channels} k{conv_n.kernel_size[0]} "
-                 f"s{conv_n.stride[0]} @{x_n.shape[2]}x{x_n.shape[3]}")
-        rows.append((name, shape, _median(layer_times['native']) * 1e3,
-                     _median(layer_times['custom']) * 1e3, ratio,
-                     layer_saved['custom'] / layer_saved['native']))
+    times, saved = _conv_step(nets, images, labels, device, args.repeats)
+    rows = _conv_layer_rows(nets, images, device, args.repeats)
 
     print(f"\n(b) per conv layer, forward + backward, median ms")
     print(f"{'layer':<24}{'shape':<26}{'native':>9}{'custom':>9}{'time x':>8}{'saved x':>9}")
     for name, shape, t_n, t_c, ratio, s_ratio in rows:
         print(f"{name:<24}{shape:<26}{t_n:9.1f}{t_c:9.1f}{ratio:8.2f}{s_ratio:9.2f}")
     print(f"\n(a) full training step (forward + backward), median of {args.repeats}")
-    print(f"  native nn.Conv2d : {_median(times['native']) * 1e3:9.1f} ms, "
+    print(f"  native nn.Conv2d : {median(times['native']) * 1e3:9.1f} ms, "
           f"saved for backward {saved['native'] / 2**20:8.1f} MiB")
-    print(f"  CustomConv2d     : {_median(times['custom']) * 1e3:9.1f} ms, "
+    print(f"  CustomConv2d     : {median(times['custom']) * 1e3:9.1f} ms, "
           f"saved for backward {saved['custom'] / 2**20:8.1f} MiB")
-    print("  (saved bytes: distinct storages packed by saved_tensors_hooks, each once)")
-    step_ok, saved_ok = step_ratio <= 1.5, saved_ratio <= 1.0
+    print("  (saved bytes: peak of the distinct storages autograd holds for backward)")
+    step_ratio = _median_ratio(times, 'custom', 'native')
+    saved_ratio = saved['custom'] / saved['native']
     print(f"\n{'target':<34}{'measured':>10}  result")
     print(f"{'step time custom/native <= 1.5x':<34}{step_ratio:9.2f}x  "
-          f"{'PASS' if step_ok else 'FAIL'}")
+          f"{'PASS' if step_ratio <= 1.5 else 'FAIL'}")
     print(f"{'saved bytes custom/native <= 1.0x':<34}{saved_ratio:9.2f}x  "
-          f"{'PASS' if saved_ok else 'FAIL'}")
-    return step_ratio, saved_ratio
+          f"{'PASS' if saved_ratio <= 1.0 else 'FAIL'}")
 
 
-def _interleaved_times(fns, device, calls):
-    """Best seconds per call of each fn in `fns` (a dict). The variants take turns
-    call by call, so a busy machine slows each alike, and the minimum is kept,
-    since other work on the machine can only add time."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():                          # warm-up (allocator, kernels)
-        fn()
-    for _ in range(calls):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+# the default ViT's attention shapes: batch 64, 8x8 tokens, dim 192, 4 heads, windows 4x4
+ATTN_BATCH, ATTN_GRID, ATTN_DIM, ATTN_HEADS, ATTN_WINDOW = 64, 8, 192, 4, 4
 
 
-def _attention_memory(attn, x, window_size, device):
-    """(attention-matrix bytes, saved-tensor bytes, CUDA peak bytes or None) of one
-    forward of `attn` over the token grid x, globally or in windows."""
+def _best_ms(times):
+    """Best milliseconds per variant: other work on the machine can only add time."""
+    return {name: min(t) * 1e3 for name, t in times.items()}
+
+
+def bench_attention_time(args, device):
+    """Attention module forward+backward: default path vs explicit vs fused kernel,
+    globally over 8x8 tokens and in 4x4 windows (target: default within 1.1x of fused)."""
     import torch
     from custom_blocks import window_partition
-    B, H, W, C = x.shape
-    tokens = window_partition(x, window_size)[0] if window_size else x
-    n = tokens.shape[1] * tokens.shape[2]                # tokens per attention
-    matrix_bytes = tokens.shape[0] * attn.num_heads * n * n * x.element_size()
-    saved = _saved_bytes(lambda: attn(tokens))[0]
-    peak = None
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = attn(tokens)
-        out.sum().backward()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    return matrix_bytes, saved, peak
-
-
-def bench_attention(args):
-    """Explicit vs fused attention time, global vs windowed attention memory, and
-    the default ViT's training throughput, all in one process."""
-    import torch
-    import torch.nn.functional as F
-    from custom_blocks import window_partition
-    from student_code import Attention, default_vit_model
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}")
-    MiB = 2 ** 20
-
-    # 1. time: the ViT's real shapes, batch 64, 8x8 tokens, dim 192, 4 heads
-    B, grid, dim, heads, win = 64, 8, 192, 4, 4
-    x = torch.randn(B, grid, grid, dim, device=device, requires_grad=True)
+    from student_code import Attention
+    B, win = ATTN_BATCH, ATTN_WINDOW
+    x = torch.randn(B, ATTN_GRID, ATTN_GRID, ATTN_DIM, device=device, requires_grad=True)
     cases = {'global 8x8': x,
              f'window {win}x{win}': window_partition(x.detach(), win)[0].requires_grad_()}
-    variants = {'default': None, 'explicit': False, 'fused': True}
-    attn = Attention(dim, heads).to(device)
-    print(f"\n[attention time] Attention(dim={dim}, heads={heads}) forward+backward, "
+    attn = Attention(ATTN_DIM, ATTN_HEADS).to(device)
+    print(f"\n[attention time] Attention(dim={ATTN_DIM}, heads={ATTN_HEADS}) forward+backward, "
           f"batch {B}; default path = {'fused' if attn.use_fused() else 'explicit'}")
 
     def step(tokens, fused):
@@ -230,18 +247,26 @@ def bench_attention(args):
 
     passed = True
     for case, tokens in cases.items():
-        t = _interleaved_times({name: step(tokens, f) for name, f in variants.items()},
-                               device, calls=10 * args.repeats)
+        t = _best_ms(interleaved_times(
+            {name: step(tokens, f) for name, f in
+             {'default': None, 'explicit': False, 'fused': True}.items()},
+            device, 10 * args.repeats))
         ratio = t['default'] / t['fused']
         passed &= ratio <= 1.1
-        print(f"  {case:12s} explicit {t['explicit'] * 1e3:7.2f} ms   fused {t['fused'] * 1e3:7.2f} ms"
-              f"   default {t['default'] * 1e3:7.2f} ms   explicit/fused {t['explicit'] / t['fused']:.2f}x"
+        print(f"  {case:12s} explicit {t['explicit']:7.2f} ms   fused {t['fused']:7.2f} ms"
+              f"   default {t['default']:7.2f} ms   explicit/fused {t['explicit'] / t['fused']:.2f}x"
               f"   default/fused {ratio:.2f}x")
     print(f"  target: default path within 1.1x of the fused kernel: {'PASS' if passed else 'FAIL'}")
 
-    # the part that differs, without the qkv / proj linear layers around it
+
+def bench_attention_core(args, device):
+    """The part that differs between the paths, without the qkv / proj linear layers
+    around it: softmax(QK^T/sqrt(d))V written out vs F.scaled_dot_product_attention."""
+    import torch
+    import torch.nn.functional as F
+    B, heads, win = ATTN_BATCH, ATTN_HEADS, ATTN_WINDOW
+    hd = ATTN_DIM // heads
     print(f"  core softmax(QK^T/sqrt(d))V only, forward+backward:")
-    hd = dim // heads
     for case, (b, n) in {'global 8x8': (B, 64), f'window {win}x{win}': (B * 4, 16)}.items():
         q, k, v = (torch.randn(b, heads, n, hd, device=device, requires_grad=True)
                    for _ in range(3))
@@ -252,16 +277,43 @@ def bench_attention(args):
         def fused():
             F.scaled_dot_product_attention(q, k, v).sum().backward()
 
-        t = _interleaved_times({'explicit': explicit, 'fused': fused}, device,
-                               calls=10 * args.repeats)
-        print(f"  {case:12s} explicit {t['explicit'] * 1e3:7.2f} ms   fused {t['fused'] * 1e3:7.2f} ms"
+        t = _best_ms(interleaved_times({'explicit': explicit, 'fused': fused}, device,
+                                       10 * args.repeats))
+        print(f"  {case:12s} explicit {t['explicit']:7.2f} ms   fused {t['fused']:7.2f} ms"
               f"   explicit/fused {t['explicit'] / t['fused']:.2f}x")
 
-    # 2. memory: global vs windowed attention, at the ViT's 8x8 tokens and at 16x16
-    #    (patch size 8), where the N^2 attention matrix starts to dominate
-    print(f"\n[attention memory] batch {B}, dim {dim}, {heads} heads, window {win}x{win}, float32")
+
+def _attention_memory(attn, x, window_size, device):
+    """(attention-matrix bytes, saved-for-backward bytes, CUDA peak bytes or None) of
+    one forward of `attn` over the token grid x, globally or in windows."""
+    import torch
+    from custom_blocks import window_partition
+    tokens = window_partition(x, window_size)[0] if window_size else x
+    n = tokens.shape[1] * tokens.shape[2]                # tokens per attention
+    matrix_bytes = tokens.shape[0] * attn.num_heads * n * n * x.element_size()
+    saved = saved_bytes(lambda: attn(tokens))
+    peak = None
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        attn(tokens).sum().backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    return matrix_bytes, saved, peak
+
+
+def bench_attention_memory(args, device):
+    """Global vs windowed attention memory, at the ViT's 8x8 tokens and at 16x16
+    (patch size 8), where the N^2 attention matrix starts to dominate."""
+    import torch
+    from student_code import Attention
+    B, win, MiB = ATTN_BATCH, ATTN_WINDOW, 2 ** 20
+    attn = Attention(ATTN_DIM, ATTN_HEADS).to(device)
+    print(f"\n[attention memory] batch {B}, dim {ATTN_DIM}, {ATTN_HEADS} heads, "
+          f"window {win}x{win}, float32")
     for grid in (8, 16):
-        x = torch.randn(B, grid, grid, dim, device=device)
+        x = torch.randn(B, grid, grid, ATTN_DIM, device=device)
         for fused in (False, True):
             attn.fused = fused
             for window_size in (0, win):
@@ -271,9 +323,14 @@ def bench_attention(args):
                 print(f"  {grid}x{grid} tokens {kind:10s} {'fused   ' if fused else 'explicit'}"
                       f"  attention matrix {mat / MiB:6.1f} MiB   saved for backward "
                       f"{saved / MiB:6.1f} MiB{cuda}")
-    attn.fused = None
 
-    # 3. throughput: one AdamW training step of the default ViT on 128x128 images
+
+def bench_vit_step(args, device):
+    """Throughput of one AdamW training step of the default ViT on 128x128 images,
+    with the default attention path and with the explicit one."""
+    import torch
+    import torch.nn.functional as F
+    from student_code import Attention, default_vit_model
     batch = 64
     images = torch.randn(batch, 3, 128, 128, device=device)
     labels = torch.randint(0, 100, (batch,), device=device)
@@ -292,11 +349,45 @@ def bench_attention(args):
             opt.step()
         return run
 
-    t = _interleaved_times({'default': train_step(None), 'explicit': train_step(False)},
-                           device, calls=args.repeats)
+    t = _best_ms(interleaved_times({'default': train_step(None), 'explicit': train_step(False)},
+                                   device, args.repeats))
     print(f"\n[ViT training step] default_vit_model, batch {batch}, 128x128, AdamW")
-    for name, sec in t.items():
-        print(f"  {name:8s} attention: {batch / sec:8.1f} images/s   ({sec * 1e3:.0f} ms/step)")
+    for name, ms in t.items():
+        print(f"  {name:8s} attention: {batch / ms * 1e3:8.1f} images/s   ({ms:.0f} ms/step)")
+
+
+def bench_attention(args):
+    """The attention benchmarks in one process: time, core time, memory, ViT step."""
+    import torch
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"repeats {args.repeats}")
+    for bench in (bench_attention_time, bench_attention_core, bench_attention_memory,
+                  bench_vit_step):
+        bench(args, device)
+
+
+def _attack_memory(model, x, criterion, device):
+    """{kind: {steps: peak bytes}} of a 1-step and a 20-step attack: autograd's saved
+    tensors on any device, and the CUDA allocator's peak on a GPU."""
+    import torch
+    import student_code
+    peaks = {'autograd saved': {}}
+    for steps in (1, 20):
+        attacker = student_code.PGDAttack(criterion, num_steps=steps)
+        if device.type == 'cuda':
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with SavedForBackwardMeter() as meter:
+            attacker.perturb(model, x)
+        peaks['autograd saved'][steps] = meter.peak_bytes
+        if device.type == 'cuda':
+            _sync(device)
+            peaks.setdefault('CUDA allocator', {})[steps] = \
+                torch.cuda.max_memory_allocated(device) - base
+    return peaks
 
 
 def bench_attack(args):
@@ -305,8 +396,6 @@ def bench_attack(args):
     import torch
     import torch.nn as nn
     import student_code
-    from utils import SavedTensorMeter
-
     device = torch.device(args.device)
     torch.manual_seed(0)
     name = student_code.default_cnn_model.__name__
@@ -324,37 +413,19 @@ def bench_attack(args):
     def pgd_step():                       # what perturb() repeats num_steps times
         attack._step(model, x, x, labels)
 
-    forward_backward(), pgd_step()        # warm-up (allocator, cuDNN autotuning)
-    times = {'fwd+bwd': [], 'pgd step': []}
-    for _ in range(args.repeats):         # interleaved: both see the same machine load
-        times['fwd+bwd'].append(_timed(forward_backward, device))
-        times['pgd step'].append(_timed(pgd_step, device))
+    times = interleaved_times({'fwd+bwd': forward_backward, 'pgd step': pgd_step},
+                              device, args.repeats)
     model.zero_grad(set_to_none=True)
-    fb, step = _median(times['fwd+bwd']), _median(times['pgd step'])
+    fb, step = median(times['fwd+bwd']), median(times['pgd step'])
     print("model {}, batch 64 x 3 x 128 x 128 on {}, median of {} interleaved runs".format(
         name, device, args.repeats))
     print("  forward+backward {:8.1f} ms".format(fb * 1e3))
     print("  one PGD step     {:8.1f} ms   ratio {:.2f}x  (target <= 1.1x)  {}".format(
         step * 1e3, step / fb, 'PASS' if step / fb <= 1.1 else 'FAIL'))
-
-    peaks = {}
-    for steps in (1, 20):
-        attacker = student_code.PGDAttack(criterion, num_steps=steps)
-        if device.type == 'cuda':
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        with SavedTensorMeter() as meter:
-            attacker.perturb(model, x)
-        peaks[steps] = {'autograd saved': meter.peak}
-        if device.type == 'cuda':
-            _sync(device)
-            peaks[steps]['CUDA allocator'] = torch.cuda.max_memory_allocated(device) - base
-    for kind in peaks[1]:
-        one, twenty = peaks[1][kind], peaks[20][kind]
-        ratio = twenty / max(one, 1)
+    for kind, peak in _attack_memory(model, x, criterion, device).items():
+        ratio = peak[20] / max(peak[1], 1)
         print("  peak memory ({}): 1 step {:.1f} MiB, 20 steps {:.1f} MiB, ratio {:.3f}  "
-              "(target 1.0)  {}".format(kind, one / 2**20, twenty / 2**20, ratio,
+              "(target 1.0)  {}".format(kind, peak[1] / 2**20, peak[20] / 2**20, ratio,
                                         'PASS' if ratio <= 1.01 else 'FAIL'))
 
 
@@ -363,7 +434,6 @@ def bench_models(args):
     SimpleNet, and CustomConv2d must train like nn.Conv2d): three runs of main.py
     with the same data, seed, schedule and batch size."""
     import contextlib
-    import tempfile
     import main as driver
     from make_demo_data import make_demo_dataset
     data = args.data or os.path.join(REPO, 'data', 'demo')
@@ -393,8 +463,164 @@ def bench_models(args):
               f"{summary['best_acc1']:>16.2f}{final['val_top1']:>17.2f}{speed:>10.1f}")
 
 
+# ---------------------------------------------------------------- recipe (issue 9)
+# every cell trains one model on one set with one configuration and seed, by running
+# main.py in a subprocess, as a user would; both sets have 10 classes
+RECIPE_DATASETS = {'demo': 'make_demo_data.py', 'real': 'make_real_data.py'}
+RECIPE_MODELS = {'simplenet': ('SimpleNet', ['--arch', 'simplenet']),
+                 'cnn': ('default CNN', []),
+                 'vit': ('ViT', ['--use-vit'])}
+RECIPE_CONFIGS = {
+    # 8 epochs at batch 64 with the handout's default lr (0.1; ViT: see VIT_FLAGS)
+    '8ep': ['--epochs', '8', '--warmup', '1', '-b', '64', '-j', '2', '--device', 'cpu'],
+    # the Makefile's `demo` target, less its --seed and --name (tests check they agree)
+    'demo': ['--epochs', '4', '--warmup', '1', '-b', '32', '--lr', '0.05', '-j', '2',
+             '--device', 'cpu'],
+}
+VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
+# --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
+# workers: to see that every cell runs, not to measure anything
+QUICK_DATA = {'demo': ['--train-per-class', '2', '--val-per-class', '1', '--size', '32'],
+              'real': ['--max-train', '20', '--val-fraction', '0.006']}
+QUICK_FLAGS = {'--epochs': '1', '--warmup': '0', '-b': '10', '-j': '0'}
+
+
+class RecipeError(RuntimeError):
+    """A data set or a run of main.py failed; the message is one line."""
+
+
+def recipe_flags(model, config, seed, quick=False):
+    """main.py's flags (after DIR) for one cell."""
+    flags = list(RECIPE_CONFIGS[config])
+    if model == 'vit' and config == '8ep':
+        flags += VIT_FLAGS
+    for name, value in (QUICK_FLAGS.items() if quick else ()):
+        flags[flags.index(name) + 1] = value
+    return flags + RECIPE_MODELS[model][1] + ['--num-classes', '10', '--seed', str(seed),
+                                              '-p', '1000']
+
+
+def _last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else 'no output'
+
+
+def build_recipe_data(name, out_dir, quick=False):
+    """Write data set `name` into out_dir with its generator script."""
+    script = os.path.join(REPO, 'code', RECIPE_DATASETS[name])
+    extra = QUICK_DATA[name] if quick else []
+    done = subprocess.run([sys.executable, script, out_dir] + extra,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RecipeError(f"{RECIPE_DATASETS[name]} failed: {_last_line(done.stderr)}")
+
+
+def run_recipe_cell(data, flags, log_dir):
+    """Train with main.py DIR flags, logging into log_dir; returns its summary.json."""
+    os.makedirs(log_dir)
+    console = os.path.join(log_dir, 'console.log')
+    with open(console, 'w') as log:
+        done = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'main.py'), data,
+                               '--log-dir', log_dir] + flags,
+                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0:
+        with open(console) as log:
+            raise RecipeError(f"main.py exited with {done.returncode}: {_last_line(log.read())}")
+    (run,) = [d for d in os.listdir(log_dir) if os.path.isdir(os.path.join(log_dir, d))]
+    with open(os.path.join(log_dir, run, 'summary.json')) as f:
+        return json.load(f)
+
+
+RECIPE_HEADER = ("| dataset | model | config | seed | best val top-1 | final val top-1 "
+                 "| epochs | minutes |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+
+
+def best_and_final(summary):
+    """(best, final) validation top-1 of a run from its summary.json. main.py leaves
+    best_acc1 at None when no epoch scored above 0 %."""
+    top1 = [epoch['val_top1'] for epoch in summary['epochs']]
+    best = summary['best_acc1']
+    return (max(top1) if best is None else best), top1[-1]
+
+
+def model_label(model, summary=None):
+    """The model's name in the table; the default CNN's also names its architecture,
+    which changes when student_code.default_cnn_model does."""
+    label = RECIPE_MODELS[model][0]
+    return f"{label} ({summary['arch']})" if model == 'cnn' and summary else label
+
+
+def recipe_row(dataset, model, config, seed, summary):
+    """The table's line for one finished run (summary: main.py's summary.json)."""
+    best, final = best_and_final(summary)
+    return (f"| {dataset} | {model_label(model, summary)} | {config} | {seed} "
+            f"| {best:.2f} | {final:.2f} "
+            f"| {len(summary['epochs'])} | {summary['wall_time_s'] / 60:.1f} |")
+
+
+def recipe_summary(results):
+    """Mean over seeds of every (dataset, model, config): markdown lines. results:
+    {(dataset, model, config, seed): summary}."""
+    cells = {}
+    for (dataset, model, config, seed), summary in results.items():
+        cells.setdefault((dataset, model, config), []).append((seed, summary))
+    lines = ["| dataset | model | config | seeds | best val top-1, mean (min-max) "
+             "| final val top-1, mean (min-max) |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for (dataset, model, config), runs in cells.items():
+        best, final = zip(*(best_and_final(s) for _, s in runs))
+        seeds = ' '.join(str(seed) for seed, _ in runs)
+        lines.append(f"| {dataset} | {model_label(model, runs[0][1])} | {config} | {seeds} "
+                     f"| {mean(best):.2f} ({min(best):.2f}-{max(best):.2f}) "
+                     f"| {mean(final):.2f} ({min(final):.2f}-{max(final):.2f}) |")
+    return lines
+
+
+def cpu_name():
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_recipe(args):
+    """dataset (demo, real) x model (SimpleNet, default CNN, ViT) x config (8 epochs at
+    batch 64, the Makefile's demo command) x seed -> best and final val top-1."""
+    import torch
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = list(dict.fromkeys(seeds))          # a seed twice would only repeat a run
+    work = tempfile.mkdtemp(prefix='bench_recipe_')
+    print(f"recipe: torch {torch.__version__}, CPU {cpu_name()} ({os.cpu_count()} cores), "
+          f"main.py per cell{', QUICK (tiny sets, 1 epoch)' if args.quick else ''}; "
+          f"data and logs in {work}\n", flush=True)
+    for name in args.datasets:
+        build_recipe_data(name, os.path.join(work, 'data', name), args.quick)
+    print(RECIPE_HEADER, flush=True)
+    results, failed = {}, 0
+    for dataset, config, model, seed in itertools.product(args.datasets, args.configs,
+                                                          args.models, seeds):
+        key = (dataset, model, config, seed)
+        try:
+            results[key] = run_recipe_cell(os.path.join(work, 'data', dataset),
+                                           recipe_flags(model, config, seed, args.quick),
+                                           os.path.join(work, 'logs', '_'.join(map(str, key))))
+            print(recipe_row(*key, results[key]), flush=True)
+        except RecipeError as e:            # the other cells still run
+            failed += 1
+            print(f"| {dataset} | {model_label(model)} | {config} | {seed} | failed: {e} "
+                  f"| | | |", flush=True)
+    if len(seeds) > 1 and results:
+        print('\n' + '\n'.join(recipe_summary(results)))
+    if failed:
+        raise RecipeError(f"{failed} of {failed + len(results)} runs failed (logs in {work})")
+
+
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
-              'models': bench_models}
+              'models': bench_models, 'recipe': bench_recipe}
 
 
 def main():
@@ -407,11 +633,24 @@ def main():
     parser.add_argument('--epochs', type=int, default=4, help='training epochs (models)')
     parser.add_argument('--lr', type=float, default=0.02, help='learning rate (models)')
     parser.add_argument('--data', default=None, help='demo set (models; default data/demo)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None,
+                        help='training seeds (recipe; default 0 1, with --quick 0)')
+    parser.add_argument('--datasets', nargs='+', choices=list(RECIPE_DATASETS),
+                        default=list(RECIPE_DATASETS), help='data sets (recipe)')
+    parser.add_argument('--models', nargs='+', choices=list(RECIPE_MODELS),
+                        default=list(RECIPE_MODELS), help='models (recipe)')
+    parser.add_argument('--configs', nargs='+', choices=list(RECIPE_CONFIGS),
+                        default=list(RECIPE_CONFIGS), help='training configurations (recipe)')
+    parser.add_argument('--quick', action='store_true',
+                        help='recipe on tiny sets for 1 epoch: checks that every cell runs')
     args = parser.parse_args()
     import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    BENCHMARKS[args.which](args)
+    try:
+        BENCHMARKS[args.which](args)
+    except RecipeError as e:
+        sys.exit(f"benchmark.py {args.which}: error: {e}")
 
 
 if __name__ == '__main__':

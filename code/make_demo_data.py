@@ -105,22 +105,24 @@ def render_image(rng, label, size):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _prepare_out_dir(out_dir):
-    """Refuse a non-empty folder unless this script wrote it; then clear our files."""
+def prepare_out_dir(out_dir, marker=MARKER, what="demo set",
+                    files=("train.txt", "val.txt", "categories.txt")):
+    """Refuse a non-empty folder unless it holds `marker` (the generator that writes
+    `what` wrote it); then clear images/ and `files`. Shared with make_real_data.py."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not os.path.isfile(os.path.join(out_dir, MARKER)):
-            raise ValueError(f"{out_dir} is not empty and holds no demo set ({MARKER} "
+        if not os.path.isfile(os.path.join(out_dir, marker)):
+            raise ValueError(f"{out_dir} is not empty and holds no {what} ({marker} "
                              f"missing); refusing to overwrite it")
         shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)
-        for name in ("train.txt", "val.txt", "categories.txt"):
+        for name in files:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
 
 
-def _write_text(path, lines):
+def write_text(path, lines):
     # write to a temporary file and rename, so a crash never leaves half a label file
     with open(path + ".tmp", "w") as f:
         f.write("".join(line + "\n" for line in lines))
@@ -138,7 +140,7 @@ def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_clas
         raise ValueError("train_per_class and val_per_class must be at least 1")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    _prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir)
     with open(os.path.join(out_dir, MARKER), "w") as f:
         f.write(f"Synthetic demo set written by code/make_demo_data.py: num_classes={num_classes} "
                 f"train_per_class={train_per_class} val_per_class={val_per_class} "
@@ -167,10 +169,10 @@ def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_clas
         save(rel, int(label))
         val_lines.append(f"{rel} {label}")
 
-    _write_text(os.path.join(out_dir, "categories.txt"),
+    write_text(os.path.join(out_dir, "categories.txt"),
                 [f"/{CLASS_NAMES[c]} {c}" for c in range(num_classes)])
-    _write_text(os.path.join(out_dir, "val.txt"), val_lines)
-    _write_text(os.path.join(out_dir, "train.txt"), train_lines)   # last: marks completion
+    write_text(os.path.join(out_dir, "val.txt"), val_lines)
+    write_text(os.path.join(out_dir, "train.txt"), train_lines)   # last: marks completion
     return {"train": len(train_lines), "val": len(val_lines)}
 
 

@@ -360,34 +360,3 @@ def run_dir_of_checkpoint(path):
 
 def format_seconds(seconds):
     return str(datetime.timedelta(seconds=int(max(0, seconds))))
-
-
-class SavedTensorMeter(object):
-    """Peak bytes of the tensors autograd keeps for backward, alive at once.
-
-    This is the memory a growing graph would add to with every PGD step, and it
-    can be counted on any device: saved_tensors_hooks wrap every tensor that
-    the forward pass saves in a small holder; the holder counts its bytes when
-    created and uncounts them when autograd drops it (graph freed). On CUDA the
-    allocator's own peak is reported as well.
-    """
-
-    def __enter__(self):
-        meter = self
-        self.live, self.peak = 0, 0
-
-        class Held(object):
-            def __init__(self, t):
-                self.t, self.nbytes = t, t.numel() * t.element_size()
-                meter.live += self.nbytes
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self):
-                meter.live -= self.nbytes
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)

@@ -57,6 +57,16 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def real_data(tmp_path_factory):
+    """The real-image set of make_real_data.py with its defaults (1797 handwritten digit
+    scans from scikit-learn, 32x32 JPEGs, 10 classes) in MiniPlaces layout; about 1 s."""
+    from make_real_data import make_real_dataset
+    root = tmp_path_factory.mktemp('real')
+    make_real_dataset(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
 def trained_run(demo, tmp_path_factory):
     """A SimpleNet trained 2 epochs on the demo set by main.py: its run folder."""
     import main as driver

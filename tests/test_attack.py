@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import student_code as sc
-from utils import SavedTensorMeter
+from benchmark import SavedForBackwardMeter
 
 K, C, H = 4, 3, 16          # classes, channels, image size of the synthetic tasks
 
@@ -149,10 +149,10 @@ def test_pgd_graph_does_not_grow_with_steps(trained, test_set):
     x = test_set[0][:16]
     peaks = []
     for steps in (1, 8):
-        with SavedTensorMeter() as meter:
+        with SavedForBackwardMeter() as meter:
             adv = sc.PGDAttack(nn.CrossEntropyLoss(), num_steps=steps).perturb(trained, x)
-        assert meter.live == 0, "autograd still holds tensors after perturb returned"
-        peaks.append(meter.peak)
+        assert meter.live_bytes == 0, "autograd still holds tensors after perturb returned"
+        peaks.append(meter.peak_bytes)
     assert peaks[0] > 0 and peaks[0] == peaks[1], peaks
     assert adv.grad_fn is None
 

@@ -1,0 +1,147 @@
+"""benchmark.py's own tools: the saved-for-backward meter, the interleaved timer, and
+the recipe's flags and table (its training runs are checked by hand: minutes each)."""
+import os
+import shlex
+from statistics import mean
+
+import pytest
+import torch
+
+import benchmark
+from benchmark import SavedForBackwardMeter, interleaved_times
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SaveGiven(torch.autograd.Function):
+    """Identity on x that saves the tensors it is given for backward (and ignores them)."""
+
+    @staticmethod
+    def forward(ctx, x, *to_save):
+        ctx.save_for_backward(*to_save)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + (None,) * len(ctx.saved_tensors)
+
+
+def test_meter_counts_each_storage_once_while_the_graph_lives():
+    x = torch.randn(10, requires_grad=True)
+    a, b = torch.randn(100), torch.randn(30, dtype=torch.float64)
+    with SavedForBackwardMeter() as meter:
+        # a twice, a view of a and b: two storages
+        y = SaveGiven.apply(x, a, a, a[10:20], b)
+        assert meter.live_bytes == 100 * 4 + 30 * 8
+        del y                      # the graph goes: its saved tensors are dropped
+        assert meter.live_bytes == 0
+        small = SaveGiven.apply(x, torch.randn(5))
+    # the peak is the most held at once, not the sum of both graphs
+    assert meter.peak_bytes == 100 * 4 + 30 * 8 and meter.live_bytes == 5 * 4
+    del small
+    assert meter.live_bytes == 0
+
+
+def test_meter_releases_after_backward():
+    x = torch.randn(50, requires_grad=True)
+    with SavedForBackwardMeter() as meter:
+        SaveGiven.apply(x, torch.randn(50)).sum().backward()
+    assert meter.peak_bytes == 50 * 4 and meter.live_bytes == 0
+    assert torch.equal(x.grad, torch.ones(50))
+
+
+def test_interleaved_times_alternate_the_variants_after_a_warm_up():
+    calls = []
+    times = interleaved_times({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                              torch.device('cpu'), repeats=3)
+    assert calls == ['a', 'b'] * 4
+    assert sorted(times) == ['a', 'b'] and all(len(t) == 3 and min(t) >= 0
+                                               for t in times.values())
+
+
+# ---------------------------------------------------------------- recipe
+def makefile_demo_flags():
+    """{flag: value} that the Makefile's `demo` target passes to main.py after DIR."""
+    with open(os.path.join(REPO, 'Makefile')) as f:
+        text = f.read().replace('\\\n', ' ')           # join continued lines
+    recipe = text.split('\ndemo:', 1)[1].split('\n\n', 1)[0]
+    (line,) = [line for line in recipe.splitlines() if 'code/main.py' in line]
+    tokens = shlex.split(line.split('$(DEMO)', 1)[1])
+    return dict(zip(tokens[0::2], tokens[1::2]))
+
+
+def test_recipe_demo_config_is_the_makefiles_demo_command():
+    make = makefile_demo_flags()
+    ours = dict(zip(*[iter(benchmark.recipe_flags('cnn', 'demo', seed=7))] * 2))
+    assert ours.pop('--seed') == '7' and ours.pop('-p') == '1000'
+    make.pop('--seed'), make.pop('--name')
+    assert ours == make
+
+
+@pytest.mark.parametrize('model', list(benchmark.RECIPE_MODELS))
+def test_recipe_8_epoch_config_as_main_py_reads_it(model):
+    import main as driver
+    args = driver.parser.parse_args(['DIR'] + benchmark.recipe_flags(model, '8ep', seed=3))
+    assert (args.epochs, args.warmup, args.batch_size, args.workers) == (8, 1, 64, 2)
+    assert (args.num_classes, args.seed, args.device) == (10, 3, 'cpu')
+    assert args.use_vit == (model == 'vit')
+    assert args.arch == ('simplenet' if model == 'simplenet' else None)
+    if model == 'vit':          # the handout's ViT command
+        assert (args.lr, args.weight_decay) == (0.01, 0.05)
+    else:                       # the handout's defaults
+        assert args.lr == driver.parser.get_default('lr') == 0.1
+        assert args.weight_decay == driver.parser.get_default('weight_decay')
+
+
+def test_recipe_quick_sets_fit_one_short_epoch(tmp_path):
+    import main as driver
+    for name in benchmark.RECIPE_DATASETS:
+        out = str(tmp_path / name)
+        benchmark.build_recipe_data(name, out, quick=True)
+        args = driver.parser.parse_args([out] + benchmark.recipe_flags('vit', '8ep', 0, True))
+        assert args.epochs == 1 and args.warmup < args.epochs
+        with open(os.path.join(out, 'train.txt')) as f:
+            labels = [int(line.split()[1]) for line in f]
+        # every class is there, and at least one full batch (main.py drops the last)
+        assert sorted(set(labels)) == list(range(10)) and len(labels) >= args.batch_size
+
+
+def test_recipe_data_errors_are_one_line(tmp_path):
+    (tmp_path / 'mine.txt').write_text('keep')
+    with pytest.raises(benchmark.RecipeError, match='refusing to overwrite') as info:
+        benchmark.build_recipe_data('real', str(tmp_path), quick=True)
+    assert '\n' not in str(info.value)
+
+
+def fake_summary(top1, best, arch='somenet'):
+    return {'best_acc1': best, 'wall_time_s': 90.0, 'arch': arch,
+            'epochs': [{'epoch': i + 1, 'val_top1': v} for i, v in enumerate(top1)]}
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip('|').split('|')]
+
+
+def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
+    results = {('real', 'vit', '8ep', 0): fake_summary([20.0, 35.5, 31.25], 35.5),
+               ('real', 'vit', '8ep', 1): fake_summary([25.0, 41.0, 40.0], 41.0),
+               # main.py leaves best_acc1 at None when no epoch scored above 0 %
+               ('demo', 'simplenet', 'demo', 0): fake_summary([0.0, 0.0], None),
+               ('demo', 'cnn', 'demo', 0): fake_summary([50.0], 50.0, arch='resnet10')}
+    rows = [cells(benchmark.recipe_row(*key, s)) for key, s in results.items()]
+    assert rows[0] == ['real', 'ViT', '8ep', '0', '35.50', '31.25', '3', '1.5']
+    assert rows[2][4:6] == ['0.00', '0.00']
+    assert rows[3][1] == 'default CNN (resnet10)'     # the default CNN names its arch
+    assert len(cells(benchmark.RECIPE_HEADER.splitlines()[0])) == len(rows[0])
+
+    header, rule, vit, simplenet, cnn = benchmark.recipe_summary(results)
+    assert len(cells(header)) == len(cells(rule)) == len(cells(vit))
+    vit = cells(vit)
+    assert vit[:4] == ['real', 'ViT', '8ep', '0 1']
+    assert vit[4] == f"{mean([35.5, 41.0]):.2f} (35.50-41.00)"
+    assert vit[5] == f"{mean([31.25, 40.0]):.2f} (31.25-40.00)"
+    assert cells(simplenet)[3] == '0' and cells(cnn)[1] == 'default CNN (resnet10)'
+
+
+def test_cpu_name_says_something():
+    assert benchmark.cpu_name().strip()
