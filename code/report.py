@@ -20,7 +20,6 @@ epoch, so "epoch 3" means "after 3 epochs" on every curve.
 """
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -33,16 +32,19 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
+import run_record as rr  # noqa: E402
+
 # tags main.py logs every print-freq iterations (step = global iteration);
 # every other tag is logged once per epoch (step = 1-based epoch)
-ITER_TAGS = ('data/training_loss', 'data/learning_rate')
+ITER_TAGS = rr.ITERATION_TAGS
 # split of the tags logged with add_scalar; add_scalars tags get theirs from the sub-folder
-TAG_SPLIT = {'data/training_loss': 'train', 'data/val_loss': 'val'}
+TAG_SPLIT = {rr.TAG_TRAIN_LOSS: 'train', rr.TAG_VAL_LOSS: 'val'}
 # which figure each tag belongs to; 'summary/...' tags stand in when a run has no event files
-CURVE_OF = {'data/training_loss': 'loss', 'data/val_loss': 'loss', 'summary/loss': 'loss',
-            'data/learning_rate': 'lr', 'summary/lr': 'lr',
-            'data/top1_accuracy': 'top1', 'summary/top1': 'top1',
-            'data/top5_accuracy': 'top5', 'summary/top5': 'top5'}
+CURVE_OF = {rr.TAG_TRAIN_LOSS: 'loss', rr.TAG_VAL_LOSS: 'loss', 'summary/loss': 'loss',
+            rr.TAG_LR: 'lr', 'summary/lr': 'lr',
+            rr.TAG_TOP1: 'top1', 'summary/top1': 'top1',
+            rr.TAG_TOP5: 'top5', 'summary/top5': 'top5'}
 CURVES = {'loss': ('Loss', 'cross-entropy loss'),
           'lr': ('Learning rate', 'learning rate'),
           'top1': ('Top-1 accuracy', 'top-1 accuracy (%)'),
@@ -52,14 +54,14 @@ SPLIT_STYLE = {'train': '-', 'val': '--'}
 # the line style stays the split's (train solid, val dashed)
 MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
 # per-epoch event tags -> keys of the summary.json epoch records (table fallback)
-RECORD_KEY = {('data/top1_accuracy', 'train'): 'train_top1',
-              ('data/top1_accuracy', 'val'): 'val_top1',
-              ('data/top5_accuracy', 'train'): 'train_top5',
-              ('data/top5_accuracy', 'val'): 'val_top5',
-              ('data/val_loss', 'val'): 'val_loss',
-              ('perf/images_per_sec', ''): 'images_per_s',
-              ('perf/epoch_time_s', ''): 'epoch_time_s',
-              ('perf/peak_memory_mb', ''): 'peak_memory_mb'}
+RECORD_KEY = {(rr.TAG_TOP1, 'train'): 'train_top1',
+              (rr.TAG_TOP1, 'val'): 'val_top1',
+              (rr.TAG_TOP5, 'train'): 'train_top5',
+              (rr.TAG_TOP5, 'val'): 'val_top5',
+              (rr.TAG_VAL_LOSS, 'val'): 'val_loss',
+              (rr.TAG_IMAGES_PER_S, ''): 'images_per_s',
+              (rr.TAG_EPOCH_TIME, ''): 'epoch_time_s',
+              (rr.TAG_PEAK_MEMORY, ''): 'peak_memory_mb'}
 OUTPUTS = ['loss.png', 'lr.png', 'top1.png', 'top5.png', 'overview.png', 'curves.csv', 'results.md']
 
 
@@ -117,14 +119,14 @@ def read_scalars(run_dir):
 
 
 def read_summary(run_dir):
-    path = os.path.join(run_dir, 'summary.json')
-    if not os.path.isfile(path):
-        return {}
+    """run_record.read_summary; a summary of an unknown schema version stops the report
+    (one line), an unreadable one is skipped with a note."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return rr.read_summary(run_dir)
+    except rr.SchemaError as e:
+        raise SystemExit(f'report.py: {e}')
     except (OSError, ValueError) as e:
-        note(f'cannot read {path} ({e}); using the event files only')
+        note(f'cannot read {rr.summary_path(run_dir)} ({e}); using the event files only')
         return {}
 
 
@@ -175,8 +177,8 @@ def load_run(run_dir, label):
     status = run['summary'].get('status')
     if not run['series']:
         run['series'] = series_from_summary(run['summary'])
-        if status in ('evaluated', 'attacked') and not run['series']:
-            kind = {'evaluated': 'evaluation', 'attacked': 'attack'}[status]
+        if status in (rr.EVALUATED, rr.ATTACKED) and not run['series']:
+            kind = {rr.EVALUATED: rr.EVALUATION, rr.ATTACKED: rr.ATTACK}[status]
             note(f'{run_dir} is an {kind} run: no curves, its results go into the tables')
         else:
             where = 'no scalars in its event files' if has_events(run_dir) else 'no event files'
@@ -184,7 +186,8 @@ def load_run(run_dir, label):
             note(f'{run_dir} has {where}; {what}')
     run['ipe'] = iters_per_epoch(run)
     done, planned = len(run_records(run)), run['summary'].get('epochs_planned')
-    if status in ('running', 'stopped') or (status is None and planned and done < planned):
+    if status in (rr.RUNNING, rr.STOPPED, rr.INTERRUPTED, rr.DIVERGED) or (
+            status is None and planned and done < planned):
         note(f'{run_dir} is unfinished ({done} of {planned or "?"} epochs); plotting what exists')
     return run
 
@@ -339,7 +342,7 @@ def run_stats(run):
     if wall is None and times:
         wall = sum(times)
     planned = summary.get('epochs_planned')
-    if not records and summary.get('status') in ('evaluated', 'attacked'):
+    if not records and summary.get('status') in (rr.EVALUATED, rr.ATTACKED):
         epochs = '–'  # an evaluation or attack run trains nothing
     else:
         epochs = f'{len(records)}/{planned}' if planned else str(len(records))
@@ -395,7 +398,7 @@ def results_markdown(runs, stats, command):
 def evaluation_markdown(runs):
     rows = [[r['label'], f"`{e.get('checkpoint', '–')}`", fmt(e.get('top1')), fmt(e.get('top5')),
              fmt(e.get('loss'), 4)]
-            for r in runs for e in [r['summary'].get('evaluation')] if isinstance(e, dict)]
+            for r in runs for e in [r['summary'].get(rr.EVALUATION)] if isinstance(e, dict)]
     if not rows:
         return []
     header = ['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss']
@@ -405,20 +408,26 @@ def evaluation_markdown(runs):
 def attack_markdown(runs):
     rows = []
     for run in runs:
-        a = run['summary'].get('attack')
+        a = run['summary'].get(rr.ATTACK)
         if not isinstance(a, dict):
             continue
         drop = (a['clean_top1'] - a['adv_top1']
                 if a.get('clean_top1') is not None and a.get('adv_top1') is not None else None)
         rows.append([run['label'], f"`{a.get('checkpoint', '–')}`",
                      fmt(a.get('clean_top1')), fmt(a.get('adv_top1')), fmt(drop),
-                     fmt(a.get('clean_top5')), fmt(a.get('adv_top5')), fmt(a.get('success_rate')),
+                     fmt(a.get('clean_top5')), fmt(a.get('adv_top5')),
+                     fmt(a.get('clean_top1_noflip')), fmt(a.get('adv_top1_noflip')),
+                     fmt(a.get('success_rate')),
                      a.get('num_steps', '–'), a.get('step_size', '–'), a.get('epsilon', '–')])
     if not rows:
         return []
+    # accuracies with the flip test-time augmentation (the handout's), then without it
+    # (schema 2): an attack crafted on the plain image can lose part of its effect
+    # on the mirrored one, so the flip-averaged figure is the kinder of the two
     return ['', '## Adversarial attack (`-a`): clean vs adversarial', ''] + table(
         ['Run', 'Checkpoint', 'Clean top-1', 'Adv top-1', 'Top-1 drop', 'Clean top-5', 'Adv top-5',
-         'Success rate', 'Steps', 'Step size', 'Epsilon'], rows)
+         'Clean top-1 (no flip)', 'Adv top-1 (no flip)', 'Success rate', 'Steps', 'Step size',
+         'Epsilon'], rows)
 
 
 # ----------------------------------------------------------------------------- main

@@ -9,6 +9,10 @@ import os
 
 from torch.utils.tensorboard import SummaryWriter
 
+import run_record as rr
+
+TOPK = {1: rr.TAG_TOP1, 5: rr.TAG_TOP5}
+
 
 def loss_at(step, offset=0.0):
     return 4.6 / (1 + 0.05 * step) + offset
@@ -40,18 +44,18 @@ def write_events(run_dir, first_epoch, last_epoch, ipe=6, print_freq=2, offset=0
         for i in range(partial_iters if epoch == last_epoch else ipe):
             if i % print_freq == 0:
                 step = epoch * ipe + i
-                writer.add_scalar('data/training_loss', loss_at(step, offset), step)
-                writer.add_scalar('data/learning_rate', lr_at(step, offset), step)
+                writer.add_scalar(rr.TAG_TRAIN_LOSS, loss_at(step, offset), step)
+                writer.add_scalar(rr.TAG_LR, lr_at(step, offset), step)
         if epoch == last_epoch:
             break
         rec = epoch_record(epoch + 1, ipe, offset)
         for k in (1, 5):
-            writer.add_scalars(f'data/top{k}_accuracy', {'train': rec[f'train_top{k}']}, epoch + 1)
-            writer.add_scalars(f'data/top{k}_accuracy', {'val': rec[f'val_top{k}']}, epoch + 1)
-        writer.add_scalar('data/val_loss', rec['val_loss'], epoch + 1)
-        writer.add_scalar('perf/images_per_sec', rec['images_per_s'], epoch + 1)
-        writer.add_scalar('perf/epoch_time_s', rec['epoch_time_s'], epoch + 1)
-        writer.add_scalar('perf/peak_memory_mb', rec['peak_memory_mb'], epoch + 1)
+            writer.add_scalars(TOPK[k], {'train': rec[f'train_top{k}']}, epoch + 1)
+            writer.add_scalars(TOPK[k], {'val': rec[f'val_top{k}']}, epoch + 1)
+        writer.add_scalar(rr.TAG_VAL_LOSS, rec['val_loss'], epoch + 1)
+        writer.add_scalar(rr.TAG_IMAGES_PER_S, rec['images_per_s'], epoch + 1)
+        writer.add_scalar(rr.TAG_EPOCH_TIME, rec['epoch_time_s'], epoch + 1)
+        writer.add_scalar(rr.TAG_PEAK_MEMORY, rec['peak_memory_mb'], epoch + 1)
     writer.close()
 
 

@@ -3,6 +3,7 @@ and the figures, the CSV of curves and the results table must hold what was writ
 import contextlib
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -199,7 +200,7 @@ def test_evaluation_and_attack_results(odd_runs):
     md = (odd_runs[0] / 'results.md').read_text()
     assert '| attacked | `m.pth.tar` | 41.50 | 70.25 | – |' in md
     assert '| eval | `best.pth.tar` | 45.00 | 75.50 | 2.2500 |' in md
-    assert ('| attacked | `m.pth.tar` | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | 91.50 | 10 | 0.01 | 0.1 |'
+    assert ('| attacked | `m.pth.tar` | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | – | – | 91.50 | 10 | 0.01 | 0.1 |'
             in md)
 
 
@@ -275,3 +276,16 @@ def test_fifty_runs_stay_readable(fifty_runs, tmp_path):
         assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, name
         assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes), name
         matplotlib.pyplot.close(fig)
+
+
+def test_a_summary_of_an_unknown_schema_version_is_refused_in_one_line(tmp_path):
+    run = str(tmp_path / 'run')
+    fake_runs.make_run(run, 2)
+    path = os.path.join(run, 'summary.json')
+    summary = json.load(open(path))
+    summary['schema'] = 99
+    with open(path, 'w') as f:
+        json.dump(summary, f)
+    with pytest.raises(SystemExit) as exc:
+        report.main([run, '--out', str(tmp_path / 'out')])
+    assert 'schema version 99' in str(exc.value) and '\n' not in str(exc.value)
