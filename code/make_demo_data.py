@@ -169,10 +169,15 @@ def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_clas
         save(rel, int(label))
         val_lines.append(f"{rel} {label}")
 
+    return write_label_files(out_dir, CLASS_NAMES[:num_classes], train_lines, val_lines)
+
+
+def write_label_files(out_dir, class_names, train_lines, val_lines):
+    """categories.txt, val.txt, then train.txt: written last, it marks a complete set."""
     write_text(os.path.join(out_dir, "categories.txt"),
-                [f"/{CLASS_NAMES[c]} {c}" for c in range(num_classes)])
+               [f"/{name} {c}" for c, name in enumerate(class_names)])
     write_text(os.path.join(out_dir, "val.txt"), val_lines)
-    write_text(os.path.join(out_dir, "train.txt"), train_lines)   # last: marks completion
+    write_text(os.path.join(out_dir, "train.txt"), train_lines)
     return {"train": len(train_lines), "val": len(val_lines)}
 
 

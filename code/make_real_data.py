@@ -26,7 +26,7 @@ import sys
 import cv2
 import numpy as np
 
-from make_demo_data import prepare_out_dir, write_text
+from make_demo_data import prepare_out_dir, write_label_files, write_text
 
 NUM_CLASSES = 10
 CLASS_NAMES = [f"d/digit_{k}" for k in range(NUM_CLASSES)]   # <letter>/<class>, as MiniPlaces
@@ -116,11 +116,7 @@ def make_real_dataset(out_dir, size=32, val_fraction=0.2, seed=0, max_train=None
         val_lines.append(f"{rel} {labels[index]}")
 
     write_text(os.path.join(out_dir, "sources.txt"), sources)
-    write_text(os.path.join(out_dir, "categories.txt"),
-               [f"/{CLASS_NAMES[c]} {c}" for c in range(NUM_CLASSES)])
-    write_text(os.path.join(out_dir, "val.txt"), val_lines)
-    write_text(os.path.join(out_dir, "train.txt"), train_lines)   # last: marks completion
-    return {"train": len(train_lines), "val": len(val_lines)}
+    return write_label_files(out_dir, CLASS_NAMES, train_lines, val_lines)
 
 
 def main():

@@ -46,6 +46,16 @@ def expect_error(argv, capsys, *words, code=1):
     return lines[0]
 
 
+def strict_json(path):
+    """json.load that refuses NaN/Infinity, as strict JSON parsers do."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f'{path}: non-standard JSON constant {name}')
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
 @pytest.fixture(scope='session')
 def demo(tmp_path_factory):
     """A tiny demo set (4 classes, 48x48 JPEGs) in MiniPlaces layout."""

@@ -1,7 +1,6 @@
 """A run is never lost or silently changed: resume keeps the run's plan, one writer per
 run folder, consistent files after a kill at any write, strict JSON, one-line errors."""
 import errno
-import json
 import os
 import shutil
 import signal
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import CODE, FAST, run_main, checkpoint_of, only_run, expect_error
+from conftest import CODE, FAST, run_main, checkpoint_of, only_run, expect_error, strict_json
 import main as driver
 import utils
 
@@ -21,14 +20,6 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 def train_args(demo, logs, epochs=3):
     return [demo, '--log-dir', str(logs), '--epochs', str(epochs)] + FAST
-
-
-def strict_json(path):
-    """json.load that refuses NaN/Infinity, as strict parsers do."""
-    def refuse(name):
-        raise ValueError(f'{path}: non-standard JSON constant {name}')
-    with open(path) as f:
-        return json.load(f, parse_constant=refuse)
 
 
 def summary_of(run):

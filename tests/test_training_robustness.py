@@ -1,26 +1,18 @@
 """Training that survives data it has never seen: a divergence guard, the class count
 read from the labels, clipping for CNNs on request, and real images learned."""
-import json
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import FAST, run_main, checkpoint_of, only_run, expect_error
+from conftest import FAST, run_main, checkpoint_of, only_run, expect_error, strict_json
 import main as driver
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 # FAST without the class count: these tests are about where it comes from
 AUTO = [a for i, a in enumerate(FAST) if '--num-classes' not in FAST[max(i - 1, 0):i + 1]]
-
-
-def strict_json(path):
-    def refuse(name):
-        raise ValueError(f'{path}: non-standard JSON constant {name}')
-    with open(path) as f:
-        return json.load(f, parse_constant=refuse)
 
 
 def finite(state_dict):
