@@ -148,7 +148,7 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
         os.makedirs(folder, exist_ok=True)
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        raise DatasetError(f"cannot create the data cache folder {folder} ({e.strerror}); "
+        raise DatasetError(f"cannot create the data cache folder {folder} ({e.strerror or e}); "
                            f"make it writable {hint}") from None
     if free < nbytes + (64 << 20):
         raise DatasetError(f"the data cache {path} needs {nbytes / 1e9:.2f} GB but "
@@ -159,6 +159,11 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        if hasattr(os, "posix_fallocate"):
+            # reserve the blocks now: a disk that fills up while the memory map is written
+            # kills the process with SIGBUS instead of raising an error
+            with open(tmp, "rb+") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         loader.transforms = functools.partial(cache_image, size=size)
         batches = data.DataLoader(loader, batch_size=256, num_workers=workers,
                                   collate_fn=_stack_images)
@@ -170,6 +175,8 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
         del out
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())           # on disk before the rename makes it official
+        if os.path.exists(meta_path):      # an old fingerprint never vouches for new images
+            os.remove(meta_path)
         os.replace(tmp, path)
         st = os.stat(path)
         meta = dict(fingerprint, version=CACHE_VERSION, split=loader.split, size=size,
@@ -179,7 +186,7 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
             json.dump(meta, f)
         os.replace(meta_path + ".tmp", meta_path)
     except OSError as e:
-        raise DatasetError(f"cannot write the data cache {path} ({e.strerror}); "
+        raise DatasetError(f"cannot write the data cache {path} ({e.strerror or e}); "
                            f"free some space or make {folder} writable {hint}") from None
     finally:
         loader.transforms = None
