@@ -441,7 +441,8 @@ def bench_pipeline(args):
           f"{rate['per-image']:8.0f} images/s per core")
     print(f"  cached path (memory-mapped cache, fused cv2 warp, uint8):  "
           f"{rate['cached']:8.0f} images/s per core")
-    print(f"  ratio cached/per-image {ratio:.2f}x (target >= 5x: {'PASS' if ratio >= 5 else 'FAIL'})")
+    print(f"  ratio cached/per-image {ratio:.2f}x "
+          f"(target >= 5x: {'PASS' if ratio >= 5 else 'FAIL'})")
 
     # the batched device path: the cache (its first images) on the device, whole batches
     batch = 256

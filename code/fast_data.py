@@ -276,11 +276,15 @@ class Unsupported(ValueError):
     """The fused path cannot reproduce this pipeline (the message says why)."""
 
 
+def _one_line(t):
+    return " ".join(repr(t).split())      # a student's repr may span lines
+
+
 def _check_interpolations(t, position):
     unknown = [i for i in getattr(t, "interpolations", ()) if i not in WARP_MODES]
     if unknown:
-        raise Unsupported(f"transform {position} ({t!r}) uses interpolation {unknown[0]}; "
-                          f"the fused warp knows only nearest, linear and cubic")
+        raise Unsupported(f"transform {position} ({_one_line(t)}) uses interpolation "
+                          f"{unknown[0]}; the fused warp knows only nearest, linear and cubic")
 
 
 def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
@@ -297,7 +301,7 @@ def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
     tail = items[to_tensor[0] + 1:]
     if len(tail) > 1 or (tail and type(tail[0]) is not T.Normalize):
         raise Unsupported(f"after ToTensor the fused path knows only one Normalize, got "
-                          f"{', '.join(repr(t) for t in tail)}")
+                          f"{', '.join(_one_line(t) for t in tail)}")
     mean, std = (tail[0].mean, tail[0].std) if tail else ([0.0] * 3, [1.0] * 3)
     if len(mean) != 3:
         raise Unsupported(f"Normalize has {len(mean)} channels, the images have 3")
@@ -305,8 +309,8 @@ def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
     for position, t in enumerate(items[:to_tensor[0]], start=1):
         kind = _STEP_KINDS.get(type(t))
         if kind is None:
-            raise Unsupported(f"transform {position} ({t!r}) is not one the fused path knows "
-                              f"({', '.join(k.__name__ for k in _STEP_KINDS)})")
+            raise Unsupported(f"transform {position} ({_one_line(t)}) is not one the fused "
+                              f"path knows ({', '.join(k.__name__ for k in _STEP_KINDS)})")
         _check_interpolations(t, position)
         if kind == "scale":
             out = t.output_size(*hw)

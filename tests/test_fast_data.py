@@ -75,7 +75,8 @@ def fused_device(plan, img, params):
 def interior_diff(a, b, border=4):
     """Mean absolute difference in grey levels, away from the border (where the per-image
     path's three resamplings and the fused warp replicate different edge pixels)."""
-    return np.abs(a.astype(np.float64) - b.astype(np.float64))[border:-border, border:-border].mean()
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return diff[border:-border, border:-border].mean()
 
 
 ################################################################################
@@ -181,7 +182,8 @@ def test_fused_path_supported_and_refused():
         'MyRotate': T.Compose([T.Scale(144), MyRotate(10), T.CenterCrop(128), T.ToTensor()]),
         'interpolation 4': T.Compose([T.Scale(144, [cv2.INTER_LANCZOS4]), T.ToTensor()]),
         'exactly one ToTensor': T.Compose([T.Scale(144)]),
-        'only one Normalize': T.Compose([T.ToTensor(), T.Normalize(MEAN, STD), T.Normalize(MEAN, STD)]),
+        'only one Normalize': T.Compose([T.ToTensor(), T.Normalize(MEAN, STD),
+                                         T.Normalize(MEAN, STD)]),
         'not a custom_transforms.Compose': [T.Scale(144), T.ToTensor()],
     }
     for expected, transforms in cases.items():
