@@ -1,4 +1,4 @@
-"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe}`.
+"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline}`.
 
 conv, attention and attack time our code against a reference in the same process,
 with interleaved repetitions, and print ratios (ratios survive a noisy machine;
@@ -619,8 +619,89 @@ def bench_recipe(args):
         raise RecipeError(f"{failed} of {failed + len(results)} runs failed (logs in {work})")
 
 
+def bench_pipeline(args):
+    """Input pipeline, images/s per core, side by side in one process: the per-image
+    path (JPEG decode + get_train_transforms(), float32 out) against the cached path
+    (fast_data.CachedDataset: the fused warp from the memory-mapped cache, uint8 out),
+    each fetching --images images per call and collating them as a DataLoader worker
+    does, on one thread (torch and OpenCV), calls interleaved, best call kept. Prints
+    their ratio (target >= 5x); then the batched device path (fast_data.augment_on_device)
+    on --device, and normalize_on_device, which follows the cached path on the device."""
+    import cv2
+    import torch
+    from torch.utils.data import default_collate
+    import fast_data
+    from custom_dataloader import MiniPlacesLoader
+    from make_demo_data import make_demo_dataset
+    from student_code import get_train_transforms
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    device = torch.device(args.device)
+    data = args.data or os.path.join(REPO, 'data', 'demo')
+    if not os.path.isfile(os.path.join(data, 'train.txt')):
+        make_demo_dataset(data)
+    cache = fast_data.load_or_build_cache(data, 'train')
+    supported, reason = fast_data.fused_path_supported(get_train_transforms())
+    if not supported:
+        print(f"get_train_transforms() has no fused path: {reason}")
+        return None
+    per_image = MiniPlacesLoader(data, 'train', get_train_transforms(), num_classes=None)
+    cached = fast_data.CachedDataset(cache, get_train_transforms())
+    n, total = args.images, len(cache)
+    window = {'per-image': 0, 'cached': 0}
+
+    def indices(path):                    # consecutive windows, wrapping around the split
+        start = window[path]
+        window[path] = (start + n) % total
+        return [(start + k) % total for k in range(n)]
+
+    fns = {'per-image': lambda: default_collate([per_image[i] for i in indices('per-image')]),
+           'cached': lambda: default_collate(cached.__getitems__(indices('cached')))}
+    print(f"pipeline benchmark: {data} train ({total} images), cache {cache.path}, "
+          f"torch {torch.__version__}, OpenCV {cv2.__version__}, 1 thread, {n} images per "
+          f"call, best of {args.repeats} interleaved calls")
+    t = {k: min(v) for k, v in interleaved_times(fns, torch.device('cpu'), args.repeats).items()}
+    rate = {k: n / sec for k, sec in t.items()}
+    ratio = rate['cached'] / rate['per-image']
+    print(f"  per-image path (decode + get_train_transforms, float32): "
+          f"{rate['per-image']:8.0f} images/s per core")
+    print(f"  cached path (memory-mapped cache, fused cv2 warp, uint8):  "
+          f"{rate['cached']:8.0f} images/s per core")
+    print(f"  ratio cached/per-image {ratio:.2f}x "
+          f"(target >= 5x: {'PASS' if ratio >= 5 else 'FAIL'})")
+
+    # the batched device path: the cache (its first images) on the device, whole batches
+    batch = 256
+    count = min(total, 8 * batch)
+    images = torch.from_numpy(cache.images[:count].copy()).to(device)
+    plan = cached.plan
+    position = [0]
+
+    def device_batch():
+        idx = torch.arange(position[0], position[0] + batch, device=device) % count
+        position[0] = (position[0] + batch) % count
+        fast_data.augment_on_device(images.index_select(0, idx),
+                                    fast_data.draw_params(plan, batch), plan)
+
+    uint8_batch = default_collate(cached.__getitems__(list(range(batch))))
+    uint8_batch = uint8_batch[0].to(device)
+    mean, std = cached.normalization
+    t = {k: min(v) for k, v in interleaved_times(
+        {'device': device_batch,
+         'normalize': lambda: fast_data.normalize_on_device(uint8_batch, mean, std)},
+        device, args.repeats).items()}
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+             else '1 thread; on a CPU the cached path above is used')
+    print(f"  batched device path on {device} ({where}), batch {batch}: "
+          f"{batch / t['device']:8.0f} images/s")
+    print(f"    (parameters drawn on the CPU; warp, colour and normalization on {device})")
+    print(f"  normalize_on_device on {device}, the uint8 paths' last step: "
+          f"{batch / t['normalize']:8.0f} images/s")
+    return ratio
+
+
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
-              'models': bench_models, 'recipe': bench_recipe}
+              'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline}
 
 
 def main():
@@ -632,7 +713,6 @@ def main():
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--epochs', type=int, default=4, help='training epochs (models)')
     parser.add_argument('--lr', type=float, default=0.02, help='learning rate (models)')
-    parser.add_argument('--data', default=None, help='demo set (models; default data/demo)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='training seeds (recipe; default 0 1, with --quick 0)')
     parser.add_argument('--datasets', nargs='+', choices=list(RECIPE_DATASETS),
@@ -643,6 +723,10 @@ def main():
                         default=list(RECIPE_CONFIGS), help='training configurations (recipe)')
     parser.add_argument('--quick', action='store_true',
                         help='recipe on tiny sets for 1 epoch: checks that every cell runs')
+    parser.add_argument('--data', default=None,
+                        help='data folder (models, pipeline; default data/demo)')
+    parser.add_argument('--images', type=int, default=256,
+                        help='images per timed call of each path (pipeline)')
     args = parser.parse_args()
     import torch
     if args.threads > 0:

@@ -8,6 +8,11 @@ Randomness: the random transforms draw only from Python's `random` module. In th
 process `random.seed(s)` makes them repeatable; inside DataLoader workers
 `custom_dataloader.seed_worker` (passed as `worker_init_fn`) seeds `random` from
 torch's per-worker seed, so `torch.manual_seed(s)` makes the whole pipeline repeatable.
+
+Each random transform splits into `get_params(...)` (all its random draws, in the order
+__call__ makes them) and `apply(img, ...)` (the deterministic part), like torchvision's
+RandomResizedCrop.get_params: fast_data.py draws the same parameters with the same calls
+for its fused warp, and the tests apply fixed parameters to both paths.
 """
 import math
 import random
@@ -99,11 +104,16 @@ class Compose(object):
 class RandomHorizontalFlip(object):
     """Mirror the image left-right with probability 0.5."""
 
+    def get_params(self):
+        """True: mirror this image (one draw of random.random())."""
+        return random.random() < 0.5
+
+    def apply(self, img, flip):
+        return np.ascontiguousarray(img[:, ::-1]) if flip else img
+
     def __call__(self, img):
         _check_image(img, "RandomHorizontalFlip")
-        if random.random() < 0.5:
-            img = np.ascontiguousarray(img[:, ::-1])
-        return img
+        return self.apply(img, self.get_params())
 
     def __repr__(self):
         return f"{self.__class__.__name__}()"
@@ -125,19 +135,28 @@ class Scale(object):
             self.size = _as_size(size, "Scale")
         self.interpolations = _as_interpolations(interpolations, "Scale")
 
-    def __call__(self, img):
-        _check_image(img, "Scale")
-        interpolation = random.choice(self.interpolations)
-        height, width = img.shape[:2]
+    def get_params(self):
+        """The interpolation of this image (drawn even when no resize is needed)."""
+        return random.choice(self.interpolations)
+
+    def output_size(self, height, width):
+        """(height, width) of the output for an input of height x width."""
         if isinstance(self.size, tuple):
-            out_h, out_w = self.size
-        elif width <= height:
-            out_w, out_h = self.size, int(round(self.size * height / width))
-        else:
-            out_w, out_h = int(round(self.size * width / height)), self.size
+            return self.size
+        if width <= height:
+            return int(round(self.size * height / width)), self.size
+        return self.size, int(round(self.size * width / height))
+
+    def apply(self, img, interpolation):
+        height, width = img.shape[:2]
+        out_h, out_w = self.output_size(height, width)
         if (out_h, out_w) == (height, width):
             return img
         return _resize(img, out_w, out_h, interpolation)
+
+    def __call__(self, img):
+        _check_image(img, "Scale")
+        return self.apply(img, self.get_params())
 
     def __repr__(self):
         return (f"{self.__class__.__name__}(size={self.size}, "
@@ -154,15 +173,22 @@ class CenterCrop(object):
     def __init__(self, size):
         self.size = _as_size(size, "CenterCrop")
 
-    def __call__(self, img):
-        _check_image(img, "CenterCrop")
+    def layout(self, height, width):
+        """((h, w), (y0, x0)): the size the input is first upscaled to (its own size
+        if it covers the crop) and the crop's top-left corner in that image."""
         th, tw = self.size
-        h, w = img.shape[:2]
+        h, w = height, width
         if h < th or w < tw:
             scale = max(th / h, tw / w)
             h, w = max(th, int(math.ceil(h * scale))), max(tw, int(math.ceil(w * scale)))
+        return (h, w), (int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)))
+
+    def __call__(self, img):
+        _check_image(img, "CenterCrop")
+        th, tw = self.size
+        (h, w), (y0, x0) = self.layout(*img.shape[:2])
+        if (h, w) != img.shape[:2]:
             img = _resize(img, w, h, cv2.INTER_LINEAR)
-        y0, x0 = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
         return img[y0:y0 + th, x0:x0 + tw]
 
     def __repr__(self):
@@ -193,19 +219,30 @@ class RandomSizedCrop(object):
         self.fallback = Compose([Scale(min(self.size), self.interpolations),
                                  CenterCrop(self.size)])
 
-    def __call__(self, img):
-        _check_image(img, "RandomSizedCrop")
-        h, w = img.shape[:2]
+    def get_params(self, height, width):
+        """(x0, y0, cw, ch, interpolation) of a crop of a height x width image, or None
+        when no trial fits: then `self.fallback` (Scale + CenterCrop) is used, which
+        draws its own interpolation."""
         for _ in range(self.num_trials):
-            area = h * w * random.uniform(*self.area_range)
+            area = height * width * random.uniform(*self.area_range)
             ratio = random.uniform(*self.ratio_range)
             cw = int(round(math.sqrt(area * ratio)))
             ch = int(round(math.sqrt(area / ratio)))
-            if 1 <= cw <= w and 1 <= ch <= h:
-                x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
-                crop = img[y0:y0 + ch, x0:x0 + cw]
-                return _resize(crop, self.size[1], self.size[0], random.choice(self.interpolations))
-        return self.fallback(img)
+            if 1 <= cw <= width and 1 <= ch <= height:
+                x0, y0 = random.randint(0, width - cw), random.randint(0, height - ch)
+                return x0, y0, cw, ch, random.choice(self.interpolations)
+        return None
+
+    def apply(self, img, params):
+        if params is None:
+            return self.fallback(img)
+        x0, y0, cw, ch, interpolation = params
+        crop = img[y0:y0 + ch, x0:x0 + cw]
+        return _resize(crop, self.size[1], self.size[0], interpolation)
+
+    def __call__(self, img):
+        _check_image(img, "RandomSizedCrop")
+        return self.apply(img, self.get_params(*img.shape[:2]))
 
     def __repr__(self):
         return (f"{self.__class__.__name__}(size={_size_repr(self.size)}, "
@@ -222,15 +259,21 @@ class RandomColor(object):
             raise ValueError(f"RandomColor: color_range must be in [0, 1), got {color_range!r}")
         self.color_range = color_range
 
-    def __call__(self, img):
-        _check_image(img, "RandomColor")
-        num_channels = img.shape[2] if img.ndim == 3 else 1
-        factors = np.array([random.uniform(1 - self.color_range, 1 + self.color_range)
-                            for _ in range(num_channels)], dtype=np.float32)
+    def get_params(self, num_channels=3):
+        """One factor per channel, each uniform in [1 - r, 1 + r]."""
+        return tuple(random.uniform(1 - self.color_range, 1 + self.color_range)
+                     for _ in range(num_channels))
+
+    def apply(self, img, factors):
+        factors = np.array(factors, dtype=np.float32)
         if img.ndim == 2:
             factors = factors[0]
         out = img.astype(np.float32) * factors
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    def __call__(self, img):
+        _check_image(img, "RandomColor")
+        return self.apply(img, self.get_params(img.shape[2] if img.ndim == 3 else 1))
 
     def __repr__(self):
         return f"{self.__class__.__name__}(color_range={self.color_range})"
@@ -269,22 +312,33 @@ class RandomRotate(object):
         self.degree_range = degree_range
         self.interpolations = _as_interpolations(interpolations, "RandomRotate")
 
-    def __call__(self, img):
-        _check_image(img, "RandomRotate")
+    def get_params(self):
+        """(degree, interpolation); |degree| < 1e-3 leaves the image as it is."""
         degree = random.uniform(-self.degree_range, self.degree_range)
-        interpolation = random.choice(self.interpolations)
+        return degree, random.choice(self.interpolations)
+
+    @staticmethod
+    def crop_box(height, width, degree):
+        """(x0, y0, cw, ch): the upright crop of the rotated height x width canvas."""
+        wr, hr = largest_rotated_rect(width, height, math.radians(degree))
+        # a pixel of margin on each side: interpolation at the rim mixes in the black border
+        cw, ch = max(1, int(math.floor(wr)) - 2), max(1, int(math.floor(hr)) - 2)
+        return (width - cw) // 2, (height - ch) // 2, cw, ch
+
+    def apply(self, img, degree, interpolation):
         if abs(degree) < 1e-3:
             return img
         h, w = img.shape[:2]
         # rotate about the centre of the pixel grid; the canvas keeps the input size
         matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), degree, 1.0)
         rotated = _keep_channels(cv2.warpAffine(img, matrix, (w, h), flags=interpolation), img)
-        wr, hr = largest_rotated_rect(w, h, math.radians(degree))
-        # a pixel of margin on each side: interpolation at the rim mixes in the black border
-        cw, ch = max(1, int(math.floor(wr)) - 2), max(1, int(math.floor(hr)) - 2)
-        x0, y0 = (w - cw) // 2, (h - ch) // 2
+        x0, y0, cw, ch = self.crop_box(h, w, degree)
         crop = rotated[y0:y0 + ch, x0:x0 + cw]
         return _resize(crop, w, h, interpolation)
+
+    def __call__(self, img):
+        _check_image(img, "RandomRotate")
+        return self.apply(img, *self.get_params())
 
     def __repr__(self):
         return (f"{self.__class__.__name__}(degree_range={self.degree_range}, "
