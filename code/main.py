@@ -139,10 +139,10 @@ class Interrupted(Exception):
 _NOT_GIVEN = object()
 
 
-def given_flags(argv):
+def given_flags(argv, args):
     """The dests of the flags written on the command line (not left at their default):
     argparse fills in a default only where the namespace has no value yet."""
-    probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions})
+    probe = argparse.Namespace(**{dest: _NOT_GIVEN for dest in vars(args)})
     parser.parse_args(argv, namespace=probe)
     return {dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN}
 
@@ -926,7 +926,7 @@ def sigterm_as_interrupt(signum, frame):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    given = given_flags(argv)
+    given = given_flags(argv, args)
     previous_handler = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         with contextlib.ExitStack() as stack:  # holds the run folder's lock, if any

@@ -27,15 +27,17 @@ Public names. "graded": the handout's name and signature, never changed;
   BasicBlock, ResNet10        -                our CNN, one residual block a stage (--arch resnet10)
   count_params                main.py          number of trainable parameters
   count_flops                 -                FLOPs of a forward pass of one image
-  cnn_models                  main.py          {name: CNN class}: the choices of --arch
+  cnn_models                  main.py          {name: CNN class}: --arch choices (SGD)
   default_cnn_model           graded, main.py  the CNN main.py trains by default (ResNet10)
   Attention                   graded           multi-head self-attention
   TransformerBlock            graded           Transformer block, global or window attention
   SimpleViT                   graded           the vision Transformer
+  vit_models                  main.py          {name: ViT class}: --arch choices (AdamW)
   default_vit_model           graded, main.py  the ViT of --use-vit (SimpleViT)
   get_train_transforms        graded, main.py  training augmentation
   get_val_transforms          graded, main.py  validation transforms
   least_confident_labels      main.py          argmin of the logits: PGDAttack's target
+  pixel_bounds, feasible_box  -                the valid pixel range and PGD's box in it
   PGDAttack                   graded           PGD towards the least confident label
   default_attack              graded, main.py  the attack of -a (PGDAttack)
   UntargetedPGDAttack         main.py          PGD for adversarial training (--adv-train)
