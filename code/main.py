@@ -513,13 +513,13 @@ class AttackMeters(object):
 
     def update(self, target, clean_logits, clean_flip, adv_logits, adv_flip, target_labels):
         n = target.size(0)
-        for prefix, logits in (('clean', clean_flip), ('adv', adv_flip),
-                               ('clean_noflip', clean_logits), ('adv_noflip', adv_logits)):
+        for (key1, key5), logits in ((('clean_top1', 'clean_top5'), clean_flip),
+                                     (('adv_top1', 'adv_top5'), adv_flip),
+                                     (('clean_top1_noflip', 'clean_top5_noflip'), clean_logits),
+                                     (('adv_top1_noflip', 'adv_top5_noflip'), adv_logits)):
             acc1, acc5 = accuracy(logits, target, (1, 5))
-            head, _, tail = prefix.partition('_')
-            suffix = '_' + tail if tail else ''
-            self.acc[f'{head}_top1{suffix}'].update(acc1.item(), n)
-            self.acc[f'{head}_top5{suffix}'].update(acc5.item(), n)
+            self.acc[key1].update(acc1.item(), n)
+            self.acc[key5].update(acc5.item(), n)
         correct = clean_flip.argmax(1) == target
         self.correct += correct.sum().item()
         self.fooled += (correct & (adv_flip.argmax(1) != target)).sum().item()
