@@ -60,3 +60,34 @@ def test_adversarial_training_runs(demo, tmp_path, capsys):
     ckpt = torch.load(os.path.join(new_run(str(tmp_path)), 'models', 'checkpoint.pth.tar'),
                       weights_only=True)
     assert ckpt['args']['adv_train'] and ckpt['epoch'] == 2
+
+
+def test_attack_reports_accuracy_with_and_without_the_flip(demo, trained_run, tmp_path,
+                                                           capsys):
+    """The no-flip figures equal an attack run by hand on the plain logits."""
+    import torch.nn as nn
+    import student_code as sc
+    from custom_dataloader import MiniPlacesLoader
+    ckpt_path = os.path.join(trained_run, 'models', 'model_best.pth.tar')
+    code, out, err = run_main([demo, '--resume', ckpt_path, '-a', '--log-dir', str(tmp_path),
+                               '-j', '0', '--device', 'cpu', '--attack-eps', '0.5',
+                               '--attack-step-size', '0.1'], capsys)
+    assert code == 0, err
+    assert 'with flip (handout)' in out and 'without flip' in out
+    attack = json.load(open(os.path.join(new_run(str(tmp_path)), 'summary.json')))['attack']
+
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    model = sc.SimpleNet(num_classes=4)
+    model.load_state_dict(ckpt['state_dict'])
+    model.eval()
+    val = MiniPlacesLoader(demo, 'val', sc.get_val_transforms(), num_classes=4)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor(val.label_list)
+    adv = sc.PGDAttack(nn.CrossEntropyLoss(), num_steps=10, step_size=0.1,
+                       epsilon=0.5).perturb(model, x)
+    with torch.no_grad():
+        clean_acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+        adv_acc = 100.0 * (model(adv).argmax(1) == y).float().mean().item()
+    assert attack['clean_top1_noflip'] == pytest.approx(clean_acc, abs=1e-3)
+    assert attack['adv_top1_noflip'] == pytest.approx(adv_acc, abs=1e-3)
+    assert {'adv_top5_noflip', 'clean_top5_noflip', 'adv_top1', 'adv_top5'} <= set(attack)
