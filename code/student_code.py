@@ -109,7 +109,7 @@ def _conv_out_size(size, kernel_size, stride, padding):
 # reused for every chunk. Whole-batch `cols` of a 64-channel 3x3 layer at 32x32 px
 # and batch 64 would be 151 MB: written to fresh memory (page faults) and read back
 # from RAM, it costs more than the GEMM itself. (On a GPU: one chunk, whole batch.)
-_CPU_COLS_CHUNK_BYTES = 8 * 2**20
+_CPU_COLS_CHUNK_BYTES = 32 * 2**20
 
 
 def _batch_chunks(x, rows_per_image, row_numel, no_unfold=False):
@@ -124,9 +124,20 @@ def _batch_chunks(x, rows_per_image, row_numel, no_unfold=False):
         return [(0, N)], None
     image_bytes = max(1, rows_per_image * row_numel * x.element_size())
     n = max(1, min(N, _CPU_COLS_CHUNK_BYTES // image_bytes))
+    n = -(-N // -(-N // n))                       # as many chunks, sizes evened out
     chunks = [(i, min(i + n, N)) for i in range(0, N, n)]
     buffer = x.new_empty(n * rows_per_image * row_numel) if len(chunks) > 1 else None
     return chunks, buffer
+
+
+def _pad_for_chunks(x, padding, chunks):
+    """(x, padding) for _im2col over these chunks: with several chunks, x zero-padded
+    once here (channels-last, shape N x C x (H+2P) x (W+2P)) and padding 0, rather
+    than each chunk padding its own copy (fewer, larger operations)."""
+    if len(chunks) == 1 or padding == 0:
+        return x, padding
+    P = padding
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, P, P, P, P)).permute(0, 3, 1, 2), 0
 
 
 def _im2col(x, kernel_size, stride, padding, out=None):
@@ -185,6 +196,7 @@ def _conv2d_gemm(x, weight, bias, stride, padding):
     rows = H_out * W_out                                          # cols rows per image
     chunks, buffer = _batch_chunks(x, rows, weight_2d.size(1),
                                    no_unfold=(K == 1 and stride == 1 and padding == 0))
+    x, padding = _pad_for_chunks(x, padding, chunks)
     for start, end in chunks:
         cols = _im2col(x[start:end], K, stride, padding, buffer)  # (n*H_o*W_o, K*K*C_i)
         out_2d = output_2d[start * rows:end * rows]
@@ -323,7 +335,9 @@ class CustomConv2DFunction(Function):
                 # dL/dX = dY, zero-padded by K-1-P, convolved with the kernel flipped
                 # in space and with its in/out channels swapped. (Faster than
                 # dY W + fold: the GEMM is compute-heavy and nothing is scattered.)
-                flipped = weight.flip(2, 3).transpose(0, 1)              # (C_i, C_o, K, K)
+                # (C_i, C_o, K, K), flipped and stored as (C_i, K, K, C_o) in one copy:
+                # the (ky, kx, c) order that _conv2d_gemm flattens it to for free
+                flipped = weight.permute(1, 2, 3, 0).flip(1, 2).permute(0, 3, 1, 2)
                 grad_input = _conv2d_gemm(grad_output, flipped, None, 1,
                                           kernel_size - 1 - padding)
             elif ctx.needs_input_grad[0]:
@@ -355,9 +369,10 @@ class CustomConv2DFunction(Function):
                 chunks, buffer = _batch_chunks(
                     input_feats, rows, row_numel,
                     no_unfold=(kernel_size == 1 and stride == 1 and padding == 0))
+                x, pad = _pad_for_chunks(input_feats, padding, chunks)
                 grad_weight_2d = None
                 for start, end in chunks:
-                    cols = _im2col(input_feats[start:end], kernel_size, stride, padding,
+                    cols = _im2col(x[start:end], kernel_size, stride, pad,
                                    buffer)                               # (n*H_o*W_o, K*K*C_i)
                     grad_out_t = grad_out_2d[start * rows:end * rows].t()
                     if grad_weight_2d is None:
