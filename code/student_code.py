@@ -90,9 +90,12 @@ from custom_blocks import (PatchEmbed, window_partition, window_unpartition,
 # What makes it fast and lean (a naive unfold version is ~4x slower than nn.Conv2d):
 #  * channels-last rows: we unfold an (N, H, W, C) view, so each patch row is K*K
 #    contiguous runs of C numbers; the copy is cheap and every product above is a
-#    single large 2-D GEMM for the BLAS (no batched matmul, no sum over the batch).
+#    large 2-D GEMM for the BLAS (no batched matmul, no sum over the batch).
 #    The output is returned in channels-last memory (shape still N x C x H x W),
 #    which the next layer reads again without any copy.
+#  * on the CPU the batch goes through im2col + GEMM in a few chunks of images
+#    (cols of a chunk <= 32 MB, one buffer reused by every chunk; see
+#    _CPU_COLS_CHUNK_BYTES): the same unfold and GEMMs, on rows N/chunks at a time.
 #  * a 1x1 stride-1 convolution needs no unfold at all: its `cols` is the input
 #    itself, viewed as a (N*H*W, C_i) matrix.
 #  * for backward we save the input, not `cols` (K*K times larger): `cols` is
@@ -103,12 +106,16 @@ def _conv_out_size(size, kernel_size, stride, padding):
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-# On the CPU, im2col + GEMM is run a few images at a time (see _batch_chunks): a
-# chunk's `cols` is at most about this many bytes, so it stays in the CPU caches
-# between the unfold that writes it and the GEMM that reads it, and one buffer is
-# reused for every chunk. Whole-batch `cols` of a 64-channel 3x3 layer at 32x32 px
-# and batch 64 would be 151 MB: written to fresh memory (page faults) and read back
-# from RAM, it costs more than the GEMM itself. (On a GPU: one chunk, whole batch.)
+# On the CPU, im2col + GEMM is run a few images at a time (see _batch_chunks).
+# Whole-batch `cols` of a 64-channel 3x3 layer at 32x32 px and batch 64 is 151 MB:
+# written to freshly allocated memory (a page fault every 4 KiB) and read back from
+# RAM, it cost more than the GEMM itself (the 64-channel layers ran at ~3x
+# nn.Conv2d's time). In chunks, one buffer of at most this many bytes is reused for
+# every chunk (at most one buffer's worth of page faults, and it can stay in the
+# last-level cache between the unfold that writes it and the GEMM that reads it). Not much smaller: every chunk
+# adds a few operations, each a parallel region that waits for all threads, which
+# costs a lot on a busy machine (8 MB chunks measured slower than no chunks there).
+# (On a GPU: one chunk, the whole batch.)
 _CPU_COLS_CHUNK_BYTES = 32 * 2**20
 
 
