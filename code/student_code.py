@@ -352,10 +352,11 @@ class CustomConv2DFunction(Function):
                 # onto the input pixels it came from (chunk by chunk on the CPU)
                 weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
                 _, C_in, H, W = ctx.input_shape
-                grad_input = torch.empty(ctx.input_shape, dtype=grad_output.dtype,
-                                         device=grad_output.device,
-                                         memory_format=torch.channels_last)
                 chunks, buffer = _batch_chunks(grad_output, rows, weight_2d.size(1))
+                if len(chunks) > 1:
+                    grad_input = torch.empty(ctx.input_shape, dtype=grad_output.dtype,
+                                             device=grad_output.device,
+                                             memory_format=torch.channels_last)
                 for start, end in chunks:
                     grad_out_chunk = grad_out_2d[start * rows:end * rows]
                     if buffer is None:
@@ -365,8 +366,12 @@ class CustomConv2DFunction(Function):
                         torch.mm(grad_out_chunk, weight_2d,
                                  out=grad_cols.view(-1, weight_2d.size(1)))
                         grad_cols = grad_cols.view(-1, weight_2d.size(1))
-                    grad_input[start:end] = _col2im(grad_cols, (end - start, C_in, H, W),
-                                                    kernel_size, stride, padding)
+                    folded = _col2im(grad_cols, (end - start, C_in, H, W),
+                                     kernel_size, stride, padding)
+                    if len(chunks) == 1:
+                        grad_input = folded                # the whole batch: no copy
+                    else:
+                        grad_input[start:end] = folded
 
             if ctx.needs_input_grad[1]:
                 # dL/dW = dY^T cols: a GEMM whose inner dimension runs over the
