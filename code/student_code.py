@@ -92,9 +92,12 @@ from custom_blocks import (PatchEmbed, window_partition, window_unpartition,
 # What makes it fast and lean (a naive unfold version is ~4x slower than nn.Conv2d):
 #  * channels-last rows: we unfold an (N, H, W, C) view, so each patch row is K*K
 #    contiguous runs of C numbers; the copy is cheap and every product above is a
-#    single large 2-D GEMM for the BLAS (no batched matmul, no sum over the batch).
+#    large 2-D GEMM for the BLAS (no batched matmul, no sum over the batch).
 #    The output is returned in channels-last memory (shape still N x C x H x W),
 #    which the next layer reads again without any copy.
+#  * on the CPU the batch goes through im2col + GEMM in a few chunks of images
+#    (cols of a chunk <= 32 MB, one buffer reused by every chunk; see
+#    _CPU_COLS_CHUNK_BYTES): the same unfold and GEMMs, on rows N/chunks at a time.
 #  * a 1x1 stride-1 convolution needs no unfold at all: its `cols` is the input
 #    itself, viewed as a (N*H*W, C_i) matrix.
 #  * for backward we save the input, not `cols` (K*K times larger): `cols` is
@@ -105,17 +108,65 @@ def _conv_out_size(size, kernel_size, stride, padding):
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-def _im2col(x, kernel_size, stride, padding):
+# On the CPU, im2col + GEMM is run a few images at a time (see _batch_chunks).
+# Whole-batch `cols` of a 64-channel 3x3 layer at 32x32 px and batch 64 is 151 MB:
+# written to freshly allocated memory (a page fault every 4 KiB) and read back from
+# RAM, it cost more than the GEMM itself (the 64-channel layers ran at ~3x
+# nn.Conv2d's time). In chunks, one buffer of at most this many bytes is reused for
+# every chunk (at most one buffer's worth of page faults, and it can stay in the
+# last-level cache between the unfold that writes it and the GEMM that reads it). Not much smaller: every chunk
+# adds a few operations, each a parallel region that waits for all threads, which
+# costs a lot on a busy machine (8 MB chunks measured slower than no chunks there).
+# (On a GPU: one chunk, the whole batch.)
+_CPU_COLS_CHUNK_BYTES = 32 * 2**20
+
+
+def _batch_chunks(x, rows_per_image, row_numel, no_unfold=False):
+    """How the batch of x goes through im2col + GEMM: ([(start, end)] ranges of
+    images, buffer). The whole batch and no buffer on a GPU or when no_unfold (a
+    1x1 stride-1 convolution, whose cols is x itself); on the CPU, chunks whose
+    cols (rows_per_image * row_numel elements per image) fit in
+    _CPU_COLS_CHUNK_BYTES (one image at least), and a flat buffer for one chunk's
+    cols that every chunk reuses (None when there is a single chunk)."""
+    N = x.size(0)
+    if x.device.type != 'cpu' or no_unfold:
+        return [(0, N)], None
+    image_bytes = max(1, rows_per_image * row_numel * x.element_size())
+    n = max(1, min(N, _CPU_COLS_CHUNK_BYTES // image_bytes))
+    n = -(-N // -(-N // n))                       # as many chunks, sizes evened out
+    chunks = [(i, min(i + n, N)) for i in range(0, N, n)]
+    buffer = x.new_empty(n * rows_per_image * row_numel) if len(chunks) > 1 else None
+    return chunks, buffer
+
+
+def _pad_for_chunks(x, padding, chunks):
+    """(x, padding) for _im2col over these chunks: with several chunks, x zero-padded
+    once here (channels-last, shape N x C x (H+2P) x (W+2P)) and padding 0, rather
+    than each chunk padding its own copy (fewer, larger operations)."""
+    if len(chunks) == 1 or padding == 0:
+        return x, padding
+    P = padding
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, P, P, P, P)).permute(0, 3, 1, 2), 0
+
+
+def _im2col(x, kernel_size, stride, padding, out=None):
     """Unfold x (N, C, H, W) into cols (N*H_o*W_o, K*K*C): one row per output
-    pixel, holding its K x K patch in (ky, kx, c) order (channels last)."""
+    pixel, holding its K x K patch in (ky, kx, c) order (channels last). With
+    `out` (a contiguous buffer of at least that many elements) the rows are
+    written into it, and a view of its beginning is returned."""
     K, S, P = kernel_size, stride, padding
     x = x.permute(0, 2, 3, 1)                       # (N, H, W, C), a view
     if P > 0:
         x = F.pad(x, (0, 0, P, P, P, P))            # zero-pad H and W (not C)
     patches = x.unfold(1, K, S).unfold(2, K, S)     # (N, H_o, W_o, C, K, K), a view
     N, H_out, W_out, C = patches.shape[:4]
-    # the only copy (free when K = S = 1 and x is already channels-last)
-    return patches.permute(0, 1, 2, 4, 5, 3).reshape(N * H_out * W_out, K * K * C)
+    patches = patches.permute(0, 1, 2, 4, 5, 3)     # (N, H_o, W_o, K, K, C), a view
+    if out is None:
+        # the only copy (free when K = S = 1 and x is already channels-last)
+        return patches.reshape(N * H_out * W_out, K * K * C)
+    cols = out[:patches.numel()].view(patches.shape)
+    cols.copy_(patches)                             # the only copy
+    return cols.view(N * H_out * W_out, K * K * C)
 
 
 def _col2im(cols, input_shape, kernel_size, stride, padding):
@@ -138,23 +189,30 @@ def _col2im(cols, input_shape, kernel_size, stride, padding):
 
 
 def _conv2d_gemm(x, weight, bias, stride, padding):
-    """Y = cols @ W^T + b: the convolution as one GEMM. Returns (N, C_o, H_o, W_o)
-    stored channels-last, i.e. in memory the (N*H_o*W_o, C_o) matrix that the
-    GEMM writes into (a fresh tensor, not a view: autograd forbids in-place ops
-    such as ReLU(inplace=True) on a view returned by a custom Function)."""
+    """Y = cols @ W^T + b: the convolution as one GEMM (a few GEMMs, one per chunk
+    of images, on the CPU). Returns (N, C_o, H_o, W_o) stored channels-last, i.e.
+    in memory the (N*H_o*W_o, C_o) matrix that the GEMMs write into (a fresh
+    tensor, not a view: autograd forbids in-place ops such as ReLU(inplace=True)
+    on a view returned by a custom Function)."""
     N, C_out, K = x.size(0), weight.size(0), weight.size(2)
     H_out = _conv_out_size(x.size(2), K, stride, padding)
     W_out = _conv_out_size(x.size(3), K, stride, padding)
     output = torch.empty((N, C_out, H_out, W_out), dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last)
     output_2d = output.permute(0, 2, 3, 1).view(-1, C_out)
-    cols = _im2col(x, K, stride, padding)                        # (N*H_o*W_o, K*K*C_i)
     # the weight in the same (ky, kx, c) order as the patch rows: (C_o, K*K*C_i)
     weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
-    if bias is None:
-        torch.mm(cols, weight_2d.t(), out=output_2d)
-    else:
-        torch.addmm(bias, cols, weight_2d.t(), out=output_2d)
+    rows = H_out * W_out                                          # cols rows per image
+    chunks, buffer = _batch_chunks(x, rows, weight_2d.size(1),
+                                   no_unfold=(K == 1 and stride == 1 and padding == 0))
+    x, padding = _pad_for_chunks(x, padding, chunks)
+    for start, end in chunks:
+        cols = _im2col(x[start:end], K, stride, padding, buffer)  # (n*H_o*W_o, K*K*C_i)
+        out_2d = output_2d[start * rows:end * rows]
+        if bias is None:
+            torch.mm(cols, weight_2d.t(), out=out_2d)
+        else:
+            torch.addmm(bias, cols, weight_2d.t(), out=out_2d)
     return output
 
 
@@ -276,27 +334,65 @@ class CustomConv2DFunction(Function):
             grad_output = grad_output.to(weight.dtype)
             # dY as a (N*H_o*W_o, C_o) matrix: a free view when it is channels-last
             grad_out_2d = grad_output.permute(0, 2, 3, 1).reshape(-1, C_out)
+            grad_output = grad_out_2d.view(
+                grad_output.size(0), grad_output.size(2), grad_output.size(3),
+                C_out).permute(0, 3, 1, 2)                              # channels-last
+            rows = grad_output.size(2) * grad_output.size(3)           # dY rows per image
 
             if ctx.needs_input_grad[0] and stride == 1 and padding <= kernel_size - 1:
                 # with stride 1, the gradient of a convolution is a convolution:
                 # dL/dX = dY, zero-padded by K-1-P, convolved with the kernel flipped
                 # in space and with its in/out channels swapped. (Faster than
                 # dY W + fold: the GEMM is compute-heavy and nothing is scattered.)
-                flipped = weight.flip(2, 3).transpose(0, 1)              # (C_i, C_o, K, K)
+                # (C_i, C_o, K, K), flipped and stored as (C_i, K, K, C_o) in one copy:
+                # the (ky, kx, c) order that _conv2d_gemm flattens it to for free
+                flipped = weight.permute(1, 2, 3, 0).flip(1, 2).permute(0, 3, 1, 2)
                 grad_input = _conv2d_gemm(grad_output, flipped, None, 1,
                                           kernel_size - 1 - padding)
             elif ctx.needs_input_grad[0]:
                 # general case: dL/dcols = dY W, then fold each patch gradient back
-                # onto the input pixels it came from
+                # onto the input pixels it came from (chunk by chunk on the CPU)
                 weight_2d = weight.permute(0, 2, 3, 1).reshape(C_out, -1)
-                grad_cols = grad_out_2d @ weight_2d                     # (N*H_o*W_o, K*K*C_i)
-                grad_input = _col2im(grad_cols, ctx.input_shape, kernel_size, stride, padding)
+                _, C_in, H, W = ctx.input_shape
+                chunks, buffer = _batch_chunks(grad_output, rows, weight_2d.size(1))
+                if len(chunks) > 1:
+                    grad_input = torch.empty(ctx.input_shape, dtype=grad_output.dtype,
+                                             device=grad_output.device,
+                                             memory_format=torch.channels_last)
+                for start, end in chunks:
+                    grad_out_chunk = grad_out_2d[start * rows:end * rows]
+                    if buffer is None:
+                        grad_cols = grad_out_chunk @ weight_2d          # (n*H_o*W_o, K*K*C_i)
+                    else:
+                        grad_cols = buffer[:grad_out_chunk.size(0) * weight_2d.size(1)]
+                        torch.mm(grad_out_chunk, weight_2d,
+                                 out=grad_cols.view(-1, weight_2d.size(1)))
+                        grad_cols = grad_cols.view(-1, weight_2d.size(1))
+                    folded = _col2im(grad_cols, (end - start, C_in, H, W),
+                                     kernel_size, stride, padding)
+                    if len(chunks) == 1:
+                        grad_input = folded                # the whole batch: no copy
+                    else:
+                        grad_input[start:end] = folded
 
             if ctx.needs_input_grad[1]:
-                # dL/dW = dY^T cols: one GEMM whose inner dimension runs over
-                # the whole batch and all output pixels
-                cols = _im2col(input_feats, kernel_size, stride, padding)
-                grad_weight_2d = grad_out_2d.t() @ cols                 # (C_o, K*K*C_i)
+                # dL/dW = dY^T cols: a GEMM whose inner dimension runs over the
+                # whole batch and all output pixels (on the CPU, a sum of GEMMs
+                # over chunks of images, accumulated in place)
+                row_numel = kernel_size * kernel_size * input_feats.size(1)
+                chunks, buffer = _batch_chunks(
+                    input_feats, rows, row_numel,
+                    no_unfold=(kernel_size == 1 and stride == 1 and padding == 0))
+                x, pad = _pad_for_chunks(input_feats, padding, chunks)
+                grad_weight_2d = None
+                for start, end in chunks:
+                    cols = _im2col(x[start:end], kernel_size, stride, pad,
+                                   buffer)                               # (n*H_o*W_o, K*K*C_i)
+                    grad_out_t = grad_out_2d[start * rows:end * rows].t()
+                    if grad_weight_2d is None:
+                        grad_weight_2d = grad_out_t @ cols               # (C_o, K*K*C_i)
+                    else:
+                        grad_weight_2d.addmm_(grad_out_t, cols)
                 grad_weight = grad_weight_2d.view(
                     C_out, kernel_size, kernel_size, -1).permute(0, 3, 1, 2).contiguous()
 

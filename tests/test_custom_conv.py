@@ -69,6 +69,32 @@ def test_float32_matches_conv2d_at_handout_tolerance():
         assert err < 1e-5
 
 
+@pytest.mark.parametrize("images_per_chunk", [1, 2])
+@pytest.mark.parametrize("K, S, P", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3),
+                                     (2, 3, 0), (3, 1, 0), (4, 1, 3)])
+def test_chunked_batch_matches_conv2d(monkeypatch, images_per_chunk, K, S, P):
+    """On the CPU the batch is unfolded and multiplied a few images at a time (one
+    reused cols buffer, weight gradient accumulated over chunks): with a budget of
+    1 or 2 images per chunk, a batch of 5 runs in several chunks, the last one
+    shorter, through every path (forward, weight gradient, stride-1 input gradient
+    as a convolution, fold), and still matches F.conv2d."""
+    N, C_i, C_o, H, W = 5, 3, 4, 9, 8
+    H_o, W_o = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    # bytes of one image's cols (float64) in the forward pass and the weight gradient
+    # (the input gradient's cols, with C_o >= C_i channels, come in chunks as small)
+    image_bytes = 8 * H_o * W_o * K * K * C_i
+    monkeypatch.setattr(student_code, "_CPU_COLS_CHUNK_BYTES", images_per_chunk * image_bytes)
+    chunks, _ = student_code._batch_chunks(torch.empty(N, C_i, H, W, dtype=torch.float64),
+                                        H_o * W_o, K * K * C_i)
+    assert len(chunks) > 1 and chunks[-1][1] == N
+    g = torch.Generator().manual_seed(7 * K + S)
+    x = torch.randn(N, C_i, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(C_o, C_i, K, K, generator=g, dtype=torch.float64)
+    b = torch.randn(C_o, generator=g, dtype=torch.float64)
+    assert_matches_reference(x, w, b, S, P)
+    assert_matches_reference(x.contiguous(memory_format=torch.channels_last), w, None, S, P)
+
+
 def test_input_pixels_never_used_get_zero_gradient():
     # K=2, S=3: rows/columns 2, 5, 8 are skipped, and (9 - 2) % 3 != 0 leaves row 8 out
     x = torch.randn(1, 2, 9, 9, dtype=torch.float64, requires_grad=True)
