@@ -335,7 +335,7 @@ def compile_blocker(device):
         if shutil.which(cxx) is None and shutil.which('clang++') is None:
             return f'no C++ compiler ({cxx}) for its CPU code'
     if device.type == 'mps':
-        return 'torch.compile does not generate code for MPS yet'
+        return 'torch.compile on MPS is experimental and untested with this toolkit'
     return None
 
 
@@ -918,6 +918,10 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
             setattr(args, key, before_flags)  # trained before the flag existed
     if args.compile is None and saved.get('compile') is not None:
         args.compile = saved['compile']  # kept, but not refused: compiling is a choice of speed
+    elif saved.get('compile') is not None and args.compile != saved['compile']:
+        print(f"note: the run was trained {'with' if saved['compile'] else 'without'} "
+              f"--compile: the compiled and the eager model differ in the last bits, so the "
+              f"rest of the run will not equal an uninterrupted one exactly")
     args.name = args.name or saved.get('name')
     if saved.get('use_custom_conv') and not args.use_custom_conv:
         print('note: the checkpoint was trained with --use-custom-conv; continuing with '
