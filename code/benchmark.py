@@ -505,10 +505,10 @@ def _last_line(text):
     return lines[-1] if lines else 'no output'
 
 
-def build_recipe_data(name, out_dir, quick=False):
-    """Write data set `name` into out_dir with its generator script."""
+def build_recipe_data(name, out_dir, quick=False, extra=None):
+    """Write data set `name` into out_dir with its generator script (`extra`: its flags)."""
     script = os.path.join(REPO, 'code', RECIPE_DATASETS[name])
-    extra = QUICK_DATA[name] if quick else []
+    extra = QUICK_DATA[name] if quick else (extra or [])
     done = subprocess.run([sys.executable, script, out_dir] + extra,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -710,6 +710,8 @@ TRAIN_CONFIGS = {'fp32': ['--no-amp', '--no-channels-last', '--no-compile'],
                  'compile': ['--no-amp', '--no-channels-last', '--compile']}
 TRAIN_PATHS = {'per-image': ['--no-data-cache'], 'cached': ['--data-cache']}
 TRAIN_TOLERANCE = 5.0   # points of val top-1: "equal within noise" on 200-image val sets
+# --small: 400 training images per set (demo: 200 val, real: 360 val), for slow machines
+SMALL_DATA = {'demo': ['--train-per-class', '40'], 'real': ['--max-train', '400']}
 
 
 def train_speed(summary):
@@ -754,9 +756,11 @@ def bench_train(args):
     where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
              else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
     print(f"train: torch {torch.__version__}, {where}, {args.epochs} epochs per cell, "
-          f"batch {args.batch_size}, seed 0; data and logs in {work}\n", flush=True)
+          f"batch {args.batch_size}, seed 0{', SMALL sets' if args.small else ''}; data and "
+          f"logs in {work}\n", flush=True)
     for name in args.datasets:
-        build_recipe_data(name, os.path.join(work, 'data', name), args.quick)
+        build_recipe_data(name, os.path.join(work, 'data', name), args.quick,
+                          SMALL_DATA[name] if args.small else None)
     print("| dataset | model | path | setting | images/s | peak MB | best val top-1 "
           "| final val top-1 |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
           flush=True)
@@ -812,6 +816,8 @@ def main():
                         help='speed settings (train)')
     parser.add_argument('--paths', nargs='+', choices=list(TRAIN_PATHS),
                         default=list(TRAIN_PATHS), help='input paths (train)')
+    parser.add_argument('--small', action='store_true',
+                        help='train: 400 training images per data set (slow machines)')
     parser.add_argument('--quick', action='store_true',
                         help='recipe on tiny sets for 1 epoch: checks that every cell runs')
     parser.add_argument('--data', default=None,
