@@ -1,4 +1,4 @@
-"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train}`.
+"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train,step}`.
 
 conv, attention and attack time our code against a reference in the same process,
 with interleaved repetitions, and print ratios (ratios survive a noisy machine;
@@ -789,9 +789,49 @@ def bench_train(args):
     return results
 
 
+def bench_step(args):
+    """One training step (forward, loss, backward, SGD) of each model at 128 x 128, in fp32,
+    channels-last, amp (bf16 on a CPU or a bf16 GPU, else fp16) and amp + channels-last,
+    interleaved in one process; median ms and the speed-up over fp32. Behind main.py's
+    auto defaults (auto_speed_settings): the data pipeline is left out."""
+    import torch
+    import torch.nn as nn
+    import student_code as sc
+    from main import amp_dtype_for
+    device = torch.device(args.device)
+    dtype = getattr(torch, amp_dtype_for(device))
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 128, 128, device=device)
+    y = torch.randint(0, 100, (args.batch_size,), device=device)
+    builders = {'simplenet': lambda: sc.cnn_models['simplenet'](num_classes=100),
+                'cnn': lambda: sc.default_cnn_model(num_classes=100),
+                'vit': lambda: sc.default_vit_model(num_classes=100)}
+    print(f"step: torch {torch.__version__}, {device}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, amp = {dtype}, median of {args.repeats} "
+          f"interleaved steps (ms)")
+    for name in args.models:
+        fns = {}
+        for amp, cl in itertools.product((False, True), (False, True)):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            model = builders[name]().to(device).to(memory_format=fmt)
+            opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
+            xi = x.contiguous(memory_format=fmt)
+
+            def step(model=model, opt=opt, xi=xi, amp=amp):
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    loss = nn.functional.cross_entropy(model(xi), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            fns[('amp' if amp else 'fp32') + ('+cl' if cl else '')] = step
+        t = {k: median(v) for k, v in interleaved_times(fns, device, args.repeats).items()}
+        print(f"  {name:<10}" + '  '.join(f"{k} {v * 1000:7.0f} ({t['fp32'] / v:.2f}x)"
+                                          for k, v in t.items()), flush=True)
+
+
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
               'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
-              'train': bench_train}
+              'train': bench_train, 'step': bench_step}
 
 
 def main():
