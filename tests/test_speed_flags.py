@@ -188,3 +188,23 @@ def test_a_checkpoint_from_before_the_flags_resumes_in_fp32_per_image(demo, tmp_
     assert code == 0, err
     assert 'amp off | channels-last off | compile off (auto' in out
     assert 'data-cache off' in out
+
+
+def test_the_grad_scaler_path_trains_clips_and_resumes_exactly(demo, tmp_path, capsys,
+                                                               monkeypatch):
+    """The fp16 path of CUDA without bf16 and of MPS, on the CPU: a GradScaler, its state in
+    the checkpoint, clipping of unscaled gradients, exact resume. The CPU computes fp16
+    convolutions by emulation (minutes per epoch on this machine), so the forward passes
+    run in bf16 here: the scaler's plumbing is what is tested."""
+    monkeypatch.setattr(driver, 'amp_dtype_for', lambda device: 'float16')
+    monkeypatch.setattr(driver, 'autocast', lambda args, device: torch.autocast(
+        device.type, dtype=torch.bfloat16))
+    flags = ['--amp', '--no-channels-last', '--clip-grad', '1.0']
+    whole, out = train(demo, tmp_path / 'whole', capsys, *flags, epochs=2)
+    assert 'amp float16 + GradScaler' in out
+    ckpt = torch.load(checkpoint_of(whole), weights_only=True)
+    assert ckpt['scaler'] and ckpt['scaler']['scale'] > 0
+    part, _ = train(demo, tmp_path / 'part', capsys, *flags, '--stop-after', '1', epochs=2)
+    code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
+    assert code == 0, err
+    assert_same_weights(weights(whole), weights(part))
