@@ -1,4 +1,4 @@
-"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline}`.
+"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train,step}`.
 
 conv, attention and attack time our code against a reference in the same process,
 with interleaved repetitions, and print ratios (ratios survive a noisy machine;
@@ -505,10 +505,10 @@ def _last_line(text):
     return lines[-1] if lines else 'no output'
 
 
-def build_recipe_data(name, out_dir, quick=False):
-    """Write data set `name` into out_dir with its generator script."""
+def build_recipe_data(name, out_dir, quick=False, extra=None):
+    """Write data set `name` into out_dir with its generator script (`extra`: its flags)."""
     script = os.path.join(REPO, 'code', RECIPE_DATASETS[name])
-    extra = QUICK_DATA[name] if quick else []
+    extra = QUICK_DATA[name] if quick else (extra or [])
     done = subprocess.run([sys.executable, script, out_dir] + extra,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -700,8 +700,138 @@ def bench_pipeline(args):
     return ratio
 
 
+# ---------------------------------------------------------------- train (issue 10)
+# main.py's speed settings, each on the per-image and on the cached path; the speed
+# flags not named are pinned off, so a cell measures exactly what its name says
+TRAIN_CONFIGS = {'fp32': ['--no-amp', '--no-channels-last', '--no-compile'],
+                 'amp': ['--amp', '--no-channels-last', '--no-compile'],
+                 'amp+cl': ['--amp', '--channels-last', '--no-compile'],
+                 'cl': ['--no-amp', '--channels-last', '--no-compile'],
+                 'compile': ['--no-amp', '--no-channels-last', '--compile']}
+TRAIN_PATHS = {'per-image': ['--no-data-cache'], 'cached': ['--data-cache']}
+TRAIN_TOLERANCE = 5.0   # points of val top-1: "equal within noise" on 200-image val sets
+# --small: 400 training images per set (demo: 200 val, real: 360 val), for slow machines
+SMALL_DATA = {'demo': ['--train-per-class', '40'], 'real': ['--max-train', '400']}
+
+
+def train_speed(summary):
+    """(images/s, peak MB) of a run: the mean over its epochs after the first (the first
+    pays for compilation and warm caches), or the only epoch."""
+    epochs = summary['epochs'][1:] or summary['epochs']
+    return (mean(e['images_per_s'] for e in epochs),
+            max(e['peak_memory_mb'] for e in summary['epochs']))
+
+
+def train_checks(results):
+    """PASS/FAIL lines where issue 10 names a target: the cached path reaches the
+    per-image path's accuracy, and amp trains the default CNN within a few points of fp32
+    (best val top-1, TRAIN_TOLERANCE points)."""
+    lines = []
+    for (dataset, model, path, config), summary in sorted(results.items()):
+        best = best_and_final(summary)[0]
+        other = results.get((dataset, model, 'per-image', config))
+        if path == 'cached' and other is not None:
+            diff = best - best_and_final(other)[0]
+            lines.append(f"{dataset} {model_label(model)} {config}: cached - per-image = "
+                         f"{diff:+.2f} points ({'PASS' if diff >= -TRAIN_TOLERANCE else 'FAIL'}"
+                         f", target >= -{TRAIN_TOLERANCE:g})")
+        fp32 = results.get((dataset, model, path, 'fp32'))
+        if model == 'cnn' and config == 'amp' and fp32 is not None:
+            diff = best - best_and_final(fp32)[0]
+            lines.append(f"{dataset} {model_label(model)} {path}: amp - fp32 = {diff:+.2f} "
+                         f"points ({'PASS' if abs(diff) <= TRAIN_TOLERANCE else 'FAIL'}, "
+                         f"target within {TRAIN_TOLERANCE:g})")
+    return lines
+
+
+def bench_train(args):
+    """dataset x model x speed setting x input path: main.py trains each cell for --epochs
+    in a subprocess of its own (its own peak memory), same seed, data and schedule.
+    Prints images/s, peak memory, best and final val top-1, then the PASS/FAIL lines."""
+    import torch
+    work = tempfile.mkdtemp(prefix='bench_train_')
+    device = torch.device(args.device)
+    if args.quick:  # tiny sets: every cell runs, nothing is measured
+        args.epochs, args.batch_size = 1, 10
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+             else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
+    print(f"train: torch {torch.__version__}, {where}, {args.epochs} epochs per cell, "
+          f"batch {args.batch_size}, seed 0{', SMALL sets' if args.small else ''}; data and "
+          f"logs in {work}\n", flush=True)
+    for name in args.datasets:
+        build_recipe_data(name, os.path.join(work, 'data', name), args.quick,
+                          SMALL_DATA[name] if args.small else None)
+    print("| dataset | model | path | setting | images/s | peak MB | best val top-1 "
+          "| final val top-1 |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+          flush=True)
+    results = {}
+    for dataset, model, config, path in itertools.product(
+            args.datasets, args.models, args.train_configs, args.paths):
+        flags = (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
+                  '-b', str(args.batch_size), '--lr', str(args.lr), '-j', '2',
+                  '--device', args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
+                 + (VIT_FLAGS if model == 'vit' else []) + RECIPE_MODELS[model][1]
+                 + TRAIN_CONFIGS[config] + TRAIN_PATHS[path])
+        key = (dataset, model, path, config)
+        try:
+            summary = run_recipe_cell(os.path.join(work, 'data', dataset), flags,
+                                      os.path.join(work, 'logs', '_'.join(key)))
+        except RecipeError as e:
+            print(f"| {dataset} | {model_label(model)} | {path} | {config} | failed: {e} "
+                  f"| | | |", flush=True)
+            continue
+        results[key] = summary
+        speed, peak = train_speed(summary)
+        best, final = best_and_final(summary)
+        print(f"| {dataset} | {model_label(model, summary)} | {path} | {config} | {speed:.1f} "
+              f"| {peak:.0f} | {best:.2f} | {final:.2f} |", flush=True)
+    print('\n' + '\n'.join(train_checks(results)))
+    return results
+
+
+def bench_step(args):
+    """One training step (forward, loss, backward, SGD) of each model at 128 x 128, in fp32,
+    channels-last, amp (bf16 on a CPU or a bf16 GPU, else fp16) and amp + channels-last,
+    interleaved in one process; median ms and the speed-up over fp32. Behind main.py's
+    auto defaults (auto_speed_settings): the data pipeline is left out."""
+    import torch
+    import torch.nn as nn
+    import student_code as sc
+    from main import amp_dtype_for
+    device = torch.device(args.device)
+    dtype = getattr(torch, amp_dtype_for(device))
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 128, 128, device=device)
+    y = torch.randint(0, 100, (args.batch_size,), device=device)
+    builders = {'simplenet': lambda: sc.cnn_models['simplenet'](num_classes=100),
+                'cnn': lambda: sc.default_cnn_model(num_classes=100),
+                'vit': lambda: sc.default_vit_model(num_classes=100)}
+    print(f"step: torch {torch.__version__}, {device}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, amp = {dtype}, median of {args.repeats} "
+          f"interleaved steps (ms)")
+    for name in args.models:
+        fns = {}
+        for amp, cl in itertools.product((False, True), (False, True)):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            model = builders[name]().to(device).to(memory_format=fmt)
+            opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
+            xi = x.contiguous(memory_format=fmt)
+
+            def step(model=model, opt=opt, xi=xi, amp=amp):
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    loss = nn.functional.cross_entropy(model(xi), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            fns[('amp' if amp else 'fp32') + ('+cl' if cl else '')] = step
+        t = {k: median(v) for k, v in interleaved_times(fns, device, args.repeats).items()}
+        print(f"  {name:<10}" + '  '.join(f"{k} {v * 1000:7.0f} ({t['fp32'] / v:.2f}x)"
+                                          for k, v in t.items()), flush=True)
+
+
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
-              'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline}
+              'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
+              'train': bench_train, 'step': bench_step}
 
 
 def main():
@@ -721,6 +851,13 @@ def main():
                         default=list(RECIPE_MODELS), help='models (recipe)')
     parser.add_argument('--configs', nargs='+', choices=list(RECIPE_CONFIGS),
                         default=list(RECIPE_CONFIGS), help='training configurations (recipe)')
+    parser.add_argument('--train-configs', nargs='+', choices=list(TRAIN_CONFIGS),
+                        default=['fp32', 'amp', 'amp+cl', 'compile'],
+                        help='speed settings (train)')
+    parser.add_argument('--paths', nargs='+', choices=list(TRAIN_PATHS),
+                        default=list(TRAIN_PATHS), help='input paths (train)')
+    parser.add_argument('--small', action='store_true',
+                        help='train: 400 training images per data set (slow machines)')
     parser.add_argument('--quick', action='store_true',
                         help='recipe on tiny sets for 1 epoch: checks that every cell runs')
     parser.add_argument('--data', default=None,

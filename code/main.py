@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any d
 import student_code  # noqa: E402
 from student_code import (cnn_models, vit_models, default_cnn_model, default_vit_model,  # noqa
                           get_train_transforms, get_val_transforms, CustomConv2d)
-from custom_dataloader import MiniPlacesLoader, seed_worker  # noqa: E402
+from custom_dataloader import MiniPlacesLoader, load_image, seed_worker  # noqa: E402
+import fast_data  # noqa: E402
 import run_record as rr  # noqa: E402
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
                    warmup_cosine_factor, select_device, reset_peak_memory, peak_memory_mb,
@@ -57,7 +58,11 @@ ARCHS = {**{name: 'cnn' for name in cnn_models},
 
 # the flags that define a training run: --resume takes them from the checkpoint
 PLAN = ('epochs', 'warmup', 'batch_size', 'lr', 'weight_decay', 'momentum', 'arch',
-        'num_classes', 'seed', 'clip_grad', 'adv_train', 'adv_steps', 'adv_eps', 'adv_ratio')
+        'num_classes', 'seed', 'clip_grad', 'adv_train', 'adv_steps', 'adv_eps', 'adv_ratio',
+        'amp', 'channels_last', 'data_cache')
+# the speed flags that change the numbers (PLAN above), and their value for a checkpoint
+# written before they existed: fp32, contiguous, per-image (what that code did)
+SPEED_PLAN = {'amp': False, 'channels_last': False, 'data_cache': False}
 
 # the arg parser: the handout's flags, names and defaults, then ours
 parser = argparse.ArgumentParser(description='PyTorch Image Classification (MiniPlaces)')
@@ -127,6 +132,18 @@ parser.add_argument('--adv-steps', default=5, type=int, help='PGD steps for --ad
 parser.add_argument('--adv-eps', default=0.1, type=float, help='PGD epsilon for --adv-train')
 parser.add_argument('--adv-ratio', default=0.5, type=float,
                     help='fraction of each batch replaced by adversarial samples')
+# speed (README "Training fast"): None = auto, resolved per device by resolve_speed_settings
+parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                    help='mixed precision (torch.autocast): bf16 where the device has it, else '
+                         'fp16 with a GradScaler (default: auto, per device)')
+parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                    help='NHWC memory format for model and batches (default: auto)')
+parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                    help='torch.compile the model for training; falls back to eager, saying '
+                         'so, where it cannot (default: auto)')
+parser.add_argument('--data-cache', action=argparse.BooleanOptionalAction, default=None,
+                    help='decode the images once into DIR/cache/ and augment with one fused '
+                         'warp (fast_data.py) (default: auto)')
 
 
 class Interrupted(Exception):
@@ -181,6 +198,10 @@ def check_args(args, given):
                          f"{'--use-vit' if args.use_vit else '--use-resnet18'}")
     if args.use_custom_conv and wanted in vit_models:
         raise UsageError("--use-custom-conv swaps the convolutions of CNNs, not of the ViT")
+    if args.compile and (args.evaluate or args.attack):
+        raise UsageError(f"--compile is for training: {'-e' if args.evaluate else '-a'} runs "
+                         f"the model eagerly (one pass over the validation set does not repay "
+                         f"the compilation)")
     if args.resume and 'start_epoch' in given:
         raise UsageError("--start-epoch cannot be combined with --resume: the checkpoint "
                          "says where the run continues")
@@ -214,6 +235,151 @@ def settle_new_run(args, given):
         args.clip_grad = 0.0
     if args.seed is None:  # draw one, and record it so that the run can be replayed
         args.seed = random.SystemRandom().randrange(2 ** 31)
+
+
+################################################################################
+# Speed settings (issue 10): --amp, --channels-last, --compile, --data-cache
+################################################################################
+def cpu_has_bf16():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): without it
+    oneDNN emulates bf16 and autocast is slower than fp32. The checks are private
+    torch.cpu helpers; a torch without them is taken to have no bf16."""
+    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def auto_speed_settings(device):
+    """{flag: (value, why)}: the defaults measured best on each kind of device
+    (BENCHMARKS.md, "Training fast"; the reasons are printed at start)."""
+    if device.type == 'cuda':
+        return {'amp': (True, 'tensor cores'), 'channels_last': (True, 'NHWC convolutions'),
+                'compile': (False, 'compiling costs minutes at start; ask with --compile'),
+                'data_cache': (True, 'augmentation on the GPU')}
+    if device.type == 'mps':
+        return {'amp': (False, 'not measured on MPS'),
+                'channels_last': (False, 'not measured on MPS'),
+                'compile': (False, 'not measured on MPS'),
+                'data_cache': (True, 'the fused warp frees the CPU cores')}
+    # CPU: channels-last was faster for every model on a 2-core AVX512 machine, bf16 was
+    # not (oneDNN's bf16 kernels lose to fp32 at these small convolutions, even with
+    # AVX512-BF16; BENCHMARKS.md): --amp stays a choice
+    return {'amp': (False, 'bf16 was not faster on a CPU' +
+                    (' with AVX512-BF16' if cpu_has_bf16() else ' (no bf16 hardware here)')),
+            'channels_last': (True, 'faster on a CPU'),
+            'compile': (False, 'compiling costs minutes at start; ask with --compile'),
+            'data_cache': (True, 'the workers share the cores with training')}
+
+
+def amp_dtype_for(device):
+    """bf16 where the device has it (no loss scaling needed), else fp16 (+ GradScaler)."""
+    if device.type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if device.type == 'mps':
+        return 'float16'
+    return 'bfloat16'
+
+
+def resolve_speed_settings(args, device):
+    """Replace the speed flags left at None (auto) by the device's defaults and set
+    args.amp_dtype; returns {flag: why} of those chosen automatically. Runs after a resume
+    took the PLAN flags from its checkpoint, so only what is still open is auto."""
+    auto = {}
+    for key, (value, why) in auto_speed_settings(device).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            auto[key] = why
+    args.amp_dtype = amp_dtype_for(device) if args.amp else None
+    return auto
+
+
+def speed_line(args, device, auto):
+    """The start line: each speed setting as resolved (and fallen back), auto ones with
+    the reason."""
+    parts = []
+    for key in ('amp', 'channels_last', 'compile', 'data_cache'):
+        value = getattr(args, key)
+        text = f"{key.replace('_', '-')} {'on' if value else 'off'}"
+        if key == 'amp' and value:
+            text = f"amp {args.amp_dtype}" + (' + GradScaler' if args.amp_dtype == 'float16'
+                                              else '')
+            if device.type == 'cpu' and not cpu_has_bf16():
+                text += ' (no bf16 hardware on this CPU: expect it slower than fp32)'
+        parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
+    return '=> speed: ' + ' | '.join(parts)
+
+
+def autocast(args, device):
+    """The forward passes' context: torch.autocast in args.amp_dtype, or nothing (fp32
+    then runs exactly the code it ran before these flags)."""
+    if not getattr(args, 'amp', False):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
+
+
+def memory_format(args):
+    return torch.channels_last if getattr(args, 'channels_last', False) else \
+        torch.contiguous_format
+
+
+def compile_blocker(device):
+    """Why torch.compile cannot work here (None: try it)."""
+    try:
+        import torch._dynamo
+        if not torch._dynamo.is_dynamo_supported():
+            return f'torch.compile is not supported on Python {sys.version.split()[0]}'
+    except Exception as exc:  # an incomplete torch install
+        return f'torch.compile is unavailable ({type(exc).__name__})'
+    if device.type == 'cpu':
+        import shutil
+        cxx = os.environ.get('CXX', 'g++')
+        if shutil.which(cxx) is None and shutil.which('clang++') is None:
+            return f'no C++ compiler ({cxx}) for its CPU code'
+    if device.type == 'mps':
+        return 'torch.compile on MPS is experimental and untested with this toolkit'
+    return None
+
+
+class CompiledOrEager(object):
+    """The model's forward, compiled; if compiling fails (at the first call: torch.compile
+    is lazy), one line says so and the eager model is used from then on. An error that
+    the eager model raises too is the model's own, and keeps its traceback."""
+
+    def __init__(self, model, device):
+        self.model, self.forward = model, model
+        reason = compile_blocker(device)
+        if reason is not None:
+            print(f'note: --compile: {reason}; training runs eagerly')
+        else:
+            self.forward = torch.compile(model)
+
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, input):
+        if self.forward is self.model:
+            return self.model(input)
+        try:
+            return self.forward(input)
+        except Exception as exc:
+            print(f'note: --compile failed ({type(exc).__name__}: '
+                  f'{one_line(exc)[:160]}); training runs eagerly', flush=True)
+            self.forward = self.model
+            return self.model(input)
+
+
+def eager(model):
+    """The nn.Module behind a CompiledOrEager (attacks walk its modules; checkpoints)."""
+    return model.model if isinstance(model, CompiledOrEager) else model
+
+
+def forward_fn(model, args, device):
+    """What train_one_epoch and validate call: the compiled model (--compile) or the model.
+    Checkpoints always save `model` itself: no _orig_mod. prefixes, -e/-a load it eagerly."""
+    return CompiledOrEager(model, device) if args.compile else model
 
 
 ################################################################################
@@ -273,6 +439,13 @@ def build_model(args, from_checkpoint=False):
     if ARCHS[args.arch] == 'vit':
         return vit_models[args.arch](num_classes=args.num_classes)
     return cnn_models[args.arch](conv_op=conv_op, num_classes=args.num_classes)
+
+
+def to_device(model, args, device):
+    """The model on the device, NHWC with --channels-last (only then: an fp32 run without
+    it keeps the exact tensors it had before the flag existed)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
 def build_optimizer(model, args):
@@ -364,19 +537,123 @@ def settle_num_classes(args, datasets, source):
                   f'0..{needed - 1} ({shown}): the model can never learn them')
 
 
+class OnDevice(object):
+    """A loader whose batches arrive on the device, ready for the model: images as
+    normalized float32 batches in the run's memory format, labels beside them. uint8
+    batches (what the workers hand over: a quarter of the bytes of float32) are normalized
+    here as ToTensor + Normalize would have done in the worker, x / 255 then (x - mean) / std,
+    in that order, so fp32 training is bit for bit what it was with the float hand-over
+    (fast_data.normalize_on_device folds them into one multiply-add: last-bit differences)."""
+
+    def __init__(self, loader, device, normalization, fmt):
+        self.loader, self.device, self.fmt = loader, device, fmt
+        self.mean = self.std = None
+        if normalization is not None:
+            mean, std = normalization
+            self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+            self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
+
+    @property
+    def generator(self):  # re-seeded by seed_epoch
+        return self.loader.generator
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for input, target in self.loader:
+            input = input.to(self.device, non_blocking=True)
+            if input.dtype == torch.uint8:
+                input = input.float().div_(255.0)
+                if self.mean is not None:
+                    input = (input - self.mean) / self.std
+            yield (input.contiguous(memory_format=self.fmt),
+                   target.to(self.device, non_blocking=True))
+
+
+def uint8_handover(dataset):
+    """(uint8 transforms, (mean, std)) for a per-image dataset's workers, or None where its
+    transforms do not end in ToTensor [+ Normalize] or a step before them yields no uint8
+    image (tried on the first image, the random state put back afterwards)."""
+    found = fast_data.uint8_transforms(dataset.transforms)
+    if found is None:
+        return None
+    transforms, mean, std = found
+    state = random.getstate(), np.random.get_state()
+    try:
+        transforms(load_image(os.path.join(dataset.img_folder, dataset.file_list[0])))
+    except TypeError:
+        return None
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    return transforms, (mean, std)
+
+
+def cache_refusal(args, splits):
+    """Why the cached path cannot be used (printed as a note), or None."""
+    for split, transforms in splits.items():
+        supported, reason = fast_data.fused_path_supported(transforms)
+        if not supported:
+            return f'get_{split}_transforms() needs the per-image path: {reason}'
+    missing = [s for s in splits if not os.path.isfile(fast_data.cache_paths(args.data_folder,
+                                                                              s)[0])]
+    if missing and not os.access(args.data_folder, os.W_OK):
+        return f'{args.data_folder} is read-only and holds no cache of {missing[0]}'
+    return None
+
+
+def cached_loader(args, device, split, transforms, **kw):
+    """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
+    the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
+    cache = fast_data.load_or_build_cache(args.data_folder, split, workers=args.workers)
+    if device.type == 'cuda':
+        try:
+            loader = fast_data.DeviceLoader(cache, transforms, device, **kw)
+            return OnDevice(loader, device, None, memory_format(args))
+        except ToolkitError as exc:  # no room for it in GPU memory
+            print(f'note: {one_line(exc)}; the {split} cache stays in host memory')
+    dataset = fast_data.CachedDataset(cache, transforms)
+    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                        worker_init_fn=seed_worker, **kw)
+    return OnDevice(loader, device, dataset.normalization, memory_format(args))
+
+
+def per_image_loader(args, device, dataset, **kw):
+    handover = uint8_handover(dataset)
+    if handover is not None:
+        dataset.transforms = handover[0]
+    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                        worker_init_fn=seed_worker, **kw)
+    return OnDevice(loader, device, handover and handover[1], memory_format(args))
+
+
 def build_loaders(args, device, train_set, val_set):
-    pin = device.type == 'cuda'
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers,
-                            pin_memory=pin, worker_init_fn=seed_worker)
-    if train_set is None:
-        return None, val_loader
-    if args.batch_size > len(train_set):
+    """(train loader or None, val loader), both yielding batches on the device: the cached
+    path (fast_data) with --data-cache where the transforms allow it, else the per-image
+    path. Shuffling is the generator's, re-seeded each epoch (seed_epoch), on both paths."""
+    if train_set is not None and args.batch_size > len(train_set):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(train_set)} images): every batch would be dropped")
-    # the generator is re-seeded at the start of every epoch (seed_epoch)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                              num_workers=args.workers, pin_memory=pin, drop_last=True,
-                              worker_init_fn=seed_worker, generator=torch.Generator())
+    splits = {'val': get_val_transforms()}
+    if train_set is not None:
+        splits['train'] = get_train_transforms()
+    if args.data_cache:
+        refusal = cache_refusal(args, splits)
+        if refusal is not None:
+            print(f'note: --data-cache: {refusal}; using the per-image path')
+            args.data_cache = False  # what the run really did, for its summary
+    train_kw = dict(batch_size=args.batch_size, shuffle=True, drop_last=True,
+                    generator=torch.Generator())
+    val_kw = dict(batch_size=100, shuffle=False)
+    if args.data_cache:
+        val_loader = cached_loader(args, device, 'val', splits['val'], **val_kw)
+        train_loader = None if train_set is None else \
+            cached_loader(args, device, 'train', splits['train'], **train_kw)
+    else:
+        val_loader = per_image_loader(args, device, val_set, **val_kw)
+        train_loader = None if train_set is None else \
+            per_image_loader(args, device, train_set, **train_kw)
     return train_loader, val_loader
 
 
@@ -384,9 +661,10 @@ def build_loaders(args, device, train_set, val_set):
 # Train and validate
 ################################################################################
 def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch, args,
-                    device, writer, adv_attacker=None):
+                    device, writer, adv_attacker=None, scaler=None):
     """One epoch (0-based `epoch`); returns the epoch's figures. A non-finite loss
-    stops it at once (DivergedError), before the step that would spread it."""
+    stops it at once (DivergedError), before the step that would spread it. `model` may
+    be a CompiledOrEager; `scaler` is the fp16 GradScaler (None: bf16 or fp32)."""
     batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
     losses, top1, top5 = (AverageMeter('Loss', ':.4f'), AverageMeter('Acc@1', ':.2f'),
                           AverageMeter('Acc@5', ':.2f'))
@@ -398,15 +676,18 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
     bar = tqdm(train_loader, total=n_iters, leave=False, dynamic_ncols=True,
                disable=not sys.stdout.isatty(), desc=f'Epoch {epoch + 1}/{args.epochs}')
     start = end = time.time()
-    for i, (input, target) in enumerate(bar):
+    for i, (input, target) in enumerate(bar):  # on the device already (OnDevice)
         data_time.update(time.time() - end)
-        input = input.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if adv_attacker is not None:
-            input = student_code.adversarial_training_batch(model, adv_attacker, input,
-                                                            args.adv_ratio)
-        output = model(input)
-        loss = criterion(output, target)
+        with autocast(args, device):
+            if adv_attacker is not None:
+                # the eager model: the attack's eval/train switches would recompile a
+                # compiled one at every step; the input gradient stays float32 (a leaf)
+                input = student_code.adversarial_training_batch(eager(model), adv_attacker,
+                                                                input, args.adv_ratio)
+            output = model(input)
+            loss = criterion(output, target)
+        # an fp16 forward that overflows shows up here too; the steps a GradScaler skips
+        # for inf gradients are normal and never reach this check
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise DivergedError(
@@ -415,10 +696,18 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
                 f"(now {args.warmup}) or --clip-grad 1.0; the checkpoint of the last finished "
                 f"epoch is intact")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
+        if scaler is None:  # fp32 and bf16: the plain step
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(eager(model).parameters(), args.clip_grad)
+            optimizer.step()
+        else:  # fp16: scaled loss; clip the true (unscaled) gradients
+            scaler.scale(loss).backward()
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(eager(model).parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()  # per iteration: warmup + cosine
 
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
@@ -445,8 +734,8 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
 def predict_with_flip(model, input):
     """(logits of the images, logits averaged with those of their mirror images): the
     handout's test-time augmentation, a minor performance boost."""
-    logits = model(input)
-    return logits, 0.5 * (logits + model(torch.flip(input, (3,))))
+    logits = model(input).float()  # float32 under autocast too (no-op in fp32)
+    return logits, 0.5 * (logits + model(torch.flip(input, (3,))).float())
 
 
 def validate(val_loader, model, criterion, args, device):
@@ -457,11 +746,9 @@ def validate(val_loader, model, criterion, args, device):
     top1, top5 = AverageMeter('Acc@1', ':.2f'), AverageMeter('Acc@5', ':.2f')
     progress = ProgressMeter(len(val_loader), [batch_time, top1, top5], prefix='Test: ')
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(args, device):
         end = time.time()
-        for i, (input, target) in enumerate(val_loader):
-            input = input.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
+        for i, (input, target) in enumerate(val_loader):  # on the device (OnDevice)
             logits, output = predict_with_flip(model, input)
             losses.update(criterion(logits, target).item(), input.size(0))
             acc1, acc5 = accuracy(output, target, topk=(1, 5))
@@ -540,14 +827,13 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
         'clean_top1', 'adv_top1', 'clean_top5', 'adv_top5')], prefix='Attack: ')
     model.eval()
     start = time.time()
-    for i, (input, target) in enumerate(val_loader):
-        input = input.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        with torch.no_grad():
-            clean_logits, clean_flip = predict_with_flip(model, input)
-        adv_input = attacker.perturb(model, input)
-        with torch.no_grad():
-            adv_logits, adv_flip = predict_with_flip(model, adv_input)
+    for i, (input, target) in enumerate(val_loader):  # on the device (OnDevice)
+        with autocast(args, device):  # PGD's input gradient stays float32 (a leaf)
+            with torch.no_grad():
+                clean_logits, clean_flip = predict_with_flip(model, input)
+            adv_input = attacker.perturb(model, input)
+            with torch.no_grad():
+                adv_logits, adv_flip = predict_with_flip(model, adv_input)
         meters.update(target, clean_logits, clean_flip, adv_logits, adv_flip,
                       student_code.least_confident_labels(clean_logits))
         if i % args.print_freq == 0:
@@ -587,8 +873,8 @@ def log_saliency(val_loader, model, criterion, args, device, writer):
     for i, (input, _) in enumerate(val_loader):
         if i % args.print_freq:  # one batch in print_freq, like the attack's images
             continue
-        input = input.to(device)
-        saliency = explainer.explain(model, input)
+        with autocast(args, device):  # the gradient w.r.t. the float32 input is float32
+            saliency = explainer.explain(model, input)
         writer.add_image('Image/Org_Image', student_code.default_visfunction(input), i)
         writer.add_image('Image/Saliency', student_code.vis_grid(saliency), i)
         writer.add_image('Image/Saliency_Overlay', student_code.vis_saliency(input, saliency), i)
@@ -614,6 +900,11 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
             if key == 'epochs' and args.epochs > saved['epochs']:
                 continue
             flag = '--' + {'weight_decay': 'wd'}.get(key, key).replace('_', '-')
+            if isinstance(saved[key], bool):  # --amp / --no-amp
+                raise UsageError(f"{flag.replace('--', '--no-') if saved[key] else flag}: the "
+                                 f"run in '{path}' was trained with "
+                                 f"{flag if saved[key] else flag.replace('--', '--no-')}; "
+                                 f"resume keeps the run's plan (start a new run to change it)")
             raise UsageError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
                              f"in '{path}': resume keeps the run's plan (start a new run to "
                              f"change it; only --epochs can grow, to extend the run)")
@@ -622,6 +913,15 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
     if args.arch not in ARCHS:
         raise CheckpointError(f"'{path}' holds an unknown architecture '{args.arch}' "
                               f"(known: {', '.join(sorted(ARCHS))})")
+    for key, before_flags in SPEED_PLAN.items():
+        if key not in saved and getattr(args, key) is None:
+            setattr(args, key, before_flags)  # trained before the flag existed
+    if args.compile is None and saved.get('compile') is not None:
+        args.compile = saved['compile']  # kept, but not refused: compiling is a choice of speed
+    elif saved.get('compile') is not None and args.compile != saved['compile']:
+        print(f"note: the run was trained {'with' if saved['compile'] else 'without'} "
+              f"--compile: the compiled and the eager model differ in the last bits, so the "
+              f"rest of the run will not equal an uninterrupted one exactly")
     args.name = args.name or saved.get('name')
     if saved.get('use_custom_conv') and not args.use_custom_conv:
         print('note: the checkpoint was trained with --use-custom-conv; continuing with '
@@ -694,7 +994,8 @@ def open_run_folder(args, ckpt, lock_stack):
     return run_dir
 
 
-def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best):
+def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best,
+                 scaler=None):
     """Save one finished epoch: the checkpoint first (the commit point), then the
     files derived from it. `best` is {'epoch', 'acc1', 'weights'}; updated in place."""
     is_best = best['epoch'] is None or record['val_top1'] > best['acc1']
@@ -705,7 +1006,8 @@ def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, be
             'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'best_acc1': best['acc1'],
             'best_epoch': best['epoch'], 'best_state_dict': best['weights'],
-            'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args)}
+            'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args),
+            'scaler': scaler.state_dict() if scaler is not None else None}
     save_checkpoint(ckpt, run_dir)
     summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
     if is_best:
@@ -725,11 +1027,14 @@ def train(args, given, ckpt, device, lock_stack):
     train_set, val_set = load_datasets(args)  # first: checks the data
     settle_num_classes(args, {'train': train_set, 'val': val_set},
                        'the checkpoint' if ckpt else '--num-classes')
+    auto = resolve_speed_settings(args, device)
     train_loader, val_loader = build_loaders(args, device, train_set, val_set)
+    print(speed_line(args, device, auto))
     seed_everything(args.seed)  # the initial weights depend on the seed only
-    model = build_model(args, from_checkpoint=ckpt is not None).to(device)
+    model = to_device(build_model(args, from_checkpoint=ckpt is not None), args, device)
     criterion = nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type) if args.amp_dtype == 'float16' else None
     n_iters = len(train_loader)
     scheduler = build_lr_scheduler(optimizer, args.warmup, args.epochs, n_iters,
                                    start_iter=args.start_epoch * n_iters)
@@ -739,7 +1044,7 @@ def train(args, given, ckpt, device, lock_stack):
                              student_code.count_params(model), device, n_iters, args.epochs)
     if ckpt is not None:
         start_epoch = resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary,
-                                   best, planned)
+                                   best, planned, scaler)
         if start_epoch is None:
             return summary
         say_extension(args, planned, start_epoch, n_iters)
@@ -749,7 +1054,7 @@ def train(args, given, ckpt, device, lock_stack):
     try:
         rr.write_summary(run_dir, summary)
         run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
-                   device, run_dir, summary, best, start_epoch)
+                   device, run_dir, summary, best, start_epoch, scaler)
     except DivergedError:
         summary['status'] = rr.DIVERGED
         rr.write_summary(run_dir, summary)
@@ -765,13 +1070,16 @@ def train(args, given, ckpt, device, lock_stack):
     return summary
 
 
-def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best, planned):
+def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best, planned,
+                 scaler=None):
     """Restore weights, optimizer and schedule; rewrite model_best and summary.json from
     the checkpoint (they may lag behind it after a kill). Returns the epoch to start
     at, or None when the run had already finished (its files are then consistent)."""
     load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
     optimizer.load_state_dict(ckpt['optimizer'])
     scheduler.load_state_dict(ckpt['scheduler'])
+    if scaler is not None and ckpt.get('scaler'):  # fp16: the loss scale it had reached
+        scaler.load_state_dict(ckpt['scaler'])
     set_lr_from_schedule(optimizer, scheduler)
     same_folder = run_dir_of_checkpoint(args.resume) == run_dir and 'history' in ckpt
     if same_folder:
@@ -792,8 +1100,9 @@ def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best
 
 
 def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
-               device, run_dir, summary, best, start_epoch):
+               device, run_dir, summary, best, start_epoch, scaler=None):
     writer = SummaryWriter(run_dir)
+    net = forward_fn(model, args, device)  # what trains and validates; `model` is saved
     adv_attacker = None
     if args.adv_train:
         # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
@@ -806,8 +1115,8 @@ def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_l
         epochs_this_time = min(epochs_this_time, args.stop_after)
     for epoch in range(start_epoch, start_epoch + epochs_this_time):
         seed_epoch(args.seed, epoch, train_loader)
-        stats = train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
-                                args, device, writer, adv_attacker)
+        stats = train_one_epoch(train_loader, net, criterion, optimizer, scheduler, epoch,
+                                args, device, writer, adv_attacker, scaler)
         print(f"[Training]: Epoch {epoch + 1:d} finished with lr={stats['lr']:f} | "
               f"{stats['images_per_s']:.1f} images/s | {stats['epoch_time_s']:.1f} s | "
               f"peak memory {stats['peak_memory_mb']:.0f} MB")
@@ -817,11 +1126,11 @@ def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_l
                                 f"{epoch + 1}; try a lower --lr (now {args.lr:g}) or "
                                 f"--clip-grad 1.0; the checkpoint of the last finished "
                                 f"epoch is intact")
-        acc1, acc5, val_loss = validate(val_loader, model, criterion, args, device)
+        acc1, acc5, val_loss = validate(val_loader, net, criterion, args, device)
         log_epoch(writer, epoch + 1, stats, acc1, acc5, val_loss)
         record = dict(epoch=epoch + 1, val_loss=val_loss, val_top1=acc1, val_top5=acc5, **stats)
         summary['wall_time_s'] = wall_before + time.time() - invocation_start
-        commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best)
+        commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, best, scaler)
     writer.close()
     done = start_epoch + epochs_this_time
     summary['status'] = rr.FINISHED if done == args.epochs else rr.STOPPED
@@ -864,10 +1173,15 @@ def checkpoint_model(args, given, ckpt, device):
         args.num_classes = next(v.shape[0] for v in reversed(list(ckpt['state_dict'].values()))
                                 if v.ndim >= 1)
     settle_num_classes(args, {'val': val_set}, source)
+    for key, before_flags in SPEED_PLAN.items():  # the run's own: its validation numbers
+        if key not in given:
+            setattr(args, key, saved.get(key, before_flags))
+    auto = resolve_speed_settings(args, device)
     _, val_loader = build_loaders(args, device, None, val_set)
+    print(speed_line(args, device, auto))
     model = build_model(args, from_checkpoint=True)
     load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
-    return val_loader, model.to(device)
+    return val_loader, to_device(model, args, device)
 
 
 def evaluate_or_attack(args, given, ckpt, device):

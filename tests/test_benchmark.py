@@ -145,3 +145,20 @@ def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
 
 def test_cpu_name_says_something():
     assert benchmark.cpu_name().strip()
+
+
+def test_train_checks_name_only_the_issues_targets():
+    def summary(best, speed=10.0):
+        return {'best_acc1': best, 'epochs': [{'val_top1': best, 'images_per_s': speed,
+                                               'peak_memory_mb': 100.0}]}
+    results = {('demo', 'cnn', 'per-image', 'fp32'): summary(60.0),
+               ('demo', 'cnn', 'cached', 'fp32'): summary(58.0),
+               ('demo', 'cnn', 'per-image', 'amp'): summary(50.0),
+               ('demo', 'simplenet', 'per-image', 'amp'): summary(10.0)}
+    lines = benchmark.train_checks(results)
+    assert len(lines) == 2, lines               # nothing for SimpleNet's amp: no target
+    cached = next(l for l in lines if 'cached - per-image' in l)
+    assert '-2.00 points (PASS' in cached
+    amp = next(l for l in lines if 'amp - fp32' in l)
+    assert '-10.00 points (FAIL' in amp
+    assert benchmark.train_speed(summary(1.0)) == (10.0, 100.0)

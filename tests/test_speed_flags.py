@@ -1,0 +1,210 @@
+"""Issue 10 in the driver: --amp, --channels-last, --compile, --data-cache (auto per device),
+the uint8 hand-over, and that every path trains, resumes exactly and is evaluated."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import FAST, run_main, checkpoint_of, only_run, expect_error
+import custom_transforms as T
+import fast_data
+import main as driver
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+FP32 = ['--no-amp', '--no-channels-last', '--no-data-cache', '--no-compile']
+
+
+def train(demo, logs, capsys, *extra, epochs=2):
+    warmup = ['--warmup', '0'] if epochs == 1 else []  # FAST's warmup needs 2 epochs
+    code, out, err = run_main([demo, '--log-dir', str(logs), '--epochs', str(epochs)] + FAST
+                              + warmup + list(extra), capsys)
+    assert code == 0, err
+    return only_run(str(logs)), out
+
+
+def weights(run, name='checkpoint.pth.tar'):
+    return torch.load(checkpoint_of(run, name), weights_only=True)['state_dict']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def summary_args(run):
+    with open(os.path.join(run, 'summary.json')) as f:
+        return json.load(f)['args']
+
+
+# ------------------------------------------------------------------ fp32 is unchanged
+def test_uint8_handover_is_bit_for_bit_the_float_batches(demo):
+    """OnDevice normalizes the workers' uint8 as ToTensor + Normalize did in the worker."""
+    import random
+    from custom_dataloader import MiniPlacesLoader
+    from student_code import get_train_transforms
+    floats = MiniPlacesLoader(demo, 'train', get_train_transforms(), num_classes=None)
+    uint8s = MiniPlacesLoader(demo, 'train', get_train_transforms(), num_classes=None)
+    transforms, normalization = driver.uint8_handover(uint8s)
+    uint8s.transforms = transforms
+    batches = []
+    for dataset, norm in ((floats, None), (uint8s, normalization)):
+        random.seed(5)  # the same augmentation draws for both
+        loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset))
+        (batch, _), = list(driver.OnDevice(loader, torch.device('cpu'), norm,
+                                           torch.contiguous_format))
+        batches.append(batch)
+    assert next(iter(torch.utils.data.DataLoader(uint8s)))[0].dtype == torch.uint8
+    assert batches[0].dtype == batches[1].dtype == torch.float32
+    assert torch.equal(batches[0], batches[1])
+
+
+def test_fp32_training_equals_the_float_handover_of_before(demo, tmp_path, capsys, monkeypatch):
+    """--no-amp --no-channels-last --no-data-cache: the same weights as the per-image path
+    handing over float32 (the code before issue 10), bit for bit."""
+    run_new, out = train(demo, tmp_path / 'new', capsys, *FP32, epochs=1)
+    assert '=> speed: amp off | channels-last off | compile off | data-cache off' in out
+    monkeypatch.setattr(fast_data, 'uint8_transforms', lambda transforms: None)
+    run_old, _ = train(demo, tmp_path / 'old', capsys, *FP32, epochs=1)
+    assert_same_weights(weights(run_new), weights(run_old))
+
+
+# ------------------------------------------------------------------ the settings train
+def test_auto_settings_are_resolved_printed_and_stored(demo, tmp_path, capsys):
+    run, out = train(demo, tmp_path, capsys, epochs=1)
+    line = next(l for l in out.splitlines() if l.startswith('=> speed:'))
+    auto = driver.auto_speed_settings(torch.device('cpu'))
+    args = summary_args(run)
+    for key, (value, why) in auto.items():
+        assert args[key] is value, key
+        assert why in line, (key, line)
+    ckpt = torch.load(checkpoint_of(run), weights_only=True)
+    assert all(ckpt['args'][k] == args[k] for k in auto)
+
+
+def test_amp_bf16_resumes_exactly_on_the_cpu(demo, tmp_path, capsys):
+    flags = ['--amp', '--no-channels-last', '--data-cache']
+    whole, out = train(demo, tmp_path / 'whole', capsys, *flags, epochs=3)
+    assert 'amp bfloat16' in out
+    args = summary_args(whole)
+    assert args['amp'] is True and args['amp_dtype'] == 'bfloat16'
+    part, _ = train(demo, tmp_path / 'part', capsys, *flags, '--stop-after', '2', epochs=3)
+    code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
+    assert code == 0, err
+    assert_same_weights(weights(whole), weights(part))
+    assert all(torch.isfinite(v).all() for v in weights(whole).values()
+               if v.is_floating_point())
+
+
+def test_cached_path_resumes_exactly_with_workers(demo, tmp_path, capsys):
+    base = [a for a in FAST if a not in ('-j', '0')]
+
+    def run(logs, *extra):
+        code, _, err = run_main([demo, '--log-dir', str(logs), '--epochs', '3', '-j', '1'] + base
+                                + ['--data-cache', '--no-amp'] + list(extra), capsys)
+        assert code == 0, err
+        return only_run(str(logs))
+    whole = run(tmp_path / 'whole')
+    part = run(tmp_path / 'part', '--stop-after', '1')
+    code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '1'], capsys)
+    assert code == 0, err
+    assert summary_args(part)['data_cache'] is True
+    assert_same_weights(weights(whole), weights(part))
+
+
+def test_amp_channels_last_custom_conv_then_evaluate_and_attack(demo, tmp_path, capsys):
+    """A model trained with bf16 + channels-last (CustomConv2d): -e -v (saliency) and -a
+    load it; the checkpoint's speed settings are the evaluation's."""
+    run, _ = train(demo, tmp_path / 'logs', capsys, '--amp', '--channels-last',
+                   '--use-custom-conv', epochs=1)
+    best = checkpoint_of(run, 'model_best.pth.tar')
+    for mode in ('-e', '-a'):
+        code, out, err = run_main([demo, '--log-dir', str(tmp_path / mode), mode, '-v',
+                                   '--resume', best, '-j', '0', '--attack-steps', '2'], capsys)
+        assert code == 0, (mode, err)
+        assert 'amp bfloat16 | channels-last on' in out, out
+        assert '******Acc@1' in out
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'e32'), '-e', '--resume', best,
+                               '-j', '0', '--no-amp', '--no-channels-last'], capsys)
+    assert code == 0 and 'amp off | channels-last off' in out, err
+
+
+def test_adversarial_training_under_amp(demo, tmp_path, capsys):
+    run, _ = train(demo, tmp_path, capsys, '--amp', '--adv-train', '--adv-steps', '2', epochs=1)
+    assert summary_args(run)['adv_train'] is True
+
+
+def test_compile_falls_back_to_eager_with_a_note(demo, tmp_path, capsys, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def forward(input):
+            raise RuntimeError('no backend here\nsecond line')
+        return forward
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    run, out = train(demo, tmp_path / 'a', capsys, '--compile', epochs=1)
+    notes = [l for l in out.splitlines() if l.startswith('note: --compile failed')]
+    assert len(notes) == 1 and 'training runs eagerly' in notes[0], out
+    assert not any('_orig_mod' in k for k in weights(run))  # loads in eager mode
+    monkeypatch.setattr(driver, 'compile_blocker', lambda device: 'no C++ compiler (g++)')
+    run, out = train(demo, tmp_path / 'b', capsys, '--compile', epochs=1)
+    assert 'note: --compile: no C++ compiler (g++); training runs eagerly' in out
+
+
+def test_transforms_the_cache_cannot_fuse_are_named_at_start(demo, tmp_path, capsys,
+                                                            monkeypatch):
+    class Sharpen(object):  # a student's own step: not one the fused warp knows
+        def __call__(self, img):
+            return img
+
+    def train_transforms():
+        return T.Compose([Sharpen(), T.CenterCrop(32), T.ToTensor()])
+    monkeypatch.setattr(driver, 'get_train_transforms', train_transforms)
+    run, out = train(demo, tmp_path, capsys, '--data-cache', epochs=1)
+    assert 'note: --data-cache: get_train_transforms() needs the per-image path' in out
+    assert summary_args(run)['data_cache'] is False
+
+
+# ------------------------------------------------------------------ bad input, resume
+def test_bad_speed_combinations_give_one_line(demo, tmp_path, capsys):
+    run, _ = train(demo, tmp_path / 'logs', capsys, '--data-cache', '--no-amp',
+                   '--stop-after', '1', epochs=3)
+    expect_error([demo, '-e', '--compile', '--resume', checkpoint_of(run)], capsys,
+                 '--compile is for training')
+    expect_error([demo, '--resume', checkpoint_of(run), '--no-data-cache'], capsys,
+                 '--no-data-cache', 'trained with --data-cache', 'resume keeps')
+    expect_error([demo, '--resume', checkpoint_of(run), '--amp'], capsys,
+                 '--amp', 'trained with --no-amp')
+
+
+def test_a_checkpoint_from_before_the_flags_resumes_in_fp32_per_image(demo, tmp_path, capsys):
+    run, _ = train(demo, tmp_path, capsys, *FP32, '--stop-after', '1', epochs=2)
+    path = checkpoint_of(run)
+    ckpt = torch.load(path, weights_only=True)
+    for key in ('amp', 'amp_dtype', 'channels_last', 'compile', 'data_cache'):
+        del ckpt['args'][key]
+    torch.save(ckpt, path)
+    code, out, err = run_main([demo, '--resume', path, '-j', '0'], capsys)
+    assert code == 0, err
+    assert 'amp off | channels-last off | compile off (auto' in out
+    assert 'data-cache off' in out
+
+
+def test_the_grad_scaler_path_trains_clips_and_resumes_exactly(demo, tmp_path, capsys,
+                                                               monkeypatch):
+    """The fp16 path of CUDA without bf16 and of MPS, on the CPU: a GradScaler, its state in
+    the checkpoint, clipping of unscaled gradients, exact resume. The CPU computes fp16
+    convolutions by emulation (minutes per epoch on this machine), so the forward passes
+    run in bf16 here: the scaler's plumbing is what is tested."""
+    monkeypatch.setattr(driver, 'amp_dtype_for', lambda device: 'float16')
+    monkeypatch.setattr(driver, 'autocast', lambda args, device: torch.autocast(
+        device.type, dtype=torch.bfloat16))
+    flags = ['--amp', '--no-channels-last', '--clip-grad', '1.0']
+    whole, out = train(demo, tmp_path / 'whole', capsys, *flags, epochs=2)
+    assert 'amp float16 + GradScaler' in out
+    ckpt = torch.load(checkpoint_of(whole), weights_only=True)
+    assert ckpt['scaler'] and ckpt['scaler']['scale'] > 0
+    part, _ = train(demo, tmp_path / 'part', capsys, *flags, '--stop-after', '1', epochs=2)
+    code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
+    assert code == 0, err
+    assert_same_weights(weights(whole), weights(part))
