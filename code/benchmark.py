@@ -738,9 +738,11 @@ def train_checks(results):
         fp32 = results.get((dataset, model, path, 'fp32'))
         if model == 'cnn' and config == 'amp' and fp32 is not None:
             diff = best - best_and_final(fp32)[0]
+            # one-sided, like the cached check: amp scoring higher than fp32 is noise, not
+            # a failure to train
             lines.append(f"{dataset} {model_label(model)} {path}: amp - fp32 = {diff:+.2f} "
-                         f"points ({'PASS' if abs(diff) <= TRAIN_TOLERANCE else 'FAIL'}, "
-                         f"target within {TRAIN_TOLERANCE:g})")
+                         f"points ({'PASS' if diff >= -TRAIN_TOLERANCE else 'FAIL'}, "
+                         f"target >= -{TRAIN_TOLERANCE:g})")
     return lines
 
 

@@ -154,11 +154,11 @@ def test_train_checks_name_only_the_issues_targets():
     results = {('demo', 'cnn', 'per-image', 'fp32'): summary(60.0),
                ('demo', 'cnn', 'cached', 'fp32'): summary(58.0),
                ('demo', 'cnn', 'per-image', 'amp'): summary(50.0),
+               ('demo', 'cnn', 'cached', 'amp'): summary(70.0),
                ('demo', 'simplenet', 'per-image', 'amp'): summary(10.0)}
     lines = benchmark.train_checks(results)
-    assert len(lines) == 2, lines               # nothing for SimpleNet's amp: no target
-    cached = next(l for l in lines if 'cached - per-image' in l)
-    assert '-2.00 points (PASS' in cached
-    amp = next(l for l in lines if 'amp - fp32' in l)
-    assert '-10.00 points (FAIL' in amp
+    assert len(lines) == 4, lines               # nothing for SimpleNet's amp: no target
+    assert any('fp32: cached - per-image = -2.00 points (PASS' in l for l in lines), lines
+    assert any('per-image: amp - fp32 = -10.00 points (FAIL' in l for l in lines), lines
+    assert any('cached: amp - fp32 = +12.00 points (PASS' in l for l in lines), lines
     assert benchmark.train_speed(summary(1.0)) == (10.0, 100.0)

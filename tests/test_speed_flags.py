@@ -208,3 +208,16 @@ def test_the_grad_scaler_path_trains_clips_and_resumes_exactly(demo, tmp_path, c
     code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
     assert code == 0, err
     assert_same_weights(weights(whole), weights(part))
+
+
+def test_pgd_and_saliency_under_bf16_autocast_keep_float32_images():
+    import student_code as sc
+    torch.manual_seed(0)
+    model = sc.cnn_models['simplenet'](num_classes=4).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        adv = sc.PGDAttack(torch.nn.CrossEntropyLoss(), num_steps=2).perturb(model, x)
+        saliency = sc.GradAttention().explain(model, x)
+    assert adv.dtype == saliency.dtype == torch.float32
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(adv, x)
+    assert torch.isfinite(saliency).all() and saliency.max() == 1.0
