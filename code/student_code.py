@@ -532,8 +532,8 @@ class SimpleNet(nn.Module):
         scale, and without BatchNorm the classifier's first steps at lr 0.1 are then
         so large that training stalls or diverges. Measured on real digit scans: see
         BENCHMARKS.md, "Training recipe". A network without BatchNorm stays sensitive
-        to the learning rate: main.py stops a run whose loss becomes NaN, and
-        --clip-grad 1.0 or a lower --lr helps short runs."""
+        to the learning rate (main.py stops a run whose loss becomes NaN) and learns
+        slowly in short runs."""
         init_cnn_weights(self)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
