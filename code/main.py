@@ -44,6 +44,7 @@ from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  #
                    warmup_cosine_factor, select_device, reset_peak_memory, peak_memory_mb,
                    make_run_dir, save_checkpoint, save_best_model, load_checkpoint,
                    run_dir_of_checkpoint, write_json_atomic, remove_temp_files, run_lock,
+                   summary_lock,
                    format_seconds, CHECKPOINT, BEST, ToolkitError, UsageError,
                    CheckpointError, DivergedError)
 
@@ -988,7 +989,9 @@ def open_run_folder(args, ckpt, lock_stack):
     if lock.previous_holder:
         print(f'note: took over the lock of {run_dir} from {lock.previous_holder}, which '
               f'is no longer running')
-    removed = remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir, 'models'))
+    # the summary lock too: an -e/-a of this run may be writing its summary right now
+    with summary_lock(run_dir):
+        removed = remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir, 'models'))
     if removed:
         print(f'note: removed {len(removed)} temporary file(s) left by a killed run')
     return run_dir
