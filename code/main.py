@@ -44,7 +44,7 @@ from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  #
                    warmup_cosine_factor, select_device, reset_peak_memory, peak_memory_mb,
                    make_run_dir, save_checkpoint, save_best_model, load_checkpoint,
                    run_dir_of_checkpoint, write_json_atomic, remove_temp_files, run_lock,
-                   summary_lock,
+                   summary_lock, first_non_finite,
                    format_seconds, CHECKPOINT, BEST, ToolkitError, UsageError,
                    CheckpointError, DivergedError)
 
@@ -475,14 +475,6 @@ def load_model_state(model, state_dict, path, arch):
         first = str(exc).strip().splitlines()
         detail = ' '.join(line.strip() for line in first[:3])[:300]
         raise CheckpointError(f"'{path}' does not fit the model ({arch}): {detail}")
-
-
-def first_non_finite(model):
-    """Name of the first parameter or buffer holding NaN or inf, or None."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
 
 
 ################################################################################
@@ -942,9 +934,14 @@ def refuse_unresumable(ckpt, path, planned, run_finished):
                          f"longer with --epochs N (N > {planned})")
 
 
+def at_its_end(args, ckpt, planned):
+    """The checkpoint holds the run's last epoch, and --epochs does not extend it."""
+    return ckpt['epoch'] >= planned and args.epochs == planned
+
+
 def finished_cleanly(args, ckpt, planned):
     """The checkpoint holds the run's last epoch and its summary says so."""
-    if ckpt['epoch'] < planned or args.epochs != planned:
+    if not at_its_end(args, ckpt, planned):
         return False
     run_dir = run_dir_of_checkpoint(args.resume)
     return run_dir is not None and rr.read_summary(run_dir).get('status') == rr.FINISHED
@@ -1091,10 +1088,9 @@ def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best
         summary.update(epochs=ckpt['history'], best_epoch=best['epoch'],
                        best_acc1=best['acc1'], wall_time_s=ckpt.get('wall_time_s', 0.0))
         save_best_model(best_model_of(ckpt), run_dir)
-    finished = ckpt['epoch'] >= planned and args.epochs == planned
     print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
           f"{ckpt['best_acc1']:.2f})")
-    if finished:  # killed between its last checkpoint and its last summary
+    if at_its_end(args, ckpt, planned):  # killed between its last checkpoint and summary
         summary['status'] = rr.FINISHED
         rr.write_summary(run_dir, summary)
         print(f'=> the run had finished its {planned} epochs; its files are consistent now')
@@ -1123,7 +1119,7 @@ def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_l
         print(f"[Training]: Epoch {epoch + 1:d} finished with lr={stats['lr']:f} | "
               f"{stats['images_per_s']:.1f} images/s | {stats['epoch_time_s']:.1f} s | "
               f"peak memory {stats['peak_memory_mb']:.0f} MB")
-        bad = first_non_finite(model)
+        bad = first_non_finite(model.state_dict())
         if bad is not None:
             raise DivergedError(f"training diverged: '{bad}' holds NaN or inf after epoch "
                                 f"{epoch + 1}; try a lower --lr (now {args.lr:g}) or "

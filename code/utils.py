@@ -336,13 +336,21 @@ def load_checkpoint(path):
                               f"checkpoint?): {reason[:200]}")
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
-    for key, value in ckpt['state_dict'].items():
+    key = first_non_finite(ckpt['state_dict'])
+    if key is not None:
+        raise CheckpointError(f"'{path}' holds non-finite weights (NaN or inf) in '{key}': "
+                              f"the run diverged before it was saved; use an earlier "
+                              f"checkpoint or train again with a lower --lr")
+    return ckpt
+
+
+def first_non_finite(state_dict):
+    """Name of the first floating-point tensor of a state dict holding NaN or inf, or None."""
+    for key, value in state_dict.items():
         if torch.is_tensor(value) and value.is_floating_point() and \
                 not torch.isfinite(value).all():
-            raise CheckpointError(f"'{path}' holds non-finite weights (NaN or inf) in '{key}': "
-                                  f"the run diverged before it was saved; use an earlier "
-                                  f"checkpoint or train again with a lower --lr")
-    return ckpt
+            return key
+    return None
 
 
 def run_dir_of_checkpoint(path):
