@@ -1,4 +1,4 @@
-"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train,step}`.
+"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train,step,ddp}`.
 
 conv, attention and attack time our code against a reference in the same process,
 with interleaved repetitions, and print ratios (ratios survive a noisy machine;
@@ -515,13 +515,18 @@ def build_recipe_data(name, out_dir, quick=False, extra=None):
         raise RecipeError(f"{RECIPE_DATASETS[name]} failed: {_last_line(done.stderr)}")
 
 
-def run_recipe_cell(data, flags, log_dir):
-    """Train with main.py DIR flags, logging into log_dir; returns its summary.json."""
+def run_recipe_cell(data, flags, log_dir, processes=1):
+    """Train with main.py DIR flags (under torchrun for several processes), logging into
+    log_dir; returns its summary.json."""
     os.makedirs(log_dir)
     console = os.path.join(log_dir, 'console.log')
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone',
+                     f'--nproc_per_node={processes}']
     with open(console, 'w') as log:
-        done = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'main.py'), data,
-                               '--log-dir', log_dir] + flags,
+        done = subprocess.run(launcher + [os.path.join(REPO, 'code', 'main.py'), data,
+                                          '--log-dir', log_dir] + flags,
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if done.returncode != 0:
         with open(console) as log:
@@ -799,7 +804,7 @@ def bench_step(args):
     import torch
     import torch.nn as nn
     import student_code as sc
-    from main import amp_dtype_for
+    from speed import amp_dtype_for
     device = torch.device(args.device)
     dtype = getattr(torch, amp_dtype_for(device))
     torch.manual_seed(0)
@@ -831,9 +836,60 @@ def bench_step(args):
                                           for k, v in t.items()), flush=True)
 
 
+def max_weight_difference(run_a, run_b):
+    """The largest absolute difference between the final weights of two runs."""
+    import torch
+    a, b = (torch.load(os.path.join(run, 'models', 'checkpoint.pth.tar'), map_location='cpu',
+                       weights_only=True)['state_dict'] for run in (run_a, run_b))
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def bench_ddp(args):
+    """1 process against N (torchrun + DDP; gloo on the CPU, NCCL on GPUs) at the same
+    global batch, seed and data: images/s, best and final val top-1, and how far the final
+    weights are from the 1-process run's. On a CPU the processes share its cores (torchrun
+    gives each one thread; the single process uses torch's default threads)."""
+    import torch
+    device = torch.device(args.device)
+    work = tempfile.mkdtemp(prefix='bench_ddp_')
+    where = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+             if device.type == 'cuda' else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
+    if args.quick:
+        args.epochs, args.batch_size = 1, 10
+    print(f"ddp: torch {torch.__version__}, {where}, {args.epochs} epochs of {args.model} at "
+          f"global batch {args.batch_size}, seed 0; data and logs in {work}\n", flush=True)
+    build_recipe_data('real', os.path.join(work, 'data'), args.quick,
+                      SMALL_DATA['real'] if args.small else None)
+    print("| processes | backend | images/s | speed-up | best val top-1 | final val top-1 "
+          "| max weight difference from 1 process |\n"
+          "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    runs = {}
+    for n in args.processes:
+        flags = (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
+                  '-b', str(args.batch_size), '--lr', str(args.lr), '-j', '1', '--device',
+                  args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
+                 + RECIPE_MODELS[args.model][1] + (VIT_FLAGS if args.model == 'vit' else []))
+        log_dir = os.path.join(work, 'logs', f'{n}')
+        try:
+            summary = run_recipe_cell(os.path.join(work, 'data'), flags, log_dir, processes=n)
+        except RecipeError as e:
+            print(f"| {n} | | failed: {e} | | | | |", flush=True)
+            continue
+        runs[n] = summary
+        speed = train_speed(summary)[0]
+        best, final = best_and_final(summary)
+        base = runs.get(1)
+        ratio = f"{speed / train_speed(base)[0]:.2f}x" if base else ''
+        diff = f"{max_weight_difference(base['run_dir'], summary['run_dir']):.2e}" \
+            if base and n > 1 else ''
+        print(f"| {n} | {summary.get('dist_backend') or '-'} | {speed:.1f} | {ratio} "
+              f"| {best:.2f} | {final:.2f} | {diff} |", flush=True)
+    return runs
+
+
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
               'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
-              'train': bench_train, 'step': bench_step}
+              'train': bench_train, 'step': bench_step, 'ddp': bench_ddp}
 
 
 def main():
@@ -862,6 +918,10 @@ def main():
                         help='train: 400 training images per data set (slow machines)')
     parser.add_argument('--quick', action='store_true',
                         help='recipe on tiny sets for 1 epoch: checks that every cell runs')
+    parser.add_argument('--processes', type=int, nargs='+', default=[1, 2],
+                        help='process counts to compare (ddp; 1 first: the reference)')
+    parser.add_argument('--model', choices=list(RECIPE_MODELS), default='cnn',
+                        help='the model (ddp)')
     parser.add_argument('--data', default=None,
                         help='data folder (models, pipeline; default data/demo)')
     parser.add_argument('--images', type=int, default=256,

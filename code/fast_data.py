@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -347,10 +348,24 @@ def _draw_step(kind, t, hw):
     return t.get_params()            # scale: interpolation; flip: bool; rotate: (deg, interp)
 
 
-def draw_params(plan, n):
+def draw_params(plan, n, seeds=None):
     """n per-image parameter tuples, one entry per step of the plan, drawn from Python's
-    `random` (seeded like the per-image path: main.py's seed, seed_worker in workers)."""
-    return [tuple(_draw_step(kind, t, hw) for kind, t, hw, _ in plan.steps) for _ in range(n)]
+    `random` as it is, or re-seeded with seeds[k] before image k (main.py's TrainOrder
+    gives every training image its own seed, as the per-image path's SeededSamples does)."""
+    params = []
+    for k in range(n):
+        if seeds is not None:
+            random.seed(seeds[k])
+        params.append(tuple(_draw_step(kind, t, hw) for kind, t, hw, _ in plan.steps))
+    return params
+
+
+def split_items(items):
+    """(indices, seeds or None) of a batch of image indices or (index, seed) pairs."""
+    items = list(items)
+    if items and isinstance(items[0], (tuple, list)):
+        return [int(i) for i, _ in items], [s for _, s in items]
+    return [int(i) for i in items], None
 
 
 ################################################################################
@@ -513,13 +528,15 @@ class CachedDataset(data.Dataset):
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices):
-        # the DataLoader hands a whole batch of indices here: the parameters and the
-        # matrices are computed for the batch at once, only the warp runs per image
+    def __getitems__(self, items):
+        # the DataLoader hands a whole batch of indices (or (index, seed) pairs, see
+        # draw_params) here: the parameters and the matrices are computed for the batch
+        # at once, only the warp runs per image
+        indices, seeds = split_items(items)
         images = self.cache.images
         if self.plan is None:
             return [(_chw(images[i]), self.label_list[i]) for i in indices]
-        params = draw_params(self.plan, len(indices))
+        params = draw_params(self.plan, len(indices), seeds)
         matrices = affine_matrices(self.plan, params)
         flags = warp_interpolations(self.plan, params)
         factors = colour_factors(self.plan, params)
@@ -601,12 +618,13 @@ def cache_to_device(cache, device, reserve=2 << 30):
 
 class DeviceLoader:
     """A DataLoader stand-in for a cache held on the device (GPU path): yields
-    (normalized float batch, labels), both on `device`. The CPU only shuffles indices
-    (with `generator`, re-seedable as main.py does with a DataLoader's) and draws the
-    parameters (Python's `random`); warp, colour and normalization run on the device."""
+    (normalized float batch, labels), both on `device`. The CPU only walks the sampler
+    and draws the parameters (Python's `random`, re-seeded per image where the sampler
+    gives (index, seed) pairs, as main.py's TrainOrder does); warp, colour and
+    normalization run on the device. Without a sampler: every image in order, the last
+    batch partial (validation)."""
 
-    def __init__(self, cache, transforms, device, batch_size, shuffle=False, drop_last=False,
-                 generator=None, images=None):
+    def __init__(self, cache, transforms, device, batch_size, sampler=None, images=None):
         self.device = torch.device(device)
         self.plan = make_plan(transforms, (cache.size, cache.size))
         self.normalization = (self.plan.mean, self.plan.std)
@@ -614,23 +632,23 @@ class DeviceLoader:
             self.plan = None
         self.images = images if images is not None else cache_to_device(cache, self.device)
         self.labels = torch.as_tensor(cache.labels).to(self.device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.generator = generator if generator is not None else torch.Generator()
+        self.batch_size = batch_size
+        self.sampler = sampler if sampler is not None else range(len(self.labels))
 
     def __len__(self):
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
+        items = list(self.sampler)
+        for start in range(0, len(items), self.batch_size):
+            indices, seeds = split_items(items[start:start + self.batch_size])
+            idx = torch.as_tensor(indices).to(self.device)
             images = self.images.index_select(0, idx)
             if self.plan is None:
                 batch = normalize_on_device(images.permute(0, 3, 1, 2), *self.normalization)
             else:
-                batch = augment_on_device(images, draw_params(self.plan, len(idx)), self.plan)
+                params = draw_params(self.plan, len(indices), seeds)
+                batch = augment_on_device(images, params, self.plan)
             yield batch, self.labels.index_select(0, idx)
 
 

@@ -37,14 +37,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any d
 import student_code  # noqa: E402
 from student_code import (cnn_models, vit_models, default_cnn_model, default_vit_model,  # noqa
                           get_train_transforms, get_val_transforms, CustomConv2d)
-from custom_dataloader import MiniPlacesLoader, load_image, seed_worker  # noqa: E402
+from custom_dataloader import MiniPlacesLoader, DatasetError, load_image, seed_worker  # noqa
+import distributed  # noqa: E402
 import fast_data  # noqa: E402
 import run_record as rr  # noqa: E402
+from distributed import world, is_main  # noqa: E402
+from speed import (auto_speed_settings, resolve_speed_settings,  # noqa: E402,F401
+                   speed_line, autocast, memory_format, eager, forward_fn)
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
                    warmup_cosine_factor, select_device, reset_peak_memory, peak_memory_mb,
                    make_run_dir, save_checkpoint, save_best_model, load_checkpoint,
                    run_dir_of_checkpoint, write_json_atomic, remove_temp_files, run_lock,
-                   summary_lock, first_non_finite,
+                   summary_lock, first_non_finite, one_line,
                    format_seconds, CHECKPOINT, BEST, ToolkitError, UsageError,
                    CheckpointError, DivergedError)
 
@@ -145,6 +149,12 @@ parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=
 parser.add_argument('--data-cache', action=argparse.BooleanOptionalAction, default=None,
                     help='decode the images once into DIR/cache/ and augment with one fused '
                          'warp (fast_data.py) (default: auto)')
+# several processes (torchrun, distributed.py): -b stays the global batch
+parser.add_argument('--dist-backend', default='auto', choices=('auto', 'nccl', 'gloo'),
+                    help='under torchrun: nccl on GPUs, gloo on the CPU (default: auto)')
+parser.add_argument('--sync-bn', action='store_true',
+                    help='under torchrun: BatchNorm statistics over the global batch (for '
+                         'small per-GPU batches; CUDA only)')
 
 
 class Interrupted(Exception):
@@ -236,151 +246,6 @@ def settle_new_run(args, given):
         args.clip_grad = 0.0
     if args.seed is None:  # draw one, and record it so that the run can be replayed
         args.seed = random.SystemRandom().randrange(2 ** 31)
-
-
-################################################################################
-# Speed settings (issue 10): --amp, --channels-last, --compile, --data-cache
-################################################################################
-def cpu_has_bf16():
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): without it
-    oneDNN emulates bf16 and autocast is slower than fp32. The checks are private
-    torch.cpu helpers; a torch without them is taken to have no bf16."""
-    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def auto_speed_settings(device):
-    """{flag: (value, why)}: the defaults measured best on each kind of device
-    (BENCHMARKS.md, "Training fast"; the reasons are printed at start)."""
-    if device.type == 'cuda':
-        return {'amp': (True, 'tensor cores'), 'channels_last': (True, 'NHWC convolutions'),
-                'compile': (False, 'compiling costs minutes at start; ask with --compile'),
-                'data_cache': (True, 'augmentation on the GPU')}
-    if device.type == 'mps':
-        return {'amp': (False, 'not measured on MPS'),
-                'channels_last': (False, 'not measured on MPS'),
-                'compile': (False, 'not measured on MPS'),
-                'data_cache': (True, 'the fused warp frees the CPU cores')}
-    # CPU: channels-last was faster for every model on a 2-core AVX512 machine, bf16 was
-    # not (oneDNN's bf16 kernels lose to fp32 at these small convolutions, even with
-    # AVX512-BF16; BENCHMARKS.md): --amp stays a choice
-    return {'amp': (False, 'bf16 was not faster on a CPU' +
-                    (' with AVX512-BF16' if cpu_has_bf16() else ' (no bf16 hardware here)')),
-            'channels_last': (True, 'faster on a CPU'),
-            'compile': (False, 'compiling costs minutes at start; ask with --compile'),
-            'data_cache': (True, 'the workers share the cores with training')}
-
-
-def amp_dtype_for(device):
-    """bf16 where the device has it (no loss scaling needed), else fp16 (+ GradScaler)."""
-    if device.type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if device.type == 'mps':
-        return 'float16'
-    return 'bfloat16'
-
-
-def resolve_speed_settings(args, device):
-    """Replace the speed flags left at None (auto) by the device's defaults and set
-    args.amp_dtype; returns {flag: why} of those chosen automatically. Runs after a resume
-    took the PLAN flags from its checkpoint, so only what is still open is auto."""
-    auto = {}
-    for key, (value, why) in auto_speed_settings(device).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            auto[key] = why
-    args.amp_dtype = amp_dtype_for(device) if args.amp else None
-    return auto
-
-
-def speed_line(args, device, auto):
-    """The start line: each speed setting as resolved (and fallen back), auto ones with
-    the reason."""
-    parts = []
-    for key in ('amp', 'channels_last', 'compile', 'data_cache'):
-        value = getattr(args, key)
-        text = f"{key.replace('_', '-')} {'on' if value else 'off'}"
-        if key == 'amp' and value:
-            text = f"amp {args.amp_dtype}" + (' + GradScaler' if args.amp_dtype == 'float16'
-                                              else '')
-            if device.type == 'cpu' and not cpu_has_bf16():
-                text += ' (no bf16 hardware on this CPU: expect it slower than fp32)'
-        parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
-    return '=> speed: ' + ' | '.join(parts)
-
-
-def autocast(args, device):
-    """The forward passes' context: torch.autocast in args.amp_dtype, or nothing (fp32
-    then runs exactly the code it ran before these flags)."""
-    if not getattr(args, 'amp', False):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
-
-
-def memory_format(args):
-    return torch.channels_last if getattr(args, 'channels_last', False) else \
-        torch.contiguous_format
-
-
-def compile_blocker(device):
-    """Why torch.compile cannot work here (None: try it)."""
-    try:
-        import torch._dynamo
-        if not torch._dynamo.is_dynamo_supported():
-            return f'torch.compile is not supported on Python {sys.version.split()[0]}'
-    except Exception as exc:  # an incomplete torch install
-        return f'torch.compile is unavailable ({type(exc).__name__})'
-    if device.type == 'cpu':
-        import shutil
-        cxx = os.environ.get('CXX', 'g++')
-        if shutil.which(cxx) is None and shutil.which('clang++') is None:
-            return f'no C++ compiler ({cxx}) for its CPU code'
-    if device.type == 'mps':
-        return 'torch.compile on MPS is experimental and untested with this toolkit'
-    return None
-
-
-class CompiledOrEager(object):
-    """The model's forward, compiled; if compiling fails (at the first call: torch.compile
-    is lazy), one line says so and the eager model is used from then on. An error that
-    the eager model raises too is the model's own, and keeps its traceback."""
-
-    def __init__(self, model, device):
-        self.model, self.forward = model, model
-        reason = compile_blocker(device)
-        if reason is not None:
-            print(f'note: --compile: {reason}; training runs eagerly')
-        else:
-            self.forward = torch.compile(model)
-
-    def train(self, mode=True):
-        self.model.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def __call__(self, input):
-        if self.forward is self.model:
-            return self.model(input)
-        try:
-            return self.forward(input)
-        except Exception as exc:
-            print(f'note: --compile failed ({type(exc).__name__}: '
-                  f'{one_line(exc)[:160]}); training runs eagerly', flush=True)
-            self.forward = self.model
-            return self.model(input)
-
-
-def eager(model):
-    """The nn.Module behind a CompiledOrEager (attacks walk its modules; checkpoints)."""
-    return model.model if isinstance(model, CompiledOrEager) else model
-
-
-def forward_fn(model, args, device):
-    """What train_one_epoch and validate call: the compiled model (--compile) or the model.
-    Checkpoints always save `model` itself: no _orig_mod. prefixes, -e/-a load it eagerly."""
-    return CompiledOrEager(model, device) if args.compile else model
 
 
 ################################################################################
@@ -488,10 +353,12 @@ def seed_everything(seed):
 
 
 def seed_epoch(seed, epoch, train_loader):
-    """Shuffling and the workers' augmentation seeds depend only on (seed, epoch), so
-    a resumed run replays exactly what an uninterrupted one does."""
-    seed_everything(seed * 1000 + epoch)
-    train_loader.generator.manual_seed(seed * 1000 + epoch)
+    """The training order and every image's augmentation depend only on (seed, epoch)
+    (distributed.TrainOrder); the process's own generators (dropout, PGD's random starts)
+    on (seed, epoch, rank). So a resumed run replays exactly what an uninterrupted one
+    does."""
+    seed_everything(seed * 1000 + epoch + (1 << 40) * world().rank)
+    train_loader.sampler.set_epoch(seed, epoch)
 
 
 def load_datasets(args, train=True):
@@ -547,8 +414,8 @@ class OnDevice(object):
             self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
 
     @property
-    def generator(self):  # re-seeded by seed_epoch
-        return self.loader.generator
+    def sampler(self):  # the TrainOrder of a training loader, set by seed_epoch
+        return self.loader.sampler
 
     def __len__(self):
         return len(self.loader)
@@ -599,7 +466,9 @@ def cache_refusal(args, splits):
 def cached_loader(args, device, split, transforms, **kw):
     """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
     the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
-    cache = fast_data.load_or_build_cache(args.data_folder, split, workers=args.workers)
+    # several processes: rank 0 builds a missing cache, the others then read it
+    cache = distributed.rank0_first(lambda: fast_data.load_or_build_cache(
+        args.data_folder, split, workers=args.workers))
     if device.type == 'cuda':
         try:
             loader = fast_data.DeviceLoader(cache, transforms, device, **kw)
@@ -616,15 +485,18 @@ def per_image_loader(args, device, dataset, **kw):
     handover = uint8_handover(dataset)
     if handover is not None:
         dataset.transforms = handover[0]
+    if isinstance(kw['sampler'], distributed.TrainOrder):  # (index, seed) pairs
+        dataset = distributed.SeededSamples(dataset)
     loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
                         worker_init_fn=seed_worker, **kw)
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
 
 
 def build_loaders(args, device, train_set, val_set):
-    """(train loader or None, val loader), both yielding batches on the device: the cached
-    path (fast_data) with --data-cache where the transforms allow it, else the per-image
-    path. Shuffling is the generator's, re-seeded each epoch (seed_epoch), on both paths."""
+    """(train loader or None, val loader), both yielding this process's batches on the
+    device: the cached path (fast_data) with --data-cache where the transforms allow it,
+    else the per-image path. The training order is a TrainOrder (set each epoch by
+    seed_epoch), validation this process's share of the images (distributed.py)."""
     if train_set is not None and args.batch_size > len(train_set):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(train_set)} images): every batch would be dropped")
@@ -636,9 +508,10 @@ def build_loaders(args, device, train_set, val_set):
         if refusal is not None:
             print(f'note: --data-cache: {refusal}; using the per-image path')
             args.data_cache = False  # what the run really did, for its summary
-    train_kw = dict(batch_size=args.batch_size, shuffle=True, drop_last=True,
-                    generator=torch.Generator())
-    val_kw = dict(batch_size=100, shuffle=False)
+    val_kw = dict(batch_size=100, sampler=distributed.val_share(len(val_set)))
+    if train_set is not None:
+        order = distributed.TrainOrder(len(train_set), args.batch_size)
+        train_kw = dict(batch_size=order.share, sampler=order)
     if args.data_cache:
         val_loader = cached_loader(args, device, 'val', splits['val'], **val_kw)
         train_loader = None if train_set is None else \
@@ -680,11 +553,13 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
             output = model(input)
             loss = criterion(output, target)
         # an fp16 forward that overflows shows up here too; the steps a GradScaler skips
-        # for inf gradients are normal and never reach this check
+        # for inf gradients are normal and never reach this check. Several processes
+        # check the mean of their losses, so that all of them stop at the same step.
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        mean_loss = distributed.mean_over_processes(loss_value)
+        if not math.isfinite(mean_loss):
             raise DivergedError(
-                f"training diverged: the loss is {loss_value} at epoch {epoch + 1}, iteration "
+                f"training diverged: the loss is {mean_loss} at epoch {epoch + 1}, iteration "
                 f"{i + 1}/{n_iters}; try a lower --lr (now {args.lr:g}), a longer --warmup "
                 f"(now {args.warmup}) or --clip-grad 1.0; the checkpoint of the last finished "
                 f"epoch is intact")
@@ -714,10 +589,11 @@ def train_one_epoch(train_loader, model, criterion, optimizer, scheduler, epoch,
             line = progress.line(i, f'ETA {format_seconds(iters_left * batch_time.avg)}')
             tqdm.write(line) if not bar.disable else print(line, flush=True)
             global_iter = epoch * n_iters + i
-            writer.add_scalar(rr.TAG_TRAIN_LOSS, losses.val, global_iter)
+            writer.add_scalar(rr.TAG_TRAIN_LOSS, mean_loss, global_iter)
             writer.add_scalar(rr.TAG_LR, optimizer.param_groups[0]['lr'], global_iter)
 
     epoch_time = time.time() - start
+    distributed.reduce_meters([losses, top1, top5])  # the figures of all processes
     return {'lr': scheduler.get_last_lr()[0], 'train_loss': losses.avg,
             'train_top1': top1.avg, 'train_top5': top5.avg, 'epoch_time_s': epoch_time,
             'images_per_s': losses.count / max(epoch_time, 1e-9),
@@ -751,6 +627,7 @@ def validate(val_loader, model, criterion, args, device):
             end = time.time()
             if i % args.print_freq == 0:
                 print(progress.line(i), flush=True)
+    distributed.reduce_meters([losses, top1, top5])  # every process saw its share
     print(f'******Acc@1 {top1.avg:.3f} Acc@5 {top5.avg:.3f}', flush=True)
     return top1.avg, top5.avg, losses.avg
 
@@ -805,6 +682,12 @@ class AttackMeters(object):
         self.fooled += (correct & (adv_flip.argmax(1) != target)).sum().item()
         self.hit += (adv_logits.argmax(1) == target_labels).sum().item()
 
+    def reduce(self):
+        """Sum the counts of all processes (each attacked its share of the images)."""
+        distributed.reduce_meters(list(self.acc.values()))
+        self.correct, self.fooled, self.hit = (int(x) for x in distributed.reduce_sums(
+            [self.correct, self.fooled, self.hit]))
+
     def result(self):
         n = max(self.acc['clean_top1'].count, 1)
         result = {key: meter.avg for key, meter in self.acc.items()}
@@ -833,6 +716,7 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
             print(progress.line(i), flush=True)
             if args.vis:
                 log_attack_images(writer, i, input, adv_input, attacker.epsilon)
+    meters.reduce()
     result = dict(meters.result(), num_steps=attacker.num_steps, step_size=attacker.step_size,
                   epsilon=attacker.epsilon, time_s=time.time() - start)
     print_attack_result(result)
@@ -976,9 +860,17 @@ def set_lr_from_schedule(optimizer, scheduler):
 ################################################################################
 # Training run
 ################################################################################
+def save_summary(run_dir, summary):
+    if run_dir is not None:  # None: a process other than rank 0 (it writes nothing)
+        rr.write_summary(run_dir, summary)
+
+
 def open_run_folder(args, ckpt, lock_stack):
-    """(run folder, its lock). A resumed run continues the checkpoint's own folder;
-    a new run, or a checkpoint copied out of its folder, gets a new one."""
+    """The run folder (locked), or None in processes other than rank 0. A resumed run
+    continues the checkpoint's own folder; a new run, or a checkpoint copied out of its
+    folder, gets a new one."""
+    if not is_main():
+        return None
     run_dir = run_dir_of_checkpoint(args.resume) if ckpt is not None else None
     if run_dir is None:
         run_dir = make_run_dir(args.log_dir, args.name)
@@ -1008,8 +900,11 @@ def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, be
             'best_epoch': best['epoch'], 'best_state_dict': best['weights'],
             'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args),
             'scaler': scaler.state_dict() if scaler is not None else None}
-    save_checkpoint(ckpt, run_dir)
+    if run_dir is not None:
+        save_checkpoint(ckpt, run_dir)
     summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
+    if run_dir is None:  # not rank 0
+        return
     if is_best:
         save_best_model(best_model_of(ckpt), run_dir)
         # kept for the checkpoints of later epochs, until a better one comes
@@ -1031,7 +926,10 @@ def train(args, given, ckpt, device, lock_stack):
     train_loader, val_loader = build_loaders(args, device, train_set, val_set)
     print(speed_line(args, device, auto))
     seed_everything(args.seed)  # the initial weights depend on the seed only
-    model = to_device(build_model(args, from_checkpoint=ckpt is not None), args, device)
+    model = build_model(args, from_checkpoint=ckpt is not None)
+    if args.sync_bn:  # same parameters and state-dict keys: -e/-a load it as it is
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = to_device(model, args, device)
     criterion = nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type) if args.amp_dtype == 'float16' else None
@@ -1042,31 +940,36 @@ def train(args, given, ckpt, device, lock_stack):
     run_dir = open_run_folder(args, ckpt, lock_stack)
     summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
                              student_code.count_params(model), device, n_iters, args.epochs)
+    summary.update(world_size=world().size, dist_backend=world().backend)
     if ckpt is not None:
         start_epoch = resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary,
                                    best, planned, scaler)
         if start_epoch is None:
             return summary
         say_extension(args, planned, start_epoch, n_iters)
+    processes = f' x {world().size} processes ({world().backend})' if world().size > 1 else ''
     print(f'=> run folder {run_dir} | model {args.arch} ({summary["num_params"] / 1e6:.2f}M '
-          f'params) | device {device} | {len(train_set)} training images, {n_iters} '
-          f'iterations/epoch')
+          f'params) | device {device}{processes} | {len(train_set)} training images, '
+          f'{n_iters} iterations/epoch')
     try:
-        rr.write_summary(run_dir, summary)
+        save_summary(run_dir, summary)
         run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
                    device, run_dir, summary, best, start_epoch, scaler)
     except DivergedError:
         summary['status'] = rr.DIVERGED
-        rr.write_summary(run_dir, summary)
+        save_summary(run_dir, summary)
         raise
     except KeyboardInterrupt:
         summary['status'] = rr.INTERRUPTED
-        rr.write_summary(run_dir, summary)
+        save_summary(run_dir, summary)
+        if run_dir is None:
+            raise Interrupted('interrupted')
         path = os.path.join(run_dir, 'models', CHECKPOINT)
         raise Interrupted(f'interrupted; the last finished epoch is in {path}: continue with '
                           f'--resume={path}' if os.path.isfile(path) else
                           f'interrupted before the first epoch finished ({run_dir})')
-    print_run_end(run_dir, summary)
+    if run_dir is not None:
+        print_run_end(run_dir, summary)
     return summary
 
 
@@ -1088,11 +991,16 @@ def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best
         summary.update(epochs=ckpt['history'], best_epoch=best['epoch'],
                        best_acc1=best['acc1'], wall_time_s=ckpt.get('wall_time_s', 0.0))
         save_best_model(best_model_of(ckpt), run_dir)
+    saved_world = (ckpt.get('args') or {}).get('world_size', 1)
+    if saved_world != world().size:
+        print(f'note: the run was trained by {saved_world} process(es), now by '
+              f'{world().size}: the global batches are the same, but BatchNorm statistics '
+              f'are per process, so the rest will not equal an uninterrupted run exactly')
     print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
           f"{ckpt['best_acc1']:.2f})")
     if at_its_end(args, ckpt, planned):  # killed between its last checkpoint and summary
         summary['status'] = rr.FINISHED
-        rr.write_summary(run_dir, summary)
+        save_summary(run_dir, summary)
         print(f'=> the run had finished its {planned} epochs; its files are consistent now')
         return None
     return ckpt['epoch']
@@ -1100,8 +1008,10 @@ def resume_state(args, ckpt, model, optimizer, scheduler, run_dir, summary, best
 
 def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_loader,
                device, run_dir, summary, best, start_epoch, scaler=None):
-    writer = SummaryWriter(run_dir)
-    net = forward_fn(model, args, device)  # what trains and validates; `model` is saved
+    writer = SummaryWriter(run_dir) if run_dir is not None else distributed.NoWriter()
+    net = forward_fn(distributed.wrap(model), args, device)  # trains; `model` is saved
+    # validation runs on each process's share without collectives: not through DDP
+    val_net = forward_fn(model, args, device) if world().size > 1 else net
     adv_attacker = None
     if args.adv_train:
         # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
@@ -1125,7 +1035,7 @@ def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_l
                                 f"{epoch + 1}; try a lower --lr (now {args.lr:g}) or "
                                 f"--clip-grad 1.0; the checkpoint of the last finished "
                                 f"epoch is intact")
-        acc1, acc5, val_loss = validate(val_loader, net, criterion, args, device)
+        acc1, acc5, val_loss = validate(val_loader, val_net, criterion, args, device)
         log_epoch(writer, epoch + 1, stats, acc1, acc5, val_loss)
         record = dict(epoch=epoch + 1, val_loss=val_loss, val_top1=acc1, val_top5=acc5, **stats)
         summary['wall_time_s'] = wall_before + time.time() - invocation_start
@@ -1134,8 +1044,8 @@ def run_epochs(args, model, criterion, optimizer, scheduler, train_loader, val_l
     done = start_epoch + epochs_this_time
     summary['status'] = rr.FINISHED if done == args.epochs else rr.STOPPED
     summary['wall_time_s'] = wall_before + time.time() - invocation_start
-    rr.write_summary(run_dir, summary)
-    if summary['status'] == rr.STOPPED:
+    save_summary(run_dir, summary)
+    if summary['status'] == rr.STOPPED and run_dir is not None:
         print(f'=> stopped after {epochs_this_time} epoch(s) as asked; continue with '
               f'--resume={os.path.join(run_dir, "models", CHECKPOINT)}')
 
@@ -1189,10 +1099,11 @@ def evaluate_or_attack(args, given, ckpt, device):
     val_loader, model = checkpoint_model(args, given, ckpt, device)
     criterion = nn.CrossEntropyLoss()
     mode = 'attack' if args.attack else 'eval'
-    run_dir = make_run_dir(args.log_dir, args.name or mode)
-    writer = SummaryWriter(run_dir)
+    run_dir = make_run_dir(args.log_dir, args.name or mode) if is_main() else None
+    writer = SummaryWriter(run_dir) if is_main() else distributed.NoWriter()
     summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
                              student_code.count_params(model), device, 0, 0)
+    summary.update(world_size=world().size, dist_backend=world().backend)
     print(f"=> {mode} of '{args.resume}' ({args.arch}) on {device}; logs in {run_dir}")
     start = time.time()
     if args.evaluate:
@@ -1205,6 +1116,8 @@ def evaluate_or_attack(args, given, ckpt, device):
     writer.close()
     result = dict(checkpoint=os.path.abspath(args.resume), **result)
     summary.update({key: result, 'wall_time_s': time.time() - start})
+    if not is_main():
+        return summary
     write_json_atomic(rr.summary_path(run_dir), summary)
     source = run_dir_of_checkpoint(args.resume)
     if source is not None and os.path.isfile(rr.summary_path(source)):
@@ -1214,7 +1127,7 @@ def evaluate_or_attack(args, given, ckpt, device):
 
 def evaluate(val_loader, model, criterion, args, device, writer):
     top1, top5, loss = validate(val_loader, model, criterion, args, device)
-    if args.vis:
+    if args.vis and is_main():  # the saliency maps of rank 0's share of the images
         log_saliency(val_loader, model, criterion, args, device, writer)
     return {'top1': top1, 'top5': top5, 'loss': loss}
 
@@ -1222,13 +1135,9 @@ def evaluate(val_loader, model, criterion, args, device, writer):
 ################################################################################
 # Command line
 ################################################################################
-def one_line(exc):
-    """The message of an exception on one line, also when a DataLoader worker
-    re-raised it wrapped in its own traceback."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    line = lines[-1] if lines else type(exc).__name__
-    prefix = type(exc).__name__ + ': '
-    return line.split(prefix, 1)[1] if prefix in line else line
+# the errors that every process of a torchrun launch meets alike (the same flags, data and
+# checkpoint; a divergence is checked on the mean loss): only rank 0 says them
+SHARED_ERRORS = (UsageError, CheckpointError, DatasetError, DivergedError)
 
 
 def sigterm_as_interrupt(signum, frame):
@@ -1245,7 +1154,10 @@ def main(argv=None):
         with contextlib.ExitStack() as stack:  # holds the run folder's lock, if any
             check_args(args, given)
             ckpt = load_checkpoint(args.resume) if args.resume else None
-            device = select_device(args.device, args.gpu, args.use_mps)
+            # under torchrun: join the other processes, one GPU each (distributed.py)
+            device = distributed.start(args.device, args.dist_backend, args.sync_bn) or \
+                select_device(args.device, args.gpu, args.use_mps)
+            args.world_size = world().size
             if device.type == 'cuda':
                 torch.backends.cudnn.benchmark = True
             if args.evaluate or args.attack:
@@ -1254,13 +1166,15 @@ def main(argv=None):
     except ToolkitError as exc:  # ours: bad flags, data, checkpoint, run folder, divergence
         if os.environ.get('MAIN_DEBUG'):
             raise
-        print(f'main.py: error: {one_line(exc)}', file=sys.stderr)
+        if distributed.launch_rank() == 0 or not isinstance(exc, SHARED_ERRORS):
+            print(f'main.py: error: {one_line(exc)}', file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f'\nmain.py: {str(exc) or "interrupted"}', file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        distributed.stop()
 
 
 if __name__ == '__main__':

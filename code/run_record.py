@@ -51,7 +51,9 @@ class SchemaError(ToolkitError):
 
 
 def new_summary(run_dir, name, args, arch, num_params, device, iters_per_epoch, epochs_planned):
-    return {'schema': SCHEMA_VERSION, 'run_dir': os.path.abspath(run_dir), 'name': name,
+    # run_dir is None in the processes of a torchrun launch other than rank 0
+    return {'schema': SCHEMA_VERSION, 'run_dir': run_dir and os.path.abspath(run_dir),
+            'name': name,
             'status': RUNNING, 'args': args, 'arch': arch, 'num_params': num_params,
             'device': str(device), 'iters_per_epoch': iters_per_epoch,
             'epochs_planned': epochs_planned, 'epochs': [], 'best_epoch': None,

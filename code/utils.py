@@ -368,3 +368,12 @@ def run_dir_of_checkpoint(path):
 
 def format_seconds(seconds):
     return str(datetime.timedelta(seconds=int(max(0, seconds))))
+
+
+def one_line(exc):
+    """The message of an exception on one line, also when a DataLoader worker
+    re-raised it wrapped in its own traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else type(exc).__name__
+    prefix = type(exc).__name__ + ': '
+    return line.split(prefix, 1)[1] if prefix in line else line

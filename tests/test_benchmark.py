@@ -162,3 +162,18 @@ def test_train_checks_name_only_the_issues_targets():
     assert any('per-image: amp - fp32 = -10.00 points (FAIL' in l for l in lines), lines
     assert any('cached: amp - fp32 = +12.00 points (PASS' in l for l in lines), lines
     assert benchmark.train_speed(summary(1.0)) == (10.0, 100.0)
+
+
+def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
+    """`benchmark.py ddp --quick`: a row per process count, the 2-process row with its
+    speed-up and its distance from the 1-process weights (tiny: nothing is measured)."""
+    import argparse
+    args = argparse.Namespace(device='cpu', quick=True, small=False, epochs=1, batch_size=10,
+                              lr=0.02, processes=[1, 2], model='simplenet')
+    runs = benchmark.bench_ddp(args)
+    out = capsys.readouterr().out
+    assert sorted(runs) == [1, 2] and runs[2]['world_size'] == 2
+    rows = [line for line in out.splitlines() if line.startswith('| 2 | gloo |')]
+    assert len(rows) == 1 and 'x |' in rows[0], out
+    difference = float(rows[0].rstrip(' |').rsplit('|', 1)[1])
+    assert difference < 1e-3  # SimpleNet: no BatchNorm, the same global batches

@@ -17,6 +17,7 @@ import custom_transforms as T
 import fast_data as fd
 import student_code
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
+from distributed import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -482,16 +483,17 @@ def test_seeded_runs_repeat(cache, workers):
 
 
 def test_device_loader_on_the_cpu(cache):
+    order = TrainOrder(len(cache), 10)
     train = fd.DeviceLoader(cache, student_code.get_train_transforms(), 'cpu', batch_size=10,
-                            shuffle=True, drop_last=True)
+                            sampler=order)
     assert len(train) == 2
 
     def run(seed):
-        random.seed(seed)
-        train.generator.manual_seed(seed)
+        order.set_epoch(seed, 0)
         return list(train)
 
     first, second = run(3), run(3)
+    assert not torch.equal(first[0][0], run(4)[0][0])
     (x, y), _ = first
     assert x.dtype == torch.float32 and x.shape == (10, 3, 128, 128) and y.shape == (10,)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))

@@ -10,6 +10,7 @@ from conftest import FAST, run_main, checkpoint_of, only_run, expect_error
 import custom_transforms as T
 import fast_data
 import main as driver
+import speed
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -146,7 +147,7 @@ def test_compile_falls_back_to_eager_with_a_note(demo, tmp_path, capsys, monkeyp
     notes = [l for l in out.splitlines() if l.startswith('note: --compile failed')]
     assert len(notes) == 1 and 'training runs eagerly' in notes[0], out
     assert not any('_orig_mod' in k for k in weights(run))  # loads in eager mode
-    monkeypatch.setattr(driver, 'compile_blocker', lambda device: 'no C++ compiler (g++)')
+    monkeypatch.setattr(speed, 'compile_blocker', lambda device: 'no C++ compiler (g++)')
     run, out = train(demo, tmp_path / 'b', capsys, '--compile', epochs=1)
     assert 'note: --compile: no C++ compiler (g++); training runs eagerly' in out
 
@@ -196,7 +197,7 @@ def test_the_grad_scaler_path_trains_clips_and_resumes_exactly(demo, tmp_path, c
     the checkpoint, clipping of unscaled gradients, exact resume. The CPU computes fp16
     convolutions by emulation (minutes per epoch on this machine), so the forward passes
     run in bf16 here: the scaler's plumbing is what is tested."""
-    monkeypatch.setattr(driver, 'amp_dtype_for', lambda device: 'float16')
+    monkeypatch.setattr(speed, 'amp_dtype_for', lambda device: 'float16')
     monkeypatch.setattr(driver, 'autocast', lambda args, device: torch.autocast(
         device.type, dtype=torch.bfloat16))
     flags = ['--amp', '--no-channels-last', '--clip-grad', '1.0']

@@ -1,0 +1,231 @@
+"""Data-parallel training over several processes: torchrun + DistributedDataParallel.
+
+    torchrun --standalone --nproc_per_node 4 code/main.py DIR -b 256 ...   # one machine
+
+What a student can count on (README "Training fast"):
+- `-b` is the GLOBAL batch: each of the N processes takes b / N images of every global
+  batch, and DDP averages the gradients, so --lr and the schedule mean what they mean
+  on one device.
+- The training order and every image's augmentation depend only on (seed, epoch):
+  the same global batches on 1, 2 or 8 processes and with any -j (TrainOrder), so a
+  resumed run replays exactly what an uninterrupted one does.
+- Validation sees every image exactly once (each process a contiguous share, no
+  padding), and the figures are sums reduced over the processes.
+- Rank 0 alone prints, writes TensorBoard events, checkpoints and summary.json.
+A plain `python main.py` is a world of one process: the same code, no process group.
+"""
+import os
+import random
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from utils import UsageError
+
+
+@dataclass
+class World:
+    rank: int = 0         # this process, 0 .. size - 1
+    local_rank: int = 0   # this process on its machine (its GPU's index)
+    size: int = 1         # how many processes train together
+    backend: str = None   # 'nccl' or 'gloo'; None for one process
+    device: torch.device = torch.device('cpu')  # where collectives' tensors live
+
+
+WORLD = World()  # this process's; set by start()
+
+
+def world():
+    """This process's World (a function: start() replaces the object)."""
+    return WORLD
+
+
+def is_main():
+    return WORLD.rank == 0
+
+
+def launched_by_torchrun():
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
+def launch_rank():
+    """The rank torchrun gave this process (0 without torchrun), known before start()."""
+    return int(os.environ.get('RANK', '0')) if launched_by_torchrun() else 0
+
+
+def check_launch(device_flag, backend_flag, sync_bn):
+    """The checks every process makes alike, before any process group exists (so that
+    bad flags stop all of them with the same line, and none waits for the others)."""
+    size = int(os.environ['WORLD_SIZE'])
+    on_gpu = device_flag.startswith('cuda') or (device_flag == 'auto' and
+                                               torch.cuda.is_available())
+    if device_flag == 'mps':
+        raise UsageError("torchrun: DistributedDataParallel does not run on Apple MPS; "
+                         "train with one process (python main.py)")
+    backend = backend_flag if backend_flag != 'auto' else ('nccl' if on_gpu else 'gloo')
+    if backend == 'nccl' and not on_gpu:
+        raise UsageError(f"--dist-backend nccl needs CUDA GPUs, but the run's device is "
+                         f"{'cpu' if device_flag == 'auto' else device_flag}: use gloo (the "
+                         f"default on the CPU)")
+    if on_gpu:
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', size))
+        found = torch.cuda.device_count()
+        if local > found:
+            raise UsageError(f"torchrun started {local} processes on this machine but it has "
+                             f"{found} GPU(s): one GPU per process, use --nproc_per_node "
+                             f"{found} or fewer")
+    if sync_bn and not on_gpu:
+        raise UsageError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the "
+                         "CPU")
+    return backend, on_gpu
+
+
+def start(device_flag, backend_flag, sync_bn, timeout_minutes=30):
+    """Join the process group of a torchrun launch; returns this process's device (None
+    when not launched by torchrun: main.py then picks the device as usual). Processes
+    other than rank 0 print nothing (their stderr stays, for tracebacks)."""
+    global WORLD
+    if not launched_by_torchrun():
+        if sync_bn:
+            raise UsageError("--sync-bn is for several processes (torchrun): one process "
+                             "already normalizes over its whole batch")
+        return None
+    backend, on_gpu = check_launch(device_flag, backend_flag, sync_bn)
+    local_rank = int(os.environ['LOCAL_RANK'])
+    device = torch.device('cuda', local_rank) if on_gpu else torch.device('cpu')
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    WORLD = World(rank=dist.get_rank(), local_rank=local_rank, size=dist.get_world_size(),
+                  backend=backend, device=device)
+    if WORLD.rank != 0:
+        sys.stdout = open(os.devnull, 'w')
+    return device
+
+
+def stop():
+    global WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    WORLD = World()
+
+
+def per_process_batch(batch_size):
+    """Each process's share of the global batch; refuses one that does not divide."""
+    if batch_size % WORLD.size:
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must divide "
+                         f"evenly over the {WORLD.size} processes (try "
+                         f"{batch_size // WORLD.size * WORLD.size or WORLD.size})")
+    return batch_size // WORLD.size
+
+
+def wrap(model):
+    """The model as this process trains it: DistributedDataParallel over the world
+    (gradients averaged in backward), or the model itself for one process."""
+    if WORLD.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [WORLD.device.index] if WORLD.device.type == 'cuda' else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, 'require_backward_grad_sync') else model
+
+
+def reduce_sums(values):
+    """The element-wise sums of `values` (floats) over all processes."""
+    if WORLD.size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=WORLD.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(value):
+    return reduce_sums([value])[0] / WORLD.size if WORLD.size > 1 else value
+
+
+def rank0_first(fn):
+    """fn() in rank 0, then in the other processes (say, building a file they all read)."""
+    if WORLD.size == 1:
+        return fn()
+    if is_main():
+        result = fn()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return fn()
+
+
+def reduce_meters(meters):
+    """Make AverageMeters hold the figures of all processes (their sums and counts)."""
+    sums = reduce_sums([x for m in meters for x in (m.sum, m.count)])
+    for k, m in enumerate(meters):
+        m.sum, m.count = sums[2 * k], sums[2 * k + 1]
+        m.avg = m.sum / m.count if m.count else 0.0
+
+
+class TrainOrder(Sampler):
+    """One process's training samples of an epoch, as (image index, augmentation seed)
+    pairs. The permutation and the seeds come from (seed, epoch) alone; global batches
+    of `batch_size` are consecutive slices of the permutation (the last partial one is
+    dropped), and process r takes the r-th share of each. So the global batches, and
+    the augmentation of every image in them, are the same for any number of processes
+    and DataLoader workers. Call set_epoch before each epoch."""
+
+    def __init__(self, num_images, batch_size):
+        self.num_images, self.batch_size = num_images, batch_size
+        self.share = per_process_batch(batch_size)
+        self.seed = self.epoch = 0
+
+    def set_epoch(self, seed, epoch):
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self):
+        return self.num_images // self.batch_size * self.share
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(self.num_images, generator=g).tolist()
+        seeds = torch.randint(2 ** 62, (self.num_images,), generator=g).tolist()
+        for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
+            first = start + WORLD.rank * self.share
+            for k in range(first, first + self.share):
+                yield order[k], seeds[k]
+
+
+def val_share(num_images):
+    """This process's contiguous share of the validation images (all for one process)."""
+    return range(num_images * WORLD.rank // WORLD.size,
+                 num_images * (WORLD.rank + 1) // WORLD.size)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """dataset[(index, seed)]: image `index`, its random transforms drawn from Python's
+    `random` seeded with `seed` (custom_transforms draw from nothing else), wherever the
+    DataLoader worker that loads it is."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        random.seed(seed)
+        return self.dataset[index]
+
+
+class NoWriter(object):
+    """What processes other than rank 0 get instead of a SummaryWriter: it writes nothing."""
+
+    log_dir = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

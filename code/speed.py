@@ -1,0 +1,155 @@
+"""The speed settings of a run (README "Training fast"): --amp, --channels-last, --compile,
+--data-cache. Each is on, off or auto (None); auto resolves to what was measured fastest on
+the device (BENCHMARKS.md, "Training fast"), and the start line says which and why."""
+import contextlib
+import os
+import sys
+
+import torch
+
+import distributed
+from utils import one_line
+
+
+def cpu_has_bf16():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): without it
+    oneDNN emulates bf16 and autocast is slower than fp32. The checks are private
+    torch.cpu helpers; a torch without them is taken to have no bf16."""
+    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def auto_speed_settings(device):
+    """{flag: (value, why)}: the defaults measured best on each kind of device
+    (BENCHMARKS.md, "Training fast"; the reasons are printed at start)."""
+    if device.type == 'cuda':
+        return {'amp': (True, 'tensor cores'), 'channels_last': (True, 'NHWC convolutions'),
+                'compile': (False, 'compiling costs minutes at start; ask with --compile'),
+                'data_cache': (True, 'augmentation on the GPU')}
+    if device.type == 'mps':
+        return {'amp': (False, 'not measured on MPS'),
+                'channels_last': (False, 'not measured on MPS'),
+                'compile': (False, 'not measured on MPS'),
+                'data_cache': (True, 'the fused warp frees the CPU cores')}
+    # CPU: channels-last was faster for every model on a 2-core AVX512 machine, bf16 was
+    # not (oneDNN's bf16 kernels lose to fp32 at these small convolutions, even with
+    # AVX512-BF16; BENCHMARKS.md): --amp stays a choice
+    return {'amp': (False, 'bf16 was not faster on a CPU' +
+                    (' with AVX512-BF16' if cpu_has_bf16() else ' (no bf16 hardware here)')),
+            'channels_last': (True, 'faster on a CPU'),
+            'compile': (False, 'compiling costs minutes at start; ask with --compile'),
+            'data_cache': (True, 'the workers share the cores with training')}
+
+
+def amp_dtype_for(device):
+    """bf16 where the device has it (no loss scaling needed), else fp16 (+ GradScaler)."""
+    if device.type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if device.type == 'mps':
+        return 'float16'
+    return 'bfloat16'
+
+
+def resolve_speed_settings(args, device):
+    """Replace the speed flags left at None (auto) by the device's defaults and set
+    args.amp_dtype; returns {flag: why} of those chosen automatically. Runs after a resume
+    took the PLAN flags from its checkpoint, so only what is still open is auto."""
+    auto = {}
+    for key, (value, why) in auto_speed_settings(device).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            auto[key] = why
+    args.amp_dtype = amp_dtype_for(device) if args.amp else None
+    return auto
+
+
+def speed_line(args, device, auto):
+    """The start line: each speed setting as resolved (and fallen back), auto ones with
+    the reason."""
+    parts = []
+    for key in ('amp', 'channels_last', 'compile', 'data_cache'):
+        value = getattr(args, key)
+        text = f"{key.replace('_', '-')} {'on' if value else 'off'}"
+        if key == 'amp' and value:
+            text = f"amp {args.amp_dtype}" + (' + GradScaler' if args.amp_dtype == 'float16'
+                                              else '')
+            if device.type == 'cpu' and not cpu_has_bf16():
+                text += ' (no bf16 hardware on this CPU: expect it slower than fp32)'
+        parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
+    return '=> speed: ' + ' | '.join(parts)
+
+
+def autocast(args, device):
+    """The forward passes' context: torch.autocast in args.amp_dtype, or nothing (fp32
+    then runs exactly the code it ran before these flags)."""
+    if not getattr(args, 'amp', False):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
+
+
+def memory_format(args):
+    return torch.channels_last if getattr(args, 'channels_last', False) else \
+        torch.contiguous_format
+
+
+def compile_blocker(device):
+    """Why torch.compile cannot work here (None: try it)."""
+    try:
+        import torch._dynamo
+        if not torch._dynamo.is_dynamo_supported():
+            return f'torch.compile is not supported on Python {sys.version.split()[0]}'
+    except Exception as exc:  # an incomplete torch install
+        return f'torch.compile is unavailable ({type(exc).__name__})'
+    if device.type == 'cpu':
+        import shutil
+        cxx = os.environ.get('CXX', 'g++')
+        if shutil.which(cxx) is None and shutil.which('clang++') is None:
+            return f'no C++ compiler ({cxx}) for its CPU code'
+    if device.type == 'mps':
+        return 'torch.compile on MPS is experimental and untested with this toolkit'
+    return None
+
+
+class CompiledOrEager(object):
+    """The model's forward, compiled; if compiling fails (at the first call: torch.compile
+    is lazy), one line says so and the eager model is used from then on. An error that
+    the eager model raises too is the model's own, and keeps its traceback."""
+
+    def __init__(self, model, device):
+        self.model, self.forward = model, model
+        reason = compile_blocker(device)
+        if reason is not None:
+            print(f'note: --compile: {reason}; training runs eagerly')
+        else:
+            self.forward = torch.compile(model)
+
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, input):
+        if self.forward is self.model:
+            return self.model(input)
+        try:
+            return self.forward(input)
+        except Exception as exc:
+            print(f'note: --compile failed ({type(exc).__name__}: '
+                  f'{one_line(exc)[:160]}); training runs eagerly', flush=True)
+            self.forward = self.model
+            return self.model(input)
+
+
+def eager(model):
+    """The nn.Module behind a CompiledOrEager and a DistributedDataParallel: attacks walk
+    its modules (and must not trigger DDP's gradient averaging), clipping its parameters."""
+    model = model.model if isinstance(model, CompiledOrEager) else model
+    return distributed.unwrap(model)
+
+
+def forward_fn(model, args, device):
+    """What train_one_epoch and validate call: the compiled model (--compile) or the model.
+    Checkpoints always save `model` itself: no _orig_mod. prefixes, -e/-a load it eagerly."""
+    return CompiledOrEager(model, device) if args.compile else model

@@ -1,0 +1,225 @@
+"""Several processes (torchrun + DistributedDataParallel, gloo on the CPU): the same
+global batches as one process, one run folder, exact resume (distributed.py)."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import CODE, FAST, run_main, checkpoint_of, only_run
+import distributed
+from custom_dataloader import MiniPlacesLoader, seed_worker
+from distributed import TrainOrder, SeededSamples, val_share
+import student_code
+
+
+@pytest.fixture
+def world_of(monkeypatch):
+    def set_world(rank, size):
+        monkeypatch.setattr(distributed, 'WORLD', distributed.World(rank=rank, size=size))
+    return set_world
+
+
+################################################################################
+# the training order and validation shares, for any number of processes
+################################################################################
+def order_of(world_of, rank, size, n=50, batch=8, seed=3, epoch=2):
+    world_of(rank, size)
+    order = TrainOrder(n, batch)
+    order.set_epoch(seed, epoch)
+    return list(order)
+
+
+@pytest.mark.parametrize('size', [2, 4])
+def test_processes_split_the_global_batches_of_one_process(world_of, size):
+    alone = order_of(world_of, 0, 1)
+    assert len(alone) == 48 and len({i for i, _ in alone}) == 48  # 6 full batches
+    shares = [order_of(world_of, rank, size) for rank in range(size)]
+    per = 8 // size
+    for b in range(6):  # global batch b = the ranks' shares of it, in rank order
+        joined = [item for share in shares for item in share[b * per:(b + 1) * per]]
+        assert joined == alone[b * 8:(b + 1) * 8]
+
+
+def test_the_order_depends_on_seed_and_epoch_only(world_of):
+    assert order_of(world_of, 0, 1) == order_of(world_of, 0, 1)
+    assert order_of(world_of, 0, 1) != order_of(world_of, 0, 1, epoch=3)
+    assert order_of(world_of, 0, 1) != order_of(world_of, 0, 1, seed=4)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(world_of):
+    world_of(0, 3)
+    with pytest.raises(distributed.UsageError, match='divide evenly over the 3 processes'):
+        TrainOrder(50, 8)
+
+
+@pytest.mark.parametrize('size', [1, 2, 3, 4])
+def test_validation_sees_every_image_once(world_of, size):
+    seen = []
+    for rank in range(size):
+        world_of(rank, size)
+        seen += list(val_share(359))
+    assert seen == list(range(359))
+
+
+def test_augmentation_does_not_depend_on_the_workers(demo):
+    """An image's augmentation comes from its seed, not from the worker that loads it."""
+    dataset = SeededSamples(MiniPlacesLoader(demo, 'train', student_code.get_train_transforms(),
+                                             num_classes=None))
+    order = TrainOrder(len(dataset), 8)
+    order.set_epoch(5, 0)
+
+    def batches(workers):
+        loader = DataLoader(dataset, batch_size=4, sampler=order, num_workers=workers,
+                            worker_init_fn=seed_worker)
+        return [x for x, _ in loader]
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a, b)
+
+
+################################################################################
+# torchrun, 2 processes, gloo
+################################################################################
+def torchrun(args, nproc=2, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={nproc}', os.path.join(CODE, 'main.py')] + args
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+TRAIN = FAST + ['--epochs', '3', '--no-compile']
+
+
+def weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+@pytest.fixture(scope='module')
+def two_process_run(demo, tmp_path_factory):
+    logs = str(tmp_path_factory.mktemp('ddp'))
+    done = torchrun([demo, '--log-dir', logs] + TRAIN)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return only_run(logs), done
+
+
+def test_two_processes_train_like_one(two_process_run, demo, tmp_path, capsys):
+    """Same global batch, seed and data: the same weights, up to float rounding. Each
+    process averages the loss of its half of a global batch and DDP averages the two
+    gradients, which is the gradient of the whole batch summed in another order (float32
+    rounding, 1e-6 after a few steps). SimpleNet has no BatchNorm (whose statistics are
+    per process) and no dropout (whose draws are per process): nothing else differs."""
+    run2, done = two_process_run
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path)] + TRAIN, capsys)
+    assert code == 0, err
+    run1 = only_run(str(tmp_path))
+    w1, w2 = weights(checkpoint_of(run1)), weights(checkpoint_of(run2))
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-4)
+    s1, s2 = (torch.load(checkpoint_of(r), weights_only=True)['history'] for r in (run1, run2))
+    for e1, e2 in zip(s1, s2):  # the same curves: losses, accuracies on all images
+        assert e2['train_loss'] == pytest.approx(e1['train_loss'], abs=1e-4)
+        assert e2['val_top1'] == pytest.approx(e1['val_top1'], abs=1e-6)
+    assert 'x 2 processes (gloo)' in done.stdout
+
+
+def test_one_run_folder_written_by_rank_0(two_process_run):
+    import json
+    run, done = two_process_run
+    assert only_run(os.path.dirname(run)) == run
+    events = glob.glob(os.path.join(run, '**', 'events.out.tfevents.*'), recursive=True)
+    writers = {os.path.basename(path).split('.')[-2] for path in events}  # their pids
+    assert len(events) >= 2 and len(writers) == 1, events
+    with open(os.path.join(run, 'summary.json')) as f:
+        summary = json.load(f)
+    assert summary['world_size'] == 2 and summary['dist_backend'] == 'gloo'
+    assert summary['status'] == 'finished' and len(summary['epochs']) == 3
+    assert done.stdout.count('Epoch: [1][0/') == 1  # rank 1 prints nothing
+
+
+def test_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run, demo, tmp_path):
+    run, _ = two_process_run
+    logs = str(tmp_path)
+    first = torchrun([demo, '--log-dir', logs, '--stop-after', '1'] + TRAIN)
+    assert first.returncode == 0, first.stderr
+    resumed = torchrun([demo, '--resume', checkpoint_of(only_run(logs))] + TRAIN)
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = weights(checkpoint_of(only_run(logs))), weights(checkpoint_of(run))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_its_checkpoint_evaluates_with_one_process_and_with_two(two_process_run, demo, capsys):
+    import json
+    run, _ = two_process_run
+    best = checkpoint_of(run, 'model_best.pth.tar')
+    code, out, err = run_main([demo, '--resume', best, '-e', '--device', 'cpu', '-j', '0',
+                               '--log-dir', os.path.dirname(run), '--no-compile'], capsys)
+    assert code == 0, err
+    with open(os.path.join(run, 'summary.json')) as f:
+        summary = json.load(f)
+    assert summary['evaluation']['top1'] == pytest.approx(summary['best_acc1'], abs=1e-6)
+    done = torchrun([demo, '--resume', best, '-a', '-j', '0', '--device', 'cpu',
+                     '--attack-steps', '2', '--log-dir', os.path.dirname(run)])
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(run, 'summary.json')) as f:
+        attack = json.load(f)['attack']
+    code, out, err = run_main([demo, '--resume', best, '-a', '--device', 'cpu', '-j', '0',
+                               '--attack-steps', '2', '--log-dir', os.path.dirname(run)], capsys)
+    assert code == 0, err
+    with open(os.path.join(run, 'summary.json')) as f:
+        alone = json.load(f)['attack']
+    for key in ('clean_top1', 'adv_top1', 'adv_top1_noflip', 'success_rate'):
+        assert attack[key] == pytest.approx(alone[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--dist-backend', 'nccl'], '--dist-backend nccl needs CUDA GPUs'),
+    (['-b', '7'], 'divide evenly over the 2 processes'),
+    (['--sync-bn'], '--sync-bn needs CUDA'),
+])
+def test_bad_launches_stop_every_process_with_one_line(demo, tmp_path, flags, words):
+    argv = [demo, '--log-dir', str(tmp_path)] + FAST + ['--epochs', '2'] + flags
+    start = time.time()
+    done = torchrun(argv)
+    assert done.returncode != 0 and time.time() - start < 120
+    ours = [line for line in done.stderr.splitlines() if line.startswith('main.py: error:')]
+    assert len(ours) == 1 and words in ours[0], done.stderr
+    # torchrun then reports the failed processes its own way; no traceback of ours
+    assert 'main.py", line' not in done.stderr, done.stderr
+    assert not os.listdir(tmp_path)  # no run folder
+
+
+def test_a_process_that_dies_stops_the_others(demo, tmp_path):
+    """SIGKILL one process in its second epoch: torchrun stops the other within seconds,
+    and the checkpoint of the first epoch stays loadable."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               '--nproc_per_node=2', os.path.join(CODE, 'main.py'), demo,
+               '--log-dir', str(tmp_path)] + FAST + ['--epochs', '50', '-b', '2', '--no-compile']
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in launcher.stdout:
+            if line.startswith('Epoch: [2]'):
+                break
+        workers = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(launcher.pid)],
+                                 capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed = time.time()
+        launcher.stdout.read()
+        assert launcher.wait(timeout=120) != 0
+        assert time.time() - killed < 60
+    finally:
+        launcher.kill()
+    ckpt = torch.load(checkpoint_of(only_run(str(tmp_path))), weights_only=True)
+    assert ckpt['epoch'] >= 1 and set(ckpt['state_dict']) == set(weights_like_simplenet())
+
+
+def weights_like_simplenet():
+    return student_code.SimpleNet(num_classes=4).state_dict()
