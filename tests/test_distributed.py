@@ -223,3 +223,32 @@ def test_a_process_that_dies_stops_the_others(demo, tmp_path):
 
 def weights_like_simplenet():
     return student_code.SimpleNet(num_classes=4).state_dict()
+
+
+def test_fast_paths_adversarial_training_and_saliency_under_torchrun(two_process_run, demo,
+                                                                     tmp_path):
+    """bf16 autocast + channels-last + the data cache (the CPU defaults add the last two)
+    with adversarial training, then -e -v (saliency maps) of its checkpoint."""
+    logs = str(tmp_path)
+    done = torchrun([demo, '--log-dir', logs] + FAST +
+                    ['--epochs', '2', '--no-compile', '--amp', '--adv-train', '--adv-steps', '2'])
+    assert done.returncode == 0, done.stderr
+    assert 'amp bfloat16' in done.stdout and 'data-cache on' in done.stdout
+    run = only_run(logs)
+    done = torchrun([demo, '--resume', checkpoint_of(run, 'model_best.pth.tar'), '-e', '-v',
+                     '-j', '0', '--device', 'cpu', '--log-dir', logs])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('saliency maps written') == 1
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    with pytest.raises(distributed.UsageError, match='4 processes on this machine but it '
+                                                     'has 2 GPU'):
+        distributed.check_launch('auto', 'auto', False)
+    assert distributed.check_launch('cpu', 'auto', False) == ('gloo', False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert distributed.check_launch('auto', 'auto', False) == ('nccl', True)
