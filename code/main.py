@@ -7,6 +7,7 @@
     python main.py ../data --resume=../logs/exp_.../models/model_best.pth.tar -e [-v]
     python main.py ../data --resume=../logs/exp_.../models/model_best.pth.tar -a [-v]
     python main.py ../data --resume=../logs/exp_.../models/checkpoint.pth.tar   # continue
+    torchrun --standalone --nproc_per_node 4 main.py ../data --epochs=60 -b 256   # 4 GPUs
 
 Every run writes logs/exp_<timestamp>[_<name>]/ with TensorBoard events,
 summary.json and models/{checkpoint,model_best}.pth.tar (run_record.py).
