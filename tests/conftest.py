@@ -77,6 +77,15 @@ def real_data(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def real600(tmp_path_factory):
+    """600 of the real digit scans for training (60 a class), all 359 for validation."""
+    from make_real_data import make_real_dataset
+    root = str(tmp_path_factory.mktemp('real600'))
+    make_real_dataset(root, max_train=600)
+    return root
+
+
+@pytest.fixture(scope='session')
 def trained_run(demo, tmp_path_factory):
     """A SimpleNet trained 2 epochs on the demo set by main.py: its run folder."""
     import main as driver

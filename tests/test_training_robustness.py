@@ -131,21 +131,12 @@ def test_a_checkpoint_with_fewer_outputs_than_labels_is_refused(demo, trained_ru
 
 
 # ------------------------------------------------------------------ real images
-@pytest.fixture(scope='module')
-def real_subset(tmp_path_factory):
-    """600 of the real digit scans for training (60 a class), all 359 for validation."""
-    from make_real_data import make_real_dataset
-    root = str(tmp_path_factory.mktemp('real600'))
-    make_real_dataset(root, max_train=600)
-    return root
-
-
-def test_the_default_cnn_learns_real_images_in_a_few_cpu_epochs(real_subset, tmp_path,
+def test_the_default_cnn_learns_real_images_in_a_few_cpu_epochs(real600, tmp_path,
                                                                 capsys):
     """The default CNN at the handout's lr 0.1, 4 short epochs on real scans (not the
     generated demo textures): well above chance (10%). SimpleNet does not pass this yet
     (BENCHMARKS.md, "Training recipe on real images": 18% after 8 epochs)."""
-    argv = [real_subset, '--log-dir', str(tmp_path), '--arch', 'resnet10', '--lr', '0.1',
+    argv = [real600, '--log-dir', str(tmp_path), '--arch', 'resnet10', '--lr', '0.1',
             '--epochs', '4', '--warmup', '1', '-b', '32', '-j', '0', '--device', 'cpu',
             '--seed', '0', '-p', '1000']
     code, out, err = run_main(argv, capsys)
