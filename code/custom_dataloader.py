@@ -15,6 +15,13 @@ from torch.utils import data
 
 from utils import ToolkitError
 
+# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked while a
+# pool thread held one of OpenCV's locks waits on it forever (seen here: a worker stuck
+# in a cv2 call on a mutex, the training silent). Every image is small and the
+# DataLoader's workers already run in parallel, so OpenCV runs single-threaded, set
+# before any cv2 call starts the pool (main.py imports this module at start-up).
+cv2.setNumThreads(0)
+
 
 class DatasetError(ToolkitError):
     """A problem with the data on disk. The message is one line naming the file, so the

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import custom_transforms as T
+from conftest import CODE
 from custom_dataloader import DatasetError, MiniPlacesLoader, seed_worker
 
 RED_RGB = (255, 0, 0)
@@ -246,3 +247,22 @@ def test_seed_worker_seeds_random_and_numpy_from_torch():
     random.seed(5)
     np.random.seed(5)
     assert got == (random.random(), np.random.rand())
+
+
+def test_opencv_runs_without_its_thread_pool_before_workers_fork():
+    """A DataLoader worker forked while an OpenCV pool thread held a lock hung forever in a
+    cv2 call (seen in this suite). Importing the data loader turns OpenCV's pool off; the
+    workers are the parallelism."""
+    import subprocess
+    import sys
+    probe = ("import os, sys, cv2, numpy as np; sys.path.insert(0, sys.argv[1]); "
+             "import custom_dataloader; "
+             "cv2.resize(np.ones((2000, 2000), np.float32), (4000, 4000)); "
+             "print(cv2.getNumThreads(), len(os.listdir('/proc/self/task')))")
+    before = subprocess.run([sys.executable, '-c', probe.replace('import custom_dataloader; ',
+                                                                 ''), CODE],
+                            capture_output=True, text=True, check=True).stdout.split()
+    after = subprocess.run([sys.executable, '-c', probe, CODE],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert after[0] == '1', after                 # cv2 calls run in the calling thread
+    assert int(after[1]) <= int(before[1]), (before, after)   # no pool thread started
