@@ -1,4 +1,5 @@
-"""Benchmarks: `python code/benchmark.py {conv,attention,attack,models,recipe,pipeline,train,step,ddp}`.
+"""Benchmarks: `python code/benchmark.py WHICH`, WHICH one of conv, attention, attack,
+models, recipe, pipeline, train, step, ddp.
 
 conv, attention and attack time our code against a reference in the same process,
 with interleaved repetitions, and print ratios (ratios survive a noisy machine;
@@ -592,6 +593,23 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def machine(device):
+    """What the figures were measured on: the GPU's name, or the CPU's and its cores."""
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def cell_flags(args, model, workers):
+    """The main.py flags a `train` or `ddp` cell shares: the schedule, -b, seed 0, 10
+    classes, the model (and the ViT's own lr and weight decay)."""
+    return (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
+             '-b', str(args.batch_size), '--lr', str(args.lr), '-j', str(workers),
+             '--device', args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
+            + (VIT_FLAGS if model == 'vit' else []) + RECIPE_MODELS[model][1])
+
+
 def bench_recipe(args):
     """dataset (demo, real) x model (SimpleNet, default CNN, ViT) x config (8 epochs at
     batch 64, the Makefile's demo command) x seed -> best and final val top-1."""
@@ -760,9 +778,7 @@ def bench_train(args):
     device = torch.device(args.device)
     if args.quick:  # tiny sets: every cell runs, nothing is measured
         args.epochs, args.batch_size = 1, 10
-    where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
-             else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
-    print(f"train: torch {torch.__version__}, {where}, {args.epochs} epochs per cell, "
+    print(f"train: torch {torch.__version__}, {machine(device)}, {args.epochs} epochs per cell, "
           f"batch {args.batch_size}, seed 0{', SMALL sets' if args.small else ''}; data and "
           f"logs in {work}\n", flush=True)
     for name in args.datasets:
@@ -774,11 +790,7 @@ def bench_train(args):
     results = {}
     for dataset, model, config, path in itertools.product(
             args.datasets, args.models, args.train_configs, args.paths):
-        flags = (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
-                  '-b', str(args.batch_size), '--lr', str(args.lr), '-j', '2',
-                  '--device', args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
-                 + (VIT_FLAGS if model == 'vit' else []) + RECIPE_MODELS[model][1]
-                 + TRAIN_CONFIGS[config] + TRAIN_PATHS[path])
+        flags = cell_flags(args, model, workers=2) + TRAIN_CONFIGS[config] + TRAIN_PATHS[path]
         key = (dataset, model, path, config)
         try:
             summary = run_recipe_cell(os.path.join(work, 'data', dataset), flags,
@@ -858,8 +870,8 @@ def bench_ddp(args):
     import torch
     device = torch.device(args.device)
     work = tempfile.mkdtemp(prefix='bench_ddp_')
-    where = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
-             if device.type == 'cuda' else f"CPU {cpu_name()} ({os.cpu_count()} cores)")
+    where = (f"{torch.cuda.device_count()} x {machine(device)}" if device.type == 'cuda'
+             else machine(device))
     if args.quick:
         args.epochs, args.batch_size = 1, 10
     print(f"ddp: torch {torch.__version__}, {where}, {args.epochs} epochs of {args.model} at "
@@ -871,10 +883,7 @@ def bench_ddp(args):
           "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
     runs = {}
     for n in args.processes:
-        flags = (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
-                  '-b', str(args.batch_size), '--lr', str(args.lr), '-j', '1', '--device',
-                  args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
-                 + RECIPE_MODELS[args.model][1] + (VIT_FLAGS if args.model == 'vit' else []))
+        flags = cell_flags(args, args.model, workers=1)
         log_dir = os.path.join(work, 'logs', f'{n}')
         try:
             summary = run_recipe_cell(os.path.join(work, 'data'), flags, log_dir, processes=n)
