@@ -134,7 +134,9 @@ def wrap(model):
 
 
 def unwrap(model):
-    return model.module if hasattr(model, 'require_backward_grad_sync') else model
+    """The model inside a DistributedDataParallel (what checkpoints and attacks use)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def reduce_sums(values):
@@ -147,7 +149,7 @@ def reduce_sums(values):
 
 
 def mean_over_processes(value):
-    return reduce_sums([value])[0] / WORLD.size if WORLD.size > 1 else value
+    return reduce_sums([value])[0] / WORLD.size
 
 
 def rank0_first(fn):
@@ -193,7 +195,8 @@ class TrainOrder(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         order = torch.randperm(self.num_images, generator=g).tolist()
         seeds = torch.randint(2 ** 62, (self.num_images,), generator=g).tolist()
-        for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
+        full_batches = self.num_images // self.batch_size
+        for start in range(0, full_batches * self.batch_size, self.batch_size):
             first = start + WORLD.rank * self.share
             for k in range(first, first + self.share):
                 yield order[k], seeds[k]

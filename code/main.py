@@ -895,17 +895,16 @@ def commit_epoch(run_dir, args, model, optimizer, scheduler, summary, record, be
     if is_best:
         best.update(epoch=record['epoch'], acc1=record['val_top1'], weights=None)
     history = summary['epochs'] + [record]
+    summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
+    if run_dir is None:  # a process other than rank 0: it writes nothing
+        return
     ckpt = {'schema': rr.SCHEMA_VERSION, 'epoch': record['epoch'], 'arch': args.arch,
             'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'best_acc1': best['acc1'],
             'best_epoch': best['epoch'], 'best_state_dict': best['weights'],
             'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args),
             'scaler': scaler.state_dict() if scaler is not None else None}
-    if run_dir is not None:
-        save_checkpoint(ckpt, run_dir)
-    summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
-    if run_dir is None:  # not rank 0
-        return
+    save_checkpoint(ckpt, run_dir)
     if is_best:
         save_best_model(best_model_of(ckpt), run_dir)
         # kept for the checkpoints of later epochs, until a better one comes
