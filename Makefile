@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := data/demo
 EPOCHS ?= 60
 
-.PHONY: venv demo test data train clean-demo
+.PHONY: venv demo test gpu-check data train clean-demo
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP) $(DEMO)/train.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# every GPU check in one run (at most 8 minutes); the report goes to results/gpu-check/.
+# Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) code/gpu_check.py
 
 data:
 	sh ./download_dataset.sh

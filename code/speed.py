@@ -42,9 +42,13 @@ def auto_speed_settings(device):
 
 
 def amp_dtype_for(device):
-    """bf16 where the device has it (no loss scaling needed), else fp16 (+ GradScaler)."""
+    """bf16 where the device computes it natively (no loss scaling needed), else fp16
+    (+ GradScaler). On CUDA that is compute capability 8.0 (Ampere) and later, asked of
+    the run's own GPU: torch.cuda.is_bf16_supported() also counts emulation, and before
+    8.0 (a T4, Colab's GPU) cuDNN has no bf16 convolutions, while fp16 runs on its tensor
+    cores."""
     if device.type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'bfloat16' if torch.cuda.get_device_capability(device) >= (8, 0) else 'float16'
     if device.type == 'mps':
         return 'float16'
     return 'bfloat16'

@@ -2,9 +2,10 @@
 
     cd code && python test_conv.py        (or: python code/test_conv.py)
 
-Forward against torch.nn.functional.conv2d (max abs error < 1e-5), backward by
-torch.autograd.gradcheck in double precision (eps 1e-4, atol 1e-5), then the
-nn.Module wrapper against nn.Conv2d with the same weights. Runs on CUDA when it
+Forward against torch.nn.functional.conv2d (max abs error < 1e-5 times the largest
+output, at least 1: float32 sums in another order differ by a few rounding steps),
+backward by torch.autograd.gradcheck in double precision (eps 1e-4, atol 1e-5), then
+the nn.Module wrapper against nn.Conv2d with the same weights. Runs on CUDA when it
 is available, else on the CPU. Exits with status 1 if any check fails.
 """
 import os
@@ -51,9 +52,12 @@ def check_fprop(device):
         ref = F.conv2d(x, w, b, S, P)
         if out.shape != ref.shape:
             return f"case {case}: output shape {tuple(out.shape)} != {tuple(ref.shape)}"
-        err = (out - ref).abs().max().item()
-        if err >= 1e-5:
-            return f"case {case}: max abs error {err:.3g} >= 1e-5"
+        # relative to the outputs' scale (up to about 60 here, where one float32 step
+        # is 4e-6): another valid summation order (cuDNN against cuBLAS on a GPU, or
+        # float64 rounded to float32) differs by a few such steps
+        err, scale = (out - ref).abs().max().item(), max(1.0, ref.abs().max().item())
+        if err >= 1e-5 * scale:
+            return f"case {case}: max abs error {err:.3g} >= 1e-5 x {scale:.3g}"
     return None
 
 

@@ -15,9 +15,13 @@ FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
 
 
 def run_main(argv, capsys):
-    """Run main.main in-process; return (exit code, stdout, stderr)."""
+    """Run main.main in-process; return (exit code, stdout, stderr). The suite runs on
+    the CPU unless a test names a device: main.py's own default (auto) would move a
+    resumed run onto a GPU where one is, and its numbers would no longer equal the CPU's."""
     import main as driver
     code = 0
+    if '--device' not in argv:
+        argv = list(argv) + ['--device', 'cpu']
     try:
         driver.main(argv)
     except SystemExit as exc:

@@ -177,3 +177,11 @@ def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
     assert len(rows) == 1 and 'x |' in rows[0], out
     difference = float(rows[0].rstrip(' |').rsplit('|', 1)[1])
     assert difference < 1e-3  # SimpleNet: no BatchNorm, the same global batches
+
+
+def test_attack_benchmark_runs_a_pgd_step(capsys):
+    """benchmark.py attack times one PGD step as perturb() takes it (the box included)."""
+    import argparse
+    benchmark.bench_attack(argparse.Namespace(device='cpu', repeats=1, batch_size=2))
+    out = capsys.readouterr().out
+    assert 'one PGD step' in out and 'ratio' in out and 'peak memory (autograd saved)' in out

@@ -222,3 +222,38 @@ def test_pgd_and_saliency_under_bf16_autocast_keep_float32_images():
     assert adv.dtype == saliency.dtype == torch.float32
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(adv, x)
     assert torch.isfinite(saliency).all() and saliency.max() == 1.0
+
+
+# ------------------------------------------------------------------ GPUs seen from the CPU
+@pytest.mark.parametrize('capability, dtype', [((7, 5), 'float16'), ((8, 0), 'bfloat16'),
+                                               ((9, 0), 'bfloat16')])
+def test_amp_dtype_follows_the_runs_own_gpu(monkeypatch, capability, dtype):
+    """A T4 (7.5) gets fp16 + GradScaler though torch counts its emulated bf16 as
+    supported; Ampere and later get bf16; the capability is asked of the run's GPU."""
+    asked = []
+
+    def get_device_capability(device=None):
+        asked.append(device)
+        return capability
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', get_device_capability)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert speed.amp_dtype_for(torch.device('cuda', 1)) == dtype
+    assert asked == [torch.device('cuda', 1)]
+
+
+def test_a_resume_stays_on_the_cpu_where_a_gpu_is(demo, tmp_path, capsys, monkeypatch):
+    """The suite's runs (run_main) are on the CPU even where CUDA is present: a resume
+    started without --device would otherwise move to the GPU, and its weights would no
+    longer equal the CPU run's."""
+    devices = []
+    select = driver.select_device
+
+    def spy(*args, **kwargs):
+        devices.append(select(*args, **kwargs))
+        return devices[-1]
+    monkeypatch.setattr(driver, 'select_device', spy)
+    part, _ = train(demo, tmp_path / 'part', capsys, *FP32, '--stop-after', '1', epochs=2)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
+    assert code == 0, err
+    assert [d.type for d in devices] == ['cpu', 'cpu']
