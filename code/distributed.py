@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 4 code/main.py DIR -b 256 ...   # one machine
 
-What a student can count on (README "Training fast"):
+What a student can count on (docs/training.md):
 - `-b` is the GLOBAL batch: each of the N processes takes b / N images of every global
   batch, and DDP averages the gradients, so --lr and the schedule mean what they mean
   on one device.
@@ -30,7 +30,6 @@ from utils import UsageError
 @dataclass
 class World:
     rank: int = 0         # this process, 0 .. size - 1
-    local_rank: int = 0   # this process on its machine (its GPU's index)
     size: int = 1         # how many processes train together
     backend: str = None   # 'nccl' or 'gloo'; None for one process
     device: torch.device = torch.device('cpu')  # where collectives' tensors live
@@ -100,7 +99,7 @@ def start(device_flag, backend_flag, sync_bn, timeout_minutes=30):
     if on_gpu:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
-    WORLD = World(rank=dist.get_rank(), local_rank=local_rank, size=dist.get_world_size(),
+    WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(),
                   backend=backend, device=device)
     if WORLD.rank != 0:
         sys.stdout = open(os.devnull, 'w')

@@ -1,4 +1,4 @@
-"""Decoded-image cache and fused augmentation: the fast input pipeline (issue 10).
+"""Decoded-image cache and fused augmentation: the fast input pipeline.
 
 Why: the per-image path (custom_dataloader + get_train_transforms()) decodes a JPEG and
 resamples every image three times (Scale, RandomRotate, RandomSizedCrop), then colours,
@@ -505,6 +505,13 @@ def warp_image(image, matrix, interpolation, factors, out_hw):
     return out
 
 
+def plan_for_cache(transforms, cache):
+    """(the fused plan of `transforms` on the cache's images, or None where they leave
+    the images as they are; (mean, std) of their Normalize)."""
+    plan = make_plan(transforms, (cache.size, cache.size))
+    return (None if plan.is_identity() else plan), (plan.mean, plan.std)
+
+
 class CachedDataset(data.Dataset):
     """(3 x H x W uint8 tensor, label) from an ImageCache: the cached image as it is when
     `transforms` (get_val_transforms()) is the identity on it, else warped by freshly drawn
@@ -515,10 +522,7 @@ class CachedDataset(data.Dataset):
 
     def __init__(self, cache, transforms):
         self.cache = cache
-        self.plan = make_plan(transforms, (cache.size, cache.size))
-        self.normalization = (self.plan.mean, self.plan.std)
-        if self.plan.is_identity():
-            self.plan = None
+        self.plan, self.normalization = plan_for_cache(transforms, cache)
         self.label_list = [int(x) for x in cache.labels]
         self.file_list = cache.file_list
 
@@ -587,10 +591,7 @@ def augment_on_device(images, params, plan, layout="NHWC"):
             out[idx] = F.grid_sample(x[idx], grid[idx], mode=mode, padding_mode="border",
                                      align_corners=False)
     factors = torch.from_numpy(colour_factors(plan, params)).to(device)[:, :, None, None]
-    out = out.mul_(factors).clamp_(0.0, 255.0)
-    mean = torch.tensor(plan.mean, device=device)[:, None, None]
-    std = torch.tensor(plan.std, device=device)[:, None, None]
-    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return normalize_on_device(out.mul_(factors).clamp_(0.0, 255.0), plan.mean, plan.std)
 
 
 def check_device_memory(needed, free, device, reserve=2 << 30):
@@ -624,13 +625,10 @@ class DeviceLoader:
     normalization run on the device. Without a sampler: every image in order, the last
     batch partial (validation)."""
 
-    def __init__(self, cache, transforms, device, batch_size, sampler=None, images=None):
+    def __init__(self, cache, transforms, device, batch_size, sampler=None):
         self.device = torch.device(device)
-        self.plan = make_plan(transforms, (cache.size, cache.size))
-        self.normalization = (self.plan.mean, self.plan.std)
-        if self.plan.is_identity():
-            self.plan = None
-        self.images = images if images is not None else cache_to_device(cache, self.device)
+        self.plan, self.normalization = plan_for_cache(transforms, cache)
+        self.images = cache_to_device(cache, self.device)
         self.labels = torch.as_tensor(cache.labels).to(self.device)
         self.batch_size = batch_size
         self.sampler = sampler if sampler is not None else range(len(self.labels))

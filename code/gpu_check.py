@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+import run_record as rr
+
 CODE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(CODE)
 DEFAULT_OUT = os.path.join(REPO, 'results', 'gpu-check')
@@ -44,7 +46,7 @@ def plan(python, data, logs, device):
             + TRAIN + list(flags)
 
     def best_of(name):   # run folders are named exp_<time>_<name>; the shell finds it
-        return os.path.join(logs, f'exp_*_{name}', 'models', 'model_best.pth.tar')
+        return rr.checkpoint_path(os.path.join(logs, f'exp_*_{name}'), rr.BEST)
     return [
         ('test_conv.py', [python, os.path.join(CODE, 'test_conv.py')], 60),
         ('CUDA tests', [python, '-m', 'pytest', '-q', '-k', 'cuda',
@@ -113,9 +115,10 @@ def run_summaries(logs):
     table = {}
     for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
         try:
-            with open(os.path.join(logs, name, 'summary.json')) as f:
-                summary = json.load(f)
-        except (OSError, ValueError):
+            summary = rr.read_summary(os.path.join(logs, name))
+        except (OSError, ValueError, rr.SchemaError):
+            continue
+        if not isinstance(summary, dict) or not summary:
             continue
         last = (summary.get('epochs') or [{}])[-1]
         table[name] = {'status': summary.get('status'), 'best_acc1': summary.get('best_acc1'),

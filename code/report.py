@@ -75,7 +75,7 @@ def has_events(folder):
 
 
 def is_run(folder):
-    return os.path.isfile(os.path.join(folder, 'summary.json')) or has_events(folder)
+    return os.path.isfile(rr.summary_path(folder)) or has_events(folder)
 
 
 def find_runs(paths):

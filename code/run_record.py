@@ -1,15 +1,22 @@
-"""The run record: what a run folder holds, defined once.
+"""The run record: what a run folder holds, defined once, and how to read its summary.
 
-main.py writes it, report.py and the tests read it; every key and TensorBoard tag
-they share is named here, so that renaming one cannot silently break the others.
+main.py writes it (run_folder.py), report.py and the tests read it; every file name, key
+and TensorBoard tag they share is named here, so that renaming one cannot silently
+break the others.
 
     RUN/summary.json           SUMMARY_KEYS below, strict JSON (no NaN: null instead)
     RUN/events.out.tfevents.*  the TAG_* scalars below
-    RUN/models/checkpoint.pth.tar, RUN/models/model_best.pth.tar   (see main.py)
+    RUN/models/checkpoint.pth.tar, RUN/models/model_best.pth.tar   (see run_folder.py)
 """
+import json
 import os
 
-from utils import ToolkitError, read_json, summary_lock, write_json_atomic
+from utils import ToolkitError
+
+# the files of a run folder
+SUMMARY = 'summary.json'
+MODELS = 'models'
+CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
 
 # Version of the summary.json layout. 1: the first layout (no 'schema' key);
 # 2: adds 'schema', statuses 'interrupted' and 'diverged', attack results without
@@ -43,25 +50,31 @@ RESULT_KEYS = (EVALUATION, ATTACK)
 
 SUMMARY_KEYS = ('schema', 'run_dir', 'name', 'status', 'args', 'arch', 'num_params', 'device',
                 'iters_per_epoch', 'epochs_planned', 'epochs', 'best_epoch', 'best_acc1',
-                'wall_time_s') + RESULT_KEYS
+                'wall_time_s', 'world_size', 'dist_backend') + RESULT_KEYS
 
 
 class SchemaError(ToolkitError):
     """A summary.json of a layout this code does not know."""
 
 
-def new_summary(run_dir, name, args, arch, num_params, device, iters_per_epoch, epochs_planned):
+def new_summary(run_dir, name, args, arch, num_params, device, iters_per_epoch, epochs_planned,
+                world_size=1, dist_backend=None):
     # run_dir is None in the processes of a torchrun launch other than rank 0
     return {'schema': SCHEMA_VERSION, 'run_dir': run_dir and os.path.abspath(run_dir),
             'name': name,
             'status': RUNNING, 'args': args, 'arch': arch, 'num_params': num_params,
             'device': str(device), 'iters_per_epoch': iters_per_epoch,
             'epochs_planned': epochs_planned, 'epochs': [], 'best_epoch': None,
-            'best_acc1': None, 'wall_time_s': 0.0}
+            'best_acc1': None, 'wall_time_s': 0.0, 'world_size': world_size,
+            'dist_backend': dist_backend}
 
 
 def summary_path(run_dir):
-    return os.path.join(run_dir, 'summary.json')
+    return os.path.join(run_dir, SUMMARY)
+
+
+def checkpoint_path(run_dir, name=CHECKPOINT):
+    return os.path.join(run_dir, MODELS, name)
 
 
 def read_summary(run_dir):
@@ -70,27 +83,13 @@ def read_summary(run_dir):
     path = summary_path(run_dir)
     if not os.path.isfile(path):
         return {}
-    summary = read_json(path)
+    with open(path) as f:
+        summary = json.load(f)
+    if not isinstance(summary, dict):
+        raise SchemaError(f"{path} holds JSON {type(summary).__name__}, not a run summary "
+                          f"(damaged?)")
     version = summary.get('schema', 1)
     if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
         raise SchemaError(f"{path}: summary schema version {version!r} is unknown to this "
                           f"code (it reads 1 to {SCHEMA_VERSION}); update the toolkit")
     return summary
-
-
-def write_summary(run_dir, summary):
-    """Write the training run's summary, keeping the results that -e/-a added to the
-    file meanwhile (both writers hold the summary lock for their read-modify-write)."""
-    with summary_lock(run_dir):
-        on_disk = read_summary(run_dir)
-        record = {k: v for k, v in summary.items() if k not in RESULT_KEYS}
-        record.update({k: on_disk[k] for k in RESULT_KEYS if k in on_disk})
-        write_json_atomic(summary_path(run_dir), record)
-
-
-def add_result(run_dir, key, result):
-    """Add an -e/-a result to a run's summary.json (under the summary lock)."""
-    with summary_lock(run_dir):
-        summary = read_summary(run_dir)
-        summary[key] = result
-        write_json_atomic(summary_path(run_dir), summary)

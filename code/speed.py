@@ -1,6 +1,6 @@
-"""The speed settings of a run (README "Training fast"): --amp, --channels-last, --compile,
+"""The speed settings of a run (docs/training.md): --amp, --channels-last, --compile,
 --data-cache. Each is on, off or auto (None); auto resolves to what was measured fastest on
-the device (BENCHMARKS.md, "Training fast"), and the start line says which and why."""
+the device (docs/benchmarks.md), and the start line says which and why."""
 import contextlib
 import os
 import sys
@@ -21,7 +21,7 @@ def cpu_has_bf16():
 
 def auto_speed_settings(device):
     """{flag: (value, why)}: the defaults measured best on each kind of device
-    (BENCHMARKS.md, "Training fast"; the reasons are printed at start)."""
+    (docs/benchmarks.md; the reasons are printed at start)."""
     if device.type == 'cuda':
         return {'amp': (True, 'tensor cores'), 'channels_last': (True, 'NHWC convolutions'),
                 'compile': (False, 'compiling costs minutes at start; ask with --compile'),
@@ -33,7 +33,7 @@ def auto_speed_settings(device):
                 'data_cache': (True, 'the fused warp frees the CPU cores')}
     # CPU: channels-last was faster for every model on a 2-core AVX512 machine, bf16 was
     # not (oneDNN's bf16 kernels lose to fp32 at these small convolutions, even with
-    # AVX512-BF16; BENCHMARKS.md): --amp stays a choice
+    # AVX512-BF16; docs/benchmarks.md): --amp stays a choice
     return {'amp': (False, 'bf16 was not faster on a CPU' +
                     (' with AVX512-BF16' if cpu_has_bf16() else ' (no bf16 hardware here)')),
             'channels_last': (True, 'faster on a CPU'),

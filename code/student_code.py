@@ -531,7 +531,7 @@ class SimpleNet(nn.Module):
         short runs stay at chance. Why not Kaiming fan_in: activations keep their
         scale, and without BatchNorm the classifier's first steps at lr 0.1 are then
         so large that training stalls or diverges. Measured on real digit scans: see
-        BENCHMARKS.md, "Training recipe". A network without BatchNorm stays sensitive
+        docs/benchmarks.md, "Training recipe". A network without BatchNorm stays sensitive
         to the learning rate (main.py stops a run whose loss becomes NaN) and learns
         slowly in short runs."""
         init_cnn_weights(self)
@@ -591,7 +591,7 @@ class ResNet10(nn.Module):
         each residual branch at 0 (Goyal et al. 2017) helps long large-batch
         ImageNet runs, but stalled the short runs this assignment is full of:
         on real digit scans, 8 epochs at batch 64, 27.5% against 83.9% top-1
-        (BENCHMARKS.md, "Training recipe");
+        (docs/benchmarks.md, "Training recipe");
       * global average pooling + one linear classifier.
     It is ResNet-18 with half the blocks: 1.8x the FLOPs of SimpleNet, but with
     BN and shortcuts it learns much faster per epoch.
@@ -900,7 +900,7 @@ vit_models = {
 # 4 heads, 4x4 windows in blocks 0 and 2, drop path 0.1): 1.96 M parameters
 # (100 classes) and 0.25 GFLOPs (0.13 G multiply-adds) per 128x128 image. Why this
 # one (it has a measured MiniPlaces result), its accuracy, and larger variants to
-# try: README.md, section "SimpleViT".
+# try: docs/part2-vit.md, section "SimpleViT".
 default_vit_model = SimpleViT
 
 

@@ -7,8 +7,11 @@ from statistics import mean
 import pytest
 import torch
 
-import benchmark
-from benchmark import SavedForBackwardMeter, interleaved_times
+import bench_parts
+import bench_recipe
+import bench_runs
+import bench_timing
+from bench_timing import SavedForBackwardMeter, interleaved_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,16 +75,16 @@ def makefile_demo_flags():
 
 def test_recipe_demo_config_is_the_makefiles_demo_command():
     make = makefile_demo_flags()
-    ours = dict(zip(*[iter(benchmark.recipe_flags('cnn', 'demo', seed=7))] * 2))
+    ours = dict(zip(*[iter(bench_recipe.recipe_flags('cnn', 'demo', seed=7))] * 2))
     assert ours.pop('--seed') == '7' and ours.pop('-p') == '1000'
     make.pop('--seed'), make.pop('--name')
     assert ours == make
 
 
-@pytest.mark.parametrize('model', list(benchmark.RECIPE_MODELS))
+@pytest.mark.parametrize('model', list(bench_recipe.RECIPE_MODELS))
 def test_recipe_8_epoch_config_as_main_py_reads_it(model):
     import main as driver
-    args = driver.parser.parse_args(['DIR'] + benchmark.recipe_flags(model, '8ep', seed=3))
+    args = driver.parser.parse_args(['DIR'] + bench_recipe.recipe_flags(model, '8ep', seed=3))
     assert (args.epochs, args.warmup, args.batch_size, args.workers) == (8, 1, 64, 2)
     assert (args.num_classes, args.seed, args.device) == (10, 3, 'cpu')
     assert args.use_vit == (model == 'vit')
@@ -95,10 +98,10 @@ def test_recipe_8_epoch_config_as_main_py_reads_it(model):
 
 def test_recipe_quick_sets_fit_one_short_epoch(tmp_path):
     import main as driver
-    for name in benchmark.RECIPE_DATASETS:
+    for name in bench_recipe.RECIPE_DATASETS:
         out = str(tmp_path / name)
-        benchmark.build_recipe_data(name, out, quick=True)
-        args = driver.parser.parse_args([out] + benchmark.recipe_flags('vit', '8ep', 0, True))
+        bench_recipe.build_recipe_data(name, out, quick=True)
+        args = driver.parser.parse_args([out] + bench_recipe.recipe_flags('vit', '8ep', 0, True))
         assert args.epochs == 1 and args.warmup < args.epochs
         with open(os.path.join(out, 'train.txt')) as f:
             labels = [int(line.split()[1]) for line in f]
@@ -108,8 +111,8 @@ def test_recipe_quick_sets_fit_one_short_epoch(tmp_path):
 
 def test_recipe_data_errors_are_one_line(tmp_path):
     (tmp_path / 'mine.txt').write_text('keep')
-    with pytest.raises(benchmark.RecipeError, match='refusing to overwrite') as info:
-        benchmark.build_recipe_data('real', str(tmp_path), quick=True)
+    with pytest.raises(bench_recipe.RecipeError, match='refusing to overwrite') as info:
+        bench_recipe.build_recipe_data('real', str(tmp_path), quick=True)
     assert '\n' not in str(info.value)
 
 
@@ -128,13 +131,13 @@ def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
                # main.py leaves best_acc1 at None when no epoch scored above 0 %
                ('demo', 'simplenet', 'demo', 0): fake_summary([0.0, 0.0], None),
                ('demo', 'cnn', 'demo', 0): fake_summary([50.0], 50.0, arch='resnet10')}
-    rows = [cells(benchmark.recipe_row(*key, s)) for key, s in results.items()]
+    rows = [cells(bench_recipe.recipe_row(*key, s)) for key, s in results.items()]
     assert rows[0] == ['real', 'ViT', '8ep', '0', '35.50', '31.25', '3', '1.5']
     assert rows[2][4:6] == ['0.00', '0.00']
     assert rows[3][1] == 'default CNN (resnet10)'     # the default CNN names its arch
-    assert len(cells(benchmark.RECIPE_HEADER.splitlines()[0])) == len(rows[0])
+    assert len(cells(bench_recipe.RECIPE_HEADER.splitlines()[0])) == len(rows[0])
 
-    header, rule, vit, simplenet, cnn = benchmark.recipe_summary(results)
+    header, rule, vit, simplenet, cnn = bench_recipe.recipe_summary(results)
     assert len(cells(header)) == len(cells(rule)) == len(cells(vit))
     vit = cells(vit)
     assert vit[:4] == ['real', 'ViT', '8ep', '0 1']
@@ -144,7 +147,7 @@ def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
 
 
 def test_cpu_name_says_something():
-    assert benchmark.cpu_name().strip()
+    assert bench_timing.cpu_name().strip()
 
 
 def test_train_checks_name_only_the_issues_targets():
@@ -156,12 +159,12 @@ def test_train_checks_name_only_the_issues_targets():
                ('demo', 'cnn', 'per-image', 'amp'): summary(50.0),
                ('demo', 'cnn', 'cached', 'amp'): summary(70.0),
                ('demo', 'simplenet', 'per-image', 'amp'): summary(10.0)}
-    lines = benchmark.train_checks(results)
+    lines = bench_runs.train_checks(results)
     assert len(lines) == 4, lines               # nothing for SimpleNet's amp: no target
     assert any('fp32: cached - per-image = -2.00 points (PASS' in l for l in lines), lines
     assert any('per-image: amp - fp32 = -10.00 points (FAIL' in l for l in lines), lines
     assert any('cached: amp - fp32 = +12.00 points (PASS' in l for l in lines), lines
-    assert benchmark.train_speed(summary(1.0)) == (10.0, 100.0)
+    assert bench_runs.train_speed(summary(1.0)) == (10.0, 100.0)
 
 
 def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
@@ -170,7 +173,7 @@ def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
     import argparse
     args = argparse.Namespace(device='cpu', quick=True, small=False, epochs=1, batch_size=10,
                               lr=0.02, processes=[1, 2], model='simplenet')
-    runs = benchmark.bench_ddp(args)
+    runs = bench_runs.bench_ddp(args)
     out = capsys.readouterr().out
     assert sorted(runs) == [1, 2] and runs[2]['world_size'] == 2
     rows = [line for line in out.splitlines() if line.startswith('| 2 | gloo |')]
@@ -182,6 +185,6 @@ def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
 def test_attack_benchmark_runs_a_pgd_step(capsys):
     """benchmark.py attack times one PGD step as perturb() takes it (the box included)."""
     import argparse
-    benchmark.bench_attack(argparse.Namespace(device='cpu', repeats=1, batch_size=2))
+    bench_parts.bench_attack(argparse.Namespace(device='cpu', repeats=1, batch_size=2))
     out = capsys.readouterr().out
     assert 'one PGD step' in out and 'ratio' in out and 'peak memory (autograd saved)' in out

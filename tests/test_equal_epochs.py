@@ -1,4 +1,4 @@
-"""Issue 10's accuracy targets, as tests: the fast paths train like the plain one.
+"""Accuracy targets of the fast paths, as tests: they train like the plain one.
 
 The same run of main.py (model, data, seed, schedule) with only the input path or the
 precision changed must reach the same validation accuracy within noise:
@@ -12,7 +12,7 @@ steep: at seed 0 on this CPU the real runs ended at 61.8 (per-image), 61.0 (cach
 runs by several points. A broken path (a wrong normalization, a flipped warp, bf16
 gradients that do not flow) falls towards chance (10 %), far outside the tolerance.
 `python code/benchmark.py train` measures the same comparisons on longer runs at 5
-points (BENCHMARKS.md, "Training fast").
+points (docs/benchmarks.md, "Accuracy at equal epochs").
 """
 import os
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import CODE, REPO, FAST, run_main, checkpoint_of, only_run, expect_error
+import run_folder
 import utils
 
 
@@ -58,17 +59,17 @@ def test_lr_scheduler_is_torch_and_exact_after_state_dict_round_trip():
 
 # --------------------------------------------------------------------------- files
 def test_run_dirs_are_never_reused(tmp_path):
-    a = utils.make_run_dir(str(tmp_path), 'x')
-    b = utils.make_run_dir(str(tmp_path), 'x')
+    a = run_folder.make_run_dir(str(tmp_path), 'x')
+    b = run_folder.make_run_dir(str(tmp_path), 'x')
     assert a != b and os.path.isdir(a) and os.path.isdir(b)
     assert os.path.basename(a).startswith('exp_') and a.endswith('_x')
 
 
 def test_atomic_json_keeps_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / 'summary.json')
-    utils.write_json_atomic(path, {'a': 1})
+    run_folder.write_json_atomic(path, {'a': 1})
     with pytest.raises(TypeError):
-        utils.write_json_atomic(path, {'a': object()})  # not serializable: fails mid-way
+        run_folder.write_json_atomic(path, {'a': object()})  # not serializable: fails mid-way
     assert json.load(open(path)) == {'a': 1}
     assert os.listdir(tmp_path) == ['summary.json']  # no temporary file left behind
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import CODE, FAST, run_main, checkpoint_of, only_run, expect_error, strict_json
 import main as driver
-import utils
+import run_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -99,7 +99,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo, stopped_ru
                                                                 capsys):
     run = copy_run(stopped_run[1], tmp_path)
     resume = [demo, '--resume', checkpoint_of(run), '-j', '0']
-    with utils.run_lock(run):  # another training holds the folder
+    with run_folder.run_lock(run):  # another training holds the folder
         expect_error(resume, capsys, 'in use by', f'pid {os.getpid()}', 'one training')
     with open(os.path.join(run, '.lock'), 'w') as f:
         f.write('pid 999999 on elsewhere')  # written by a process that died holding it
@@ -131,7 +131,7 @@ def final_files(run):
 def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys, monkeypatch):
     """Ctrl-C arriving before each atomic write of a 3-epoch run in turn (the write
     never happens); resuming the run then ends with the files of an uninterrupted one."""
-    real_write = utils._atomic_write
+    real_write = run_folder._atomic_write
     calls = []
 
     def counting(path, write_fn, binary):
@@ -139,7 +139,7 @@ def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys,
         if len(calls) == kill_at[0]:
             raise KeyboardInterrupt
         return real_write(path, write_fn, binary)
-    monkeypatch.setattr(utils, '_atomic_write', counting)
+    monkeypatch.setattr(run_folder, '_atomic_write', counting)
     kill_at = [0]
     code, _, err = run_main(train_args(demo, tmp_path / 'whole'), capsys)
     assert code == 0, err

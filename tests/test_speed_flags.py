@@ -1,4 +1,4 @@
-"""Issue 10 in the driver: --amp, --channels-last, --compile, --data-cache (auto per device),
+"""The speed flags in the driver: --amp, --channels-last, --compile, --data-cache (auto per device),
 the uint8 hand-over, and that every path trains, resumes exactly and is evaluated."""
 import json
 import os
@@ -9,6 +9,7 @@ import torch
 from conftest import FAST, run_main, checkpoint_of, only_run, expect_error
 import custom_transforms as T
 import fast_data
+import loaders
 import main as driver
 import speed
 
@@ -48,13 +49,13 @@ def test_uint8_handover_is_bit_for_bit_the_float_batches(demo):
     from student_code import get_train_transforms
     floats = MiniPlacesLoader(demo, 'train', get_train_transforms(), num_classes=None)
     uint8s = MiniPlacesLoader(demo, 'train', get_train_transforms(), num_classes=None)
-    transforms, normalization = driver.uint8_handover(uint8s)
+    transforms, normalization = loaders.uint8_handover(uint8s)
     uint8s.transforms = transforms
     batches = []
     for dataset, norm in ((floats, None), (uint8s, normalization)):
         random.seed(5)  # the same augmentation draws for both
         loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset))
-        (batch, _), = list(driver.OnDevice(loader, torch.device('cpu'), norm,
+        (batch, _), = list(loaders.OnDevice(loader, torch.device('cpu'), norm,
                                            torch.contiguous_format))
         batches.append(batch)
     assert next(iter(torch.utils.data.DataLoader(uint8s)))[0].dtype == torch.uint8
@@ -64,7 +65,7 @@ def test_uint8_handover_is_bit_for_bit_the_float_batches(demo):
 
 def test_fp32_training_equals_the_float_handover_of_before(demo, tmp_path, capsys, monkeypatch):
     """--no-amp --no-channels-last --no-data-cache: the same weights as the per-image path
-    handing over float32 (the code before issue 10), bit for bit."""
+    handing over float32 (the code before the uint8 hand-over), bit for bit."""
     run_new, out = train(demo, tmp_path / 'new', capsys, *FP32, epochs=1)
     assert '=> speed: amp off | channels-last off | compile off | data-cache off' in out
     monkeypatch.setattr(fast_data, 'uint8_transforms', lambda transforms: None)
@@ -76,7 +77,7 @@ def test_fp32_training_equals_the_float_handover_of_before(demo, tmp_path, capsy
 def test_auto_settings_are_resolved_printed_and_stored(demo, tmp_path, capsys):
     run, out = train(demo, tmp_path, capsys, epochs=1)
     line = next(l for l in out.splitlines() if l.startswith('=> speed:'))
-    auto = driver.auto_speed_settings(torch.device('cpu'))
+    auto = speed.auto_speed_settings(torch.device('cpu'))
     args = summary_args(run)
     for key, (value, why) in auto.items():
         assert args[key] is value, key
@@ -160,7 +161,7 @@ def test_transforms_the_cache_cannot_fuse_are_named_at_start(demo, tmp_path, cap
 
     def train_transforms():
         return T.Compose([Sharpen(), T.CenterCrop(32), T.ToTensor()])
-    monkeypatch.setattr(driver, 'get_train_transforms', train_transforms)
+    monkeypatch.setattr(loaders, 'get_train_transforms', train_transforms)
     run, out = train(demo, tmp_path, capsys, '--data-cache', epochs=1)
     assert 'note: --data-cache: get_train_transforms() needs the per-image path' in out
     assert summary_args(run)['data_cache'] is False

@@ -135,7 +135,7 @@ def test_the_default_cnn_learns_real_images_in_a_few_cpu_epochs(real600, tmp_pat
                                                                 capsys):
     """The default CNN at the handout's lr 0.1, 4 short epochs on real scans (not the
     generated demo textures): well above chance (10%). SimpleNet does not pass this yet
-    (BENCHMARKS.md, "Training recipe on real images": 18% after 8 epochs)."""
+    (docs/benchmarks.md, "Training recipe on real images": 18% after 8 epochs)."""
     argv = [real600, '--log-dir', str(tmp_path), '--arch', 'resnet10', '--lr', '0.1',
             '--epochs', '4', '--warmup', '1', '-b', '32', '-j', '0', '--device', 'cpu',
             '--seed', '0', '-p', '1000']

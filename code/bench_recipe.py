@@ -1,0 +1,167 @@
+"""The recipe benchmark: the handout's training recipe on real and demo images, via main.py.
+
+Also the cells that train and ddp run: a cell trains one model on one data set (demo
+textures or real digit scans, written by their generator scripts) with main.py in a
+subprocess, as a user would, and is read back from its summary.json.
+"""
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+from statistics import mean
+
+import run_record as rr
+from bench_timing import cpu_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- recipe
+# the target: the training recipes (the defaults, the Makefile's demo command) hold beyond
+# the demo textures, on real images. Every cell trains one model on one set with one
+# configuration and seed, by running main.py in a subprocess, as a user would; both sets
+# have 10 classes
+RECIPE_DATASETS = {'demo': 'make_demo_data.py', 'real': 'make_real_data.py'}
+RECIPE_MODELS = {'simplenet': ('SimpleNet', ['--arch', 'simplenet']),
+                 'cnn': ('default CNN', []),
+                 'vit': ('ViT', ['--use-vit'])}
+RECIPE_CONFIGS = {
+    # 8 epochs at batch 64 with the handout's default lr (0.1; ViT: see VIT_FLAGS)
+    '8ep': ['--epochs', '8', '--warmup', '1', '-b', '64', '-j', '2', '--device', 'cpu'],
+    # the Makefile's `demo` target, less its --seed and --name (tests check they agree)
+    'demo': ['--epochs', '4', '--warmup', '1', '-b', '32', '--lr', '0.05', '-j', '2',
+             '--device', 'cpu'],
+}
+VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
+# --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
+# workers: to see that every cell runs, not to measure anything
+QUICK_DATA = {'demo': ['--train-per-class', '2', '--val-per-class', '1', '--size', '32'],
+              'real': ['--max-train', '20', '--val-fraction', '0.006']}
+QUICK_FLAGS = {'--epochs': '1', '--warmup': '0', '-b': '10', '-j': '0'}
+
+
+class RecipeError(RuntimeError):
+    """A data set or a run of main.py failed; the message is one line."""
+
+
+def recipe_flags(model, config, seed, quick=False):
+    """main.py's flags (after DIR) for one cell."""
+    flags = list(RECIPE_CONFIGS[config])
+    if model == 'vit' and config == '8ep':
+        flags += VIT_FLAGS
+    for name, value in (QUICK_FLAGS.items() if quick else ()):
+        flags[flags.index(name) + 1] = value
+    return flags + RECIPE_MODELS[model][1] + ['--num-classes', '10', '--seed', str(seed),
+                                              '-p', '1000']
+
+
+def _last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else 'no output'
+
+
+def build_recipe_data(name, out_dir, quick=False, extra=None):
+    """Write data set `name` into out_dir with its generator script (`extra`: its flags)."""
+    script = os.path.join(REPO, 'code', RECIPE_DATASETS[name])
+    extra = QUICK_DATA[name] if quick else (extra or [])
+    done = subprocess.run([sys.executable, script, out_dir] + extra,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RecipeError(f"{RECIPE_DATASETS[name]} failed: {_last_line(done.stderr)}")
+
+
+def run_recipe_cell(data, flags, log_dir, processes=1):
+    """Train with main.py DIR flags (under torchrun for several processes), logging into
+    log_dir; returns its summary.json."""
+    os.makedirs(log_dir)
+    console = os.path.join(log_dir, 'console.log')
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone',
+                     f'--nproc_per_node={processes}']
+    with open(console, 'w') as log:
+        done = subprocess.run(launcher + [os.path.join(REPO, 'code', 'main.py'), data,
+                                          '--log-dir', log_dir] + flags,
+                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0:
+        with open(console) as log:
+            raise RecipeError(f"main.py exited with {done.returncode}: {_last_line(log.read())}")
+    (run,) = [d for d in os.listdir(log_dir) if os.path.isdir(os.path.join(log_dir, d))]
+    return rr.read_summary(os.path.join(log_dir, run))
+
+
+RECIPE_HEADER = ("| dataset | model | config | seed | best val top-1 | final val top-1 "
+                 "| epochs | minutes |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+
+
+def best_and_final(summary):
+    """(best, final) validation top-1 of a run from its summary.json. main.py leaves
+    best_acc1 at None when no epoch scored above 0 %."""
+    top1 = [epoch['val_top1'] for epoch in summary['epochs']]
+    best = summary['best_acc1']
+    return (max(top1) if best is None else best), top1[-1]
+
+
+def model_label(model, summary=None):
+    """The model's name in the table; the default CNN's also names its architecture,
+    which changes when student_code.default_cnn_model does."""
+    label = RECIPE_MODELS[model][0]
+    return f"{label} ({summary['arch']})" if model == 'cnn' and summary else label
+
+
+def recipe_row(dataset, model, config, seed, summary):
+    """The table's line for one finished run (summary: main.py's summary.json)."""
+    best, final = best_and_final(summary)
+    return (f"| {dataset} | {model_label(model, summary)} | {config} | {seed} "
+            f"| {best:.2f} | {final:.2f} "
+            f"| {len(summary['epochs'])} | {summary['wall_time_s'] / 60:.1f} |")
+
+
+def recipe_summary(results):
+    """Mean over seeds of every (dataset, model, config): markdown lines. results:
+    {(dataset, model, config, seed): summary}."""
+    cells = {}
+    for (dataset, model, config, seed), summary in results.items():
+        cells.setdefault((dataset, model, config), []).append((seed, summary))
+    lines = ["| dataset | model | config | seeds | best val top-1, mean (min-max) "
+             "| final val top-1, mean (min-max) |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for (dataset, model, config), runs in cells.items():
+        best, final = zip(*(best_and_final(s) for _, s in runs))
+        seeds = ' '.join(str(seed) for seed, _ in runs)
+        lines.append(f"| {dataset} | {model_label(model, runs[0][1])} | {config} | {seeds} "
+                     f"| {mean(best):.2f} ({min(best):.2f}-{max(best):.2f}) "
+                     f"| {mean(final):.2f} ({min(final):.2f}-{max(final):.2f}) |")
+    return lines
+
+
+def bench_recipe(args):
+    """dataset (demo, real) x model (SimpleNet, default CNN, ViT) x config (8 epochs at
+    batch 64, the Makefile's demo command) x seed -> best and final val top-1."""
+    import torch
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = list(dict.fromkeys(seeds))          # a seed twice would only repeat a run
+    work = tempfile.mkdtemp(prefix='bench_recipe_')
+    print(f"recipe: torch {torch.__version__}, CPU {cpu_name()} ({os.cpu_count()} cores), "
+          f"main.py per cell{', QUICK (tiny sets, 1 epoch)' if args.quick else ''}; "
+          f"data and logs in {work}\n", flush=True)
+    for name in args.datasets:
+        build_recipe_data(name, os.path.join(work, 'data', name), args.quick)
+    print(RECIPE_HEADER, flush=True)
+    results, failed = {}, 0
+    for dataset, config, model, seed in itertools.product(args.datasets, args.configs,
+                                                          args.models, seeds):
+        key = (dataset, model, config, seed)
+        try:
+            results[key] = run_recipe_cell(os.path.join(work, 'data', dataset),
+                                           recipe_flags(model, config, seed, args.quick),
+                                           os.path.join(work, 'logs', '_'.join(map(str, key))))
+            print(recipe_row(*key, results[key]), flush=True)
+        except RecipeError as e:            # the other cells still run
+            failed += 1
+            print(f"| {dataset} | {model_label(model)} | {config} | {seed} | failed: {e} "
+                  f"| | | |", flush=True)
+    if len(seeds) > 1 and results:
+        print('\n' + '\n'.join(recipe_summary(results)))
+    if failed:
+        raise RecipeError(f"{failed} of {failed + len(results)} runs failed (logs in {work})")

@@ -1,0 +1,210 @@
+"""The data loaders of a run: the datasets and their class count, the per-image path
+(custom_dataloader + student_code's transforms in DataLoader workers) or the cached
+path (fast_data: decoded once, one fused warp per image), and batches that arrive on
+the device normalized and in the run's memory format (OnDevice).
+
+The training order and every image's augmentation depend on (seed, epoch) only
+(distributed.TrainOrder), so a resumed run, and a run on any number of processes or
+workers, sees the same batches.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import distributed
+import fast_data
+from custom_dataloader import MiniPlacesLoader, load_image, seed_worker
+from distributed import world
+from speed import memory_format
+from student_code import get_train_transforms, get_val_transforms
+from utils import ToolkitError, UsageError, one_line
+
+def seed_everything(seed):
+    """Seed every generator the training touches (python, numpy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed, epoch, train_loader):
+    """The training order and every image's augmentation depend only on (seed, epoch)
+    (distributed.TrainOrder); the process's own generators (dropout, PGD's random starts)
+    on (seed, epoch, rank). So a resumed run replays exactly what an uninterrupted one
+    does."""
+    seed_everything(seed * 1000 + epoch + (1 << 40) * world().rank)
+    train_loader.sampler.set_epoch(seed, epoch)
+
+
+def load_datasets(args, train=True):
+    """(train set or None, val set), the training set at least one batch large; their
+    labels are checked by settle_num_classes."""
+    val_set = MiniPlacesLoader(args.data_folder, split='val', transforms=get_val_transforms(),
+                               num_classes=None)
+    if not train:
+        return None, val_set
+    train_set = MiniPlacesLoader(args.data_folder, split='train',
+                                 transforms=get_train_transforms(), num_classes=None)
+    if args.batch_size > len(train_set):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(train_set)} images): every batch would be dropped")
+    return train_set, val_set
+
+
+def settle_num_classes(args, datasets, source):
+    """The class count is the largest label + 1 of the label files, unless the flags
+    or the checkpoint (`source`) give one: fewer outputs than labels is refused,
+    more is warned about, and so are classes without a training image."""
+    labels = {name: set(ds.label_list) for name, ds in datasets.items() if ds is not None}
+    needed = max(max(found) for found in labels.values()) + 1
+    if args.num_classes is None:
+        args.num_classes = needed
+        print(f'=> {needed} classes (the largest label in the label files is {needed - 1})')
+    elif args.num_classes < needed:
+        name = next(n for n, found in labels.items() if max(found) >= args.num_classes)
+        raise UsageError(f"{source} gives {args.num_classes} classes, but {name}.txt has label "
+                         f"{max(labels[name])}: the model needs at least {needed} outputs")
+    elif args.num_classes > needed:
+        print(f'warning: {source} gives {args.num_classes} classes but the labels use only '
+              f'0..{needed - 1}: the extra outputs are never trained (and PGD targets them '
+              f'as the least-confident labels)')
+    if 'train' in labels:
+        missing = sorted(set(range(needed)) - labels['train'])
+        if missing:
+            shown = ', '.join(map(str, missing[:10])) + (', ...' if len(missing) > 10 else '')
+            print(f'warning: train.txt has no image of {len(missing)} of the labels '
+                  f'0..{needed - 1} ({shown}): the model can never learn them')
+
+
+class OnDevice(object):
+    """A loader whose batches arrive on the device, ready for the model: images as
+    normalized float32 batches in the run's memory format, labels beside them. uint8
+    batches (what the workers hand over: a quarter of the bytes of float32) are normalized
+    here as ToTensor + Normalize would have done in the worker, x / 255 then (x - mean) / std,
+    in that order, so fp32 training is bit for bit what it was with the float hand-over
+    (fast_data.normalize_on_device folds them into one multiply-add: last-bit differences)."""
+
+    def __init__(self, loader, device, normalization, fmt):
+        self.loader, self.device, self.fmt = loader, device, fmt
+        self.mean = self.std = None
+        if normalization is not None:
+            mean, std = normalization
+            self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+            self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
+
+    @property
+    def sampler(self):  # the TrainOrder of a training loader, set by seed_epoch
+        return self.loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        # asynchronous copies only from CUDA's pinned memory: from pageable memory the
+        # source may be freed before an MPS copy has read it
+        non_blocking = self.device.type == 'cuda'
+        for input, target in self.loader:
+            input = input.to(self.device, non_blocking=non_blocking)
+            if input.dtype == torch.uint8:
+                input = input.float().div_(255.0)
+                if self.mean is not None:
+                    input = (input - self.mean) / self.std
+            yield (input.contiguous(memory_format=self.fmt),
+                   target.to(self.device, non_blocking=non_blocking))
+
+
+def uint8_handover(dataset):
+    """(uint8 transforms, (mean, std)) for a per-image dataset's workers, or None where its
+    transforms do not end in ToTensor [+ Normalize] or a step before them yields no uint8
+    image (tried on the first image, the random state put back afterwards)."""
+    found = fast_data.uint8_transforms(dataset.transforms)
+    if found is None:
+        return None
+    transforms, mean, std = found
+    state = random.getstate(), np.random.get_state()
+    try:
+        transforms(load_image(os.path.join(dataset.img_folder, dataset.file_list[0])))
+    except TypeError:
+        return None
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    return transforms, (mean, std)
+
+
+def cache_refusal(args, splits):
+    """Why the cached path cannot be used (printed as a note), or None."""
+    for split, transforms in splits.items():
+        supported, reason = fast_data.fused_path_supported(transforms)
+        if not supported:
+            return f'get_{split}_transforms() needs the per-image path: {reason}'
+    missing = [s for s in splits if not os.path.isfile(fast_data.cache_paths(args.data_folder,
+                                                                              s)[0])]
+    if missing and not os.access(args.data_folder, os.W_OK):
+        return f'{args.data_folder} is read-only and holds no cache of {missing[0]}'
+    return None
+
+
+def cached_loader(args, device, split, transforms, **kw):
+    """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
+    the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
+    # several processes: rank 0 builds a missing cache, the others then read it
+    cache = distributed.rank0_first(lambda: fast_data.load_or_build_cache(
+        args.data_folder, split, workers=args.workers))
+    if device.type == 'cuda':
+        try:
+            loader = fast_data.DeviceLoader(cache, transforms, device, **kw)
+            return OnDevice(loader, device, None, memory_format(args))
+        except ToolkitError as exc:  # no room for it in GPU memory
+            print(f'note: {one_line(exc)}; the {split} cache stays in host memory')
+    dataset = fast_data.CachedDataset(cache, transforms)
+    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                        worker_init_fn=seed_worker, **kw)
+    return OnDevice(loader, device, dataset.normalization, memory_format(args))
+
+
+def per_image_loader(args, device, dataset, **kw):
+    handover = uint8_handover(dataset)
+    if handover is not None:
+        dataset.transforms = handover[0]
+    if isinstance(kw['sampler'], distributed.TrainOrder):  # (index, seed) pairs
+        dataset = distributed.SeededSamples(dataset)
+    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                        worker_init_fn=seed_worker, **kw)
+    return OnDevice(loader, device, handover and handover[1], memory_format(args))
+
+
+def settle_data_cache(args, with_train):
+    """Keep --data-cache only where the cached path can serve the run (else a note says
+    why): args.data_cache is then what the run really does, for its summary."""
+    if not args.data_cache:
+        return
+    splits = {'val': get_val_transforms()}
+    if with_train:
+        splits['train'] = get_train_transforms()
+    refusal = cache_refusal(args, splits)
+    if refusal is not None:
+        print(f'note: --data-cache: {refusal}; using the per-image path')
+        args.data_cache = False
+
+
+def build_loaders(args, device, train_set, val_set):
+    """(train loader or None, val loader), both yielding this process's batches on the
+    device: the cached path (fast_data) with args.data_cache (see settle_data_cache), else
+    the per-image path. The training order is a TrainOrder (set each epoch by seed_epoch),
+    validation this process's share of the images (distributed.py)."""
+    val_kw = dict(batch_size=100, sampler=distributed.val_share(len(val_set)))
+    if train_set is not None:
+        order = distributed.TrainOrder(len(train_set), args.batch_size)
+        train_kw = dict(batch_size=order.share, sampler=order)
+    if args.data_cache:
+        val_loader = cached_loader(args, device, 'val', get_val_transforms(), **val_kw)
+        train_loader = None if train_set is None else \
+            cached_loader(args, device, 'train', get_train_transforms(), **train_kw)
+    else:
+        val_loader = per_image_loader(args, device, val_set, **val_kw)
+        train_loader = None if train_set is None else \
+            per_image_loader(args, device, train_set, **train_kw)
+    return train_loader, val_loader

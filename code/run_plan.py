@@ -1,0 +1,219 @@
+"""The run plan: what a run is asked to do, checked before any work starts, and what a
+resume may change.
+
+A new training run takes its plan from the flags (check_args, settle_new_run). A resumed
+run continues its checkpoint's own plan: the PLAN flags come from the checkpoint, and a
+flag given with another value is refused, except a larger --epochs, which extends the run
+(adopt_checkpoint_plan). -e and -a take the model, its class count and the speed settings
+that change the numbers from the checkpoint (adopt_evaluation_plan).
+"""
+import argparse
+import os
+import random
+
+import run_record as rr
+from networks import ARCHS, check_arch
+from student_code import cnn_models, vit_models, default_cnn_model, default_vit_model
+from run_folder import run_dir_of_checkpoint
+from utils import UsageError, CheckpointError, warmup_cosine_factor
+
+# the flags that define a training run: --resume takes them from the checkpoint
+PLAN = ('epochs', 'warmup', 'batch_size', 'lr', 'weight_decay', 'momentum', 'arch',
+        'num_classes', 'seed', 'clip_grad', 'adv_train', 'adv_steps', 'adv_eps', 'adv_ratio',
+        'amp', 'channels_last', 'data_cache')
+
+
+# the speed flags that change the numbers (PLAN above), and their value for a checkpoint
+# written before they existed: fp32, contiguous, per-image (what that code did)
+SPEED_PLAN = {'amp': False, 'channels_last': False, 'data_cache': False}
+
+
+_NOT_GIVEN = object()
+
+
+def given_flags(parser, argv, args):
+    """The dests of the flags written on the command line (not left at their default):
+    argparse fills in a default only where the namespace has no value yet."""
+    probe = argparse.Namespace(**{dest: _NOT_GIVEN for dest in vars(args)})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN}
+
+
+def registry_name(builder, models, which):
+    for name, model in models.items():
+        if model is builder:
+            return name
+    raise UsageError(f"student_code.{which} ({getattr(builder, '__name__', builder)}) is not "
+                     f"registered: add a line for it to "
+                     f"student_code.{'vit' if 'vit' in which else 'cnn'}_models")
+
+
+def requested_arch(args):
+    """The --arch name the flags ask for (None: they leave it open)."""
+    if args.use_resnet18:
+        return 'resnet18'
+    if args.use_vit:
+        return registry_name(default_vit_model, vit_models, 'default_vit_model')
+    return args.arch
+
+
+def check_args(args, given):
+    """Reject bad flags and combinations before any work starts (one line each); the
+    data folder is checked by MiniPlacesLoader, built before the model."""
+    if args.evaluate and args.attack:
+        raise UsageError("-e/--evaluate and -a/--attack are exclusive: run them one at a time")
+    if (args.evaluate or args.attack) and not args.resume:
+        raise UsageError(f"{'-e' if args.evaluate else '-a'} needs a trained model: "
+                         f"add --resume=PATH/TO/model_best.pth.tar")
+    if args.use_vit and args.use_resnet18:
+        raise UsageError("--use-vit and --use-resnet18 are exclusive")
+    wanted = requested_arch(args)
+    if args.arch and wanted != args.arch:
+        raise UsageError(f"--arch {args.arch} contradicts "
+                         f"{'--use-vit' if args.use_vit else '--use-resnet18'}")
+    if args.use_custom_conv and wanted in vit_models:
+        raise UsageError("--use-custom-conv swaps the convolutions of CNNs, not of the ViT")
+    if args.compile and (args.evaluate or args.attack):
+        raise UsageError(f"--compile is for training: {'-e' if args.evaluate else '-a'} runs "
+                         f"the model eagerly (one pass over the validation set does not repay "
+                         f"the compilation)")
+    if args.resume and 'start_epoch' in given:
+        raise UsageError("--start-epoch cannot be combined with --resume: the checkpoint "
+                         "says where the run continues")
+    for flag, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
+                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
+                             ('--warmup', args.warmup, 0), ('--adv-steps', args.adv_steps, 1),
+                             ('--num-classes', args.num_classes, 2),
+                             ('--attack-steps', args.attack_steps, 0),
+                             ('--start-epoch', args.start_epoch, 0),
+                             ('--stop-after', args.stop_after, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (('--attack-eps', args.attack_eps), ('--attack-step-size',
+                        args.attack_step_size), ('--adv-eps', args.adv_eps),
+                        ('--lr', args.lr), ('--wd', args.weight_decay),
+                        ('--clip-grad', args.clip_grad)):
+        if value is not None and not value >= 0:  # `not >=` also rejects NaN
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
+        raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
+    if args.adv_train and not 0 < args.adv_ratio <= 1:
+        raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
+
+
+def settle_new_run(args, given):
+    """Fill in what a new training run's flags leave open: the model, its gradient
+    clipping (the ViT by default, a CNN only when --clip-grad is given), the seed."""
+    args.arch = requested_arch(args) or registry_name(default_cnn_model, cnn_models,
+                                                      'default_cnn_model')
+    if ARCHS[args.arch] != 'vit' and 'clip_grad' not in given:
+        args.clip_grad = 0.0
+    if args.seed is None:  # draw one, and record it so that the run can be replayed
+        args.seed = random.SystemRandom().randrange(2 ** 31)
+
+
+def adopt_checkpoint_plan(args, given, ckpt, path):
+    """Resume continues the run's own plan: every PLAN flag comes from the checkpoint;
+    one given on the command line with another value is refused, except a larger
+    --epochs, which extends the run."""
+    saved = dict(ckpt.get('args') or {}, arch=ckpt.get('arch'))
+    requested = requested_arch(args)
+    if requested is not None:
+        args.arch = requested
+        given = given | {'arch'}
+    for key in PLAN:
+        if saved.get(key) is None:
+            continue  # an older checkpoint without it: the flag's value stands
+        if key in given and getattr(args, key) != saved[key]:
+            if key == 'epochs' and args.epochs > saved['epochs']:
+                continue
+            flag = '--' + {'weight_decay': 'wd'}.get(key, key).replace('_', '-')
+            if isinstance(saved[key], bool):  # --amp / --no-amp
+                raise UsageError(f"{flag.replace('--', '--no-') if saved[key] else flag}: the "
+                                 f"run in '{path}' was trained with "
+                                 f"{flag if saved[key] else flag.replace('--', '--no-')}; "
+                                 f"resume keeps the run's plan (start a new run to change it)")
+            raise UsageError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
+                             f"in '{path}': resume keeps the run's plan (start a new run to "
+                             f"change it; only --epochs can grow, to extend the run)")
+        if not (key == 'epochs' and key in given):
+            setattr(args, key, saved[key])
+    check_arch(args.arch, path)
+    fill_speed_plan(args, saved, given)
+    if args.compile is None and saved.get('compile') is not None:
+        args.compile = saved['compile']  # kept, but not refused: compiling is a choice of speed
+    elif saved.get('compile') is not None and args.compile != saved['compile']:
+        print(f"note: the run was trained {'with' if saved['compile'] else 'without'} "
+              f"--compile: the compiled and the eager model differ in the last bits, so the "
+              f"rest of the run will not equal an uninterrupted one exactly")
+    args.name = args.name or saved.get('name')
+    if saved.get('use_custom_conv') and not args.use_custom_conv:
+        print('note: the checkpoint was trained with --use-custom-conv; continuing with '
+              'nn.Conv2d (the weights are interchangeable)')
+    return saved.get('epochs')
+
+
+def refuse_unresumable(ckpt, path, planned, run_finished):
+    """Training continues from checkpoint.pth.tar of an unfinished run only."""
+    if ckpt.get('kind') == 'best' or os.path.basename(path) == rr.BEST:
+        raise UsageError(f"'{path}' is the best model of its run, not a point to continue "
+                         f"training from: evaluate it with -e, attack it with -a, or continue "
+                         f"the run from its {rr.CHECKPOINT}")
+    if run_finished:
+        raise UsageError(f"the run of '{path}' finished all its {planned} epochs: evaluate it "
+                         f"with -e or attack it with -a (use model_best.pth.tar), or train it "
+                         f"longer with --epochs N (N > {planned})")
+
+
+def ends_the_run(args, ckpt, planned):
+    """The checkpoint holds the run's last epoch, and --epochs does not extend it."""
+    return ckpt['epoch'] >= planned and args.epochs == planned
+
+
+def finished_cleanly(args, ckpt, planned):
+    """The checkpoint holds the run's last epoch and its summary says so."""
+    if not ends_the_run(args, ckpt, planned):
+        return False
+    run_dir = run_dir_of_checkpoint(args.resume)
+    return run_dir is not None and rr.read_summary(run_dir).get('status') == rr.FINISHED
+
+
+def print_extension(args, planned, start_epoch, n_iters):
+    """Where --epochs extends a resumed run, say how the learning rate changes."""
+    if args.epochs == planned:
+        return
+    it = start_epoch * n_iters
+    old = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, planned * n_iters)
+    new = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, args.epochs * n_iters)
+    print(f'=> extending the run from {planned} to {args.epochs} epochs: the cosine now ends '
+          f'at epoch {args.epochs}, so the learning rate at epoch {start_epoch} goes from '
+          f'{old:.6g} to {new:.6g} and decays from there')
+
+
+def fill_speed_plan(args, saved, given):
+    """The speed flags that change the numbers (SPEED_PLAN) of a checkpoint's run, where
+    the command line does not give them; a checkpoint written before a flag existed ran
+    without it."""
+    for key, before_flags in SPEED_PLAN.items():
+        if key not in given:
+            setattr(args, key, saved.get(key, before_flags))
+
+
+def adopt_evaluation_plan(args, given, ckpt):
+    """-e/-a: the checkpoint's architecture (the flags may only confirm it), its class
+    count unless --num-classes is given, and its run's speed settings (its validation
+    numbers). Returns where the class count comes from, for settle_num_classes."""
+    arch, requested = ckpt.get('arch'), requested_arch(args)
+    if requested is not None and arch is not None and requested != arch:
+        raise CheckpointError(f"'{args.resume}' holds a '{arch}' model, but the flags build "
+                              f"'{requested}'")
+    args.arch = arch or requested or registry_name(default_cnn_model, cnn_models,
+                                                   'default_cnn_model')
+    check_arch(args.arch, args.resume)
+    saved = ckpt.get('args') or {}
+    args.num_classes = args.num_classes or saved.get('num_classes')
+    if args.num_classes is None:  # a foreign checkpoint: the classifier's size says it
+        args.num_classes = next(v.shape[0] for v in reversed(list(ckpt['state_dict'].values()))
+                                if v.ndim >= 1)
+    fill_speed_plan(args, saved, given)
+    return '--num-classes' if 'num_classes' in given else 'the checkpoint'
