@@ -63,6 +63,7 @@ def bench_pipeline(args):
     import cv2
     import torch
     from torch.utils.data import default_collate
+    import data_cache
     import fast_data
     from custom_dataloader import MiniPlacesLoader
     from make_demo_data import make_demo_dataset
@@ -73,7 +74,7 @@ def bench_pipeline(args):
     data = args.data or os.path.join(REPO, 'data', 'demo')
     if not os.path.isfile(os.path.join(data, 'train.txt')):
         make_demo_dataset(data)
-    cache = fast_data.load_or_build_cache(data, 'train')
+    cache = data_cache.load_or_build_cache(data, 'train')
     supported, reason = fast_data.fused_path_supported(get_train_transforms())
     if not supported:
         print(f"get_train_transforms() has no fused path: {reason}")

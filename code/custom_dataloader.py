@@ -6,6 +6,7 @@ Layout of a data folder (MiniPlaces, and the demo set of make_demo_data.py):
 """
 import os
 import random
+import re
 import sys
 
 import cv2
@@ -31,8 +32,11 @@ class DatasetError(ToolkitError):
 
 def read_label_file(label_file, num_classes):
     """Parse "relative/path.jpg label" lines (blank lines ignored) -> (paths, labels);
-    num_classes=None accepts any label >= 0 (main.py then counts the classes). A UTF-8 byte-order mark is ignored; images listed more than once are kept, and named
-    in one warning line on stderr (a merged or hand-edited list, trained on twice)."""
+    num_classes=None accepts any label >= 0 (main.py then counts the classes). A UTF-8
+    byte-order mark is ignored. An image listed more than once with the same label is kept,
+    and named in one warning line on stderr (a merged or hand-edited list, trained on
+    twice); with two different labels it is an error naming both lines (which one is right
+    cannot be guessed)."""
     with open(label_file, "rb") as f:
         raw = f.read()
     try:
@@ -47,16 +51,26 @@ def read_label_file(label_file, num_classes):
         if not line:
             continue
         parts = line.rsplit(None, 1)      # the label is the last field
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses
+        # with a traceback naming neither file nor line, and int() itself reads the
+        # digits of other scripts ("١" is 1)
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
             raise DatasetError(f"{label_file}, line {line_no}: expected "
-                               f"'relative/path.jpg label', got {line!r}")
+                               f"'relative/path.jpg label' (the label in digits 0-9), "
+                               f"got {line!r}")
         label = int(parts[1])
         if label < 0 or (num_classes is not None and label >= num_classes):
             raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
                                f"[0, {num_classes}) (is --num-classes right?)")
         if parts[0] in first_line:
+            first_no, first_index = first_line[parts[0]]
+            if label_list[first_index] != label:  # which label is right cannot be guessed
+                raise DatasetError(f"{label_file}, lines {first_no} and {line_no}: image "
+                                   f"{parts[0]} is listed with two labels, "
+                                   f"{label_list[first_index]} and {label}; keep one line")
             repeats.append((line_no, parts[0]))
-        first_line.setdefault(parts[0], line_no)
+        # (line number, index in the lists) of the image's first line
+        first_line.setdefault(parts[0], (line_no, len(file_list)))
         file_list.append(parts[0])
         label_list.append(label)
     if not file_list:
@@ -64,7 +78,7 @@ def read_label_file(label_file, num_classes):
     if repeats:
         line_no, path = repeats[0]
         print(f"warning: {label_file}: {len(repeats)} line(s) list an image listed before, "
-              f"e.g. line {line_no} repeats {path} of line {first_line[path]}; kept",
+              f"e.g. line {line_no} repeats {path} of line {first_line[path][0]}; kept",
               file=sys.stderr)
     return file_list, label_list
 

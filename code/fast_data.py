@@ -1,13 +1,11 @@
-"""Decoded-image cache and fused augmentation: the fast input pipeline.
+"""Fused augmentation of the decoded cache (data_cache.py): the fast input pipeline.
 
 Why: the per-image path (custom_dataloader + get_train_transforms()) decodes a JPEG and
 resamples every image three times (Scale, RandomRotate, RandomSizedCrop), then colours,
 converts and normalizes it in float: about 1,100 images/s per core, so 4 workers cap a GPU
 at ~4k images/s. Here, top to bottom:
 
-  1. the cache: every image decoded once (custom_dataloader.load_image) into one uint8 file
-     per split, DIR/cache/<split>_<S>.npy (N x S x S x 3, memory-mapped), with a fingerprint
-     of the label file and the images so that a stale, foreign or truncated cache is rebuilt;
+  1. the cache: every image decoded once (data_cache.py);
   2. parameters: drawn by the transforms' own get_params, in the order their __call__ draws
      them, so the ranges are the transforms' (a student's RandomRotate(30) is followed) and a
      seed gives the same augmentation as the per-image path;
@@ -34,15 +32,8 @@ resamplings; the fused path resamples once, with the interpolation drawn by the 
 that resamples the image (RandomSizedCrop's, normally), so its distribution is the same
 as the per-image path's last resize.
 """
-import functools
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
-import sys
-import time
 
 import cv2
 import numpy as np
@@ -51,197 +42,11 @@ import torch.nn.functional as F
 from torch.utils import data
 
 import custom_transforms as T
-from custom_dataloader import DatasetError, MiniPlacesLoader
+from custom_dataloader import DatasetError
+from data_cache import CACHE_SIZE
 
-CACHE_VERSION = 1        # bump when the file layout or the stored geometry changes
-CACHE_SIZE = 128         # side of the cached images: get_val_transforms' CenterCrop(128)
-
-# the interpolations both executions know (grid_sample has exactly these three)
 WARP_MODES = {cv2.INTER_NEAREST: "nearest", cv2.INTER_LINEAR: "bilinear",
               cv2.INTER_CUBIC: "bicubic"}
-
-
-################################################################################
-# 1. The cache: each image decoded once
-################################################################################
-def cache_paths(data_folder, split, size=CACHE_SIZE):
-    """(images .npy, fingerprint .json) of a split's cache."""
-    folder = os.path.join(data_folder, "cache")
-    return (os.path.join(folder, f"{split}_{size}.npy"),
-            os.path.join(folder, f"{split}_{size}.json"))
-
-
-def cache_image(img, size=CACHE_SIZE):
-    """The geometry of get_val_transforms(): Scale(size) (shorter side) + CenterCrop(size).
-    A MiniPlaces image (size x size already) is stored exactly as decoded. Other images are
-    resized with a fixed interpolation (INTER_AREA to shrink, INTER_LINEAR to enlarge)
-    instead of Scale's random one, and only their centre square is kept: training crops
-    from the cache never see the sides of a non-square image, and an image larger than
-    `size` loses its extra resolution (the per-image path crops from the original)."""
-    h, w = img.shape[:2]
-    scale = T.Scale(size)
-    out_h, out_w = scale.output_size(h, w)
-    interpolation = cv2.INTER_AREA if out_h * out_w < h * w else cv2.INTER_LINEAR
-    return T.CenterCrop(size)(scale.apply(img, interpolation))
-
-
-def _fingerprint(loader):
-    """What the cache was built from: the label file's bytes, and each listed image's
-    path, size and modification time. The stats cost what MiniPlacesLoader's existence
-    check costs (one stat per image, 0.3-0.4 s for 100k files with a warm cache); hashing
-    the images' bytes would mean reading 100k files at every start."""
-    label_file = os.path.join(loader.root_folder, loader.split + ".txt")
-    with open(label_file, "rb") as f:
-        label_hash = hashlib.sha256(f.read()).hexdigest()
-    stats = hashlib.sha256()
-    for rel in loader.file_list:
-        st = os.stat(os.path.join(loader.img_folder, rel))
-        stats.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return {"label_file_sha256": label_hash, "count": len(loader.file_list),
-            "image_stats_sha256": stats.hexdigest()}
-
-
-def _stale_reason(path, meta_path, fingerprint, size):
-    """Why the cache on disk cannot be used as it is ("missing" if there is none), or None."""
-    if not os.path.exists(meta_path):
-        return "missing" if not os.path.exists(path) else "it has no fingerprint file"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return f"its fingerprint file {meta_path} is unreadable"
-    if meta.get("version") != CACHE_VERSION or meta.get("size") != size:
-        return "it was written by another version of fast_data.py"
-    for key, what in [("label_file_sha256", "the label file changed"),
-                      ("count", "the label file changed"),
-                      ("image_stats_sha256", "images changed (size or modification time)")]:
-        if meta.get(key) != fingerprint[key]:
-            return f"{what} since it was built (another data set, or an updated one)"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "its image file is missing"
-    if (st.st_size, st.st_mtime_ns) != (meta.get("bytes"), meta.get("mtime_ns")):
-        return (f"its image file was truncated or replaced after it was built "
-                f"({st.st_size} bytes, the fingerprint says {meta.get('bytes')})")
-    try:
-        images = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        return f"its image file is unreadable ({e})"
-    if images.dtype != np.uint8 or images.shape != (fingerprint["count"], size, size, 3):
-        return f"its image file holds {images.dtype} {images.shape}"
-    return None
-
-
-def _stack_images(batch):
-    # collate_fn of the build's DataLoader: (image, label) pairs -> N x S x S x 3
-    return np.stack([img for img, _ in batch])
-
-
-def _build(loader, path, meta_path, size, fingerprint, workers):
-    """Decode every image into path (via a temporary file and os.replace, so a crash
-    leaves no half-written cache), then write the fingerprint the same way."""
-    n = len(loader)
-    nbytes = n * size * size * 3
-    folder = os.path.dirname(path)
-    hint = "or run with --no-data-cache"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-    except OSError as e:
-        raise DatasetError(f"cannot create the data cache folder {folder} ({e.strerror or e}); "
-                           f"make it writable {hint}") from None
-    if free < nbytes + (64 << 20):
-        raise DatasetError(f"the data cache {path} needs {nbytes / 1e9:.2f} GB but "
-                           f"{folder} has {free / 1e9:.2f} GB free: free some space {hint}")
-    print(f"=> decoding the {n} images of {loader.split} once into {path} "
-          f"({nbytes / 1e9:.2f} GB); later runs read it", flush=True)
-    start = time.time()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        if hasattr(os, "posix_fallocate"):
-            # reserve the blocks now: a disk that fills up while the memory map is written
-            # kills the process with SIGBUS instead of raising an error
-            with open(tmp, "rb+") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-        loader.transforms = functools.partial(cache_image, size=size)
-        batches = data.DataLoader(loader, batch_size=256, num_workers=workers,
-                                  collate_fn=_stack_images)
-        done = 0
-        for batch in batches:
-            out[done:done + len(batch)] = batch
-            done += len(batch)
-        out.flush()
-        del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())           # on disk before the rename makes it official
-        if os.path.exists(meta_path):      # an old fingerprint never vouches for new images
-            os.remove(meta_path)
-        os.replace(tmp, path)
-        st = os.stat(path)
-        meta = dict(fingerprint, version=CACHE_VERSION, split=loader.split, size=size,
-                    bytes=st.st_size, mtime_ns=st.st_mtime_ns,
-                    labels=[int(x) for x in loader.label_list])
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
-    except OSError as e:
-        raise DatasetError(f"cannot write the data cache {path} ({e.strerror or e}); "
-                           f"free some space or make {folder} writable {hint}") from None
-    finally:
-        loader.transforms = None
-        for leftover in (tmp, meta_path + ".tmp"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    print(f"=> data cache {path} written in {time.time() - start:.0f} s", flush=True)
-
-
-class ImageCache:
-    """A split decoded once: `images` (N x S x S x 3 uint8 RGB, memory-mapped read-only),
-    `labels` (N int64), `file_list`, `path`. Pickles without its images: every DataLoader
-    worker maps the file itself (the page cache is shared, nothing is copied)."""
-
-    def __init__(self, path, labels, file_list, size):
-        self.path, self.size = path, size
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.file_list = list(file_list)
-        self._images = None
-
-    @property
-    def images(self):
-        if self._images is None:
-            self._images = np.load(self.path, mmap_mode="r")
-        return self._images
-
-    @property
-    def nbytes(self):
-        return len(self.labels) * self.size * self.size * 3
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getstate__(self):
-        return dict(self.__dict__, _images=None)
-
-    def __repr__(self):
-        return f"ImageCache({self.path!r}, {len(self)} images of {self.size}x{self.size})"
-
-
-def load_or_build_cache(data_folder, split, size=CACHE_SIZE, workers=0):
-    """The cache of DIR/<split>.txt: loaded if its fingerprint matches the label file and
-    the images, else (re)built with `workers` decoding processes, saying why in one line.
-    Data problems raise custom_dataloader.DatasetError, as the per-image path does."""
-    loader = MiniPlacesLoader(data_folder, split=split, num_classes=None)
-    fingerprint = _fingerprint(loader)
-    path, meta_path = cache_paths(data_folder, split, size)
-    reason = _stale_reason(path, meta_path, fingerprint, size)
-    if reason is not None:
-        if reason != "missing":
-            print(f"warning: data cache {path} is not used: {reason}; rebuilding it",
-                  file=sys.stderr, flush=True)
-        _build(loader, path, meta_path, size, fingerprint, workers)
-    return ImageCache(path, loader.label_list, loader.file_list, size)
 
 
 ################################################################################
@@ -600,7 +405,7 @@ def check_device_memory(needed, free, device, reserve=2 << 30):
     if needed + reserve > free:
         raise DatasetError(f"the data cache needs {needed / 2**30:.1f} GiB on {device}, which "
                            f"has {free / 2**30:.1f} GiB free ({reserve / 2**30:.0f} GiB kept for "
-                           f"training): run with --no-data-cache")
+                           f"training)")
 
 
 def cache_to_device(cache, device, reserve=2 << 30):

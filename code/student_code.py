@@ -921,8 +921,13 @@ def get_train_transforms():
 
 # define data augmentation used for validation, you can tweak things if you want
 def get_val_transforms():
+    import cv2  # for its interpolation flag
     val_transforms = []
-    val_transforms.append(transforms.Scale(128))
+    # one fixed interpolation, bilinear: Scale's default draws one of three for every
+    # image, and validation figures (-e) must not depend on a random draw. (INTER_AREA
+    # would shrink more cleanly, but the fused cache path warps with nearest, bilinear
+    # or bicubic only; MiniPlaces' own 128 x 128 images are not resized at all.)
+    val_transforms.append(transforms.Scale(128, interpolations=[cv2.INTER_LINEAR]))
     val_transforms.append(transforms.CenterCrop(128))
     val_transforms.append(transforms.ToTensor())
     val_transforms.append(transforms.Normalize(mean=[0.485, 0.456, 0.406],

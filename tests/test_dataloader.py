@@ -96,7 +96,7 @@ def test_missing_folder_and_label_file(tmp_path):
 def test_malformed_label_line_names_file_and_line(tmp_path, bad_line):
     write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
     with open(tmp_path / "train.txt", "a") as f:
-        f.write("a.png 1\n" + bad_line + "\n")
+        f.write("a.png 0\n" + bad_line + "\n")
     if bad_line == "":
         # a blank line is fine; an all-blank file is not
         assert len(MiniPlacesLoader(str(tmp_path), num_classes=2)) == 2
@@ -210,12 +210,31 @@ def test_duplicate_lines_are_warned_about_once(tmp_path, capsys):
     ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
     assert capsys.readouterr().err == ""      # no duplicates, no warning
     with open(tmp_path / "train.txt", "a") as f:
-        f.write("b.png 1\na.png 1\nb.png 1\n")   # lines 3-5 repeat images of lines 1-2
+        f.write("b.png 1\na.png 0\nb.png 1\n")   # lines 3-5 repeat images of lines 1-2
     ds = MiniPlacesLoader(str(tmp_path), num_classes=2)
     assert ds.file_list == ["a.png", "b.png", "b.png", "a.png", "b.png"]   # kept
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: ")
     assert "train.txt: 3 line(s)" in err and "line 3 repeats b.png of line 2" in err
+
+
+@pytest.mark.parametrize("label", ["²", "1²", "١"])
+def test_label_of_other_digits_than_ascii_names_file_and_line(tmp_path, label):
+    # "²".isdigit() is True but int("²") raises; int("١") reads an Arabic-Indic 1
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", label, np.zeros((4, 4, 3), np.uint8))])
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=None)
+    assert "train.txt, line 2" in msg and repr(f"b.png {label}") in msg and "0-9" in msg
+
+
+def test_same_image_with_two_labels_names_both_lines(tmp_path, capsys):
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", 1, np.zeros((4, 4, 3), np.uint8)),
+                         ("a.png", 0, None),       # the same label again: a warning
+                         ("a.png", 1, None)])      # another label: which one is right?
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=2)
+    assert "train.txt, lines 1 and 4" in msg and "a.png" in msg and "0 and 1" in msg
+    assert capsys.readouterr().err == ""     # no warning printed before the error
 
 
 class RandomNumbers(Dataset):

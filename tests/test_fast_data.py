@@ -2,10 +2,17 @@
 truncated, one-line refusals), the fused parameters (the per-image path's draws and
 ranges), the fused warp on the CPU (OpenCV) and on a device (the torch code, run here on
 the CPU) against the per-image transforms with fixed parameters, normalization, seeding."""
+import argparse
+import glob
 import json
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import cv2
 import numpy as np
@@ -14,8 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import custom_transforms as T
+import data_cache
 import fast_data as fd
+import loaders
 import student_code
+from conftest import CODE
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
 from distributed import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
@@ -191,7 +201,7 @@ def test_fused_path_supported_and_refused():
         ok, why = fd.fused_path_supported(transforms)
         assert not ok and expected in why and '\n' not in why
     with pytest.raises(fd.Unsupported):
-        fd.CachedDataset(fd.ImageCache('unused.npy', [0], ['a.jpg'], 128), cases['MyRotate'])
+        fd.CachedDataset(data_cache.ImageCache('unused.npy', [0], ['a.jpg'], 128), cases['MyRotate'])
 
 
 ################################################################################
@@ -334,48 +344,49 @@ def data_copy(demo, tmp_path):
 
 
 def test_cache_is_built_once_then_loaded(data_copy, capsys):
-    cache = fd.load_or_build_cache(data_copy, 'train')
+    cache = data_cache.load_or_build_cache(data_copy, 'train')
     out = capsys.readouterr().out
     assert 'decoding the 24 images of train once' in out
-    path, meta_path = fd.cache_paths(data_copy, 'train')
+    path, meta_path = data_cache.cache_paths(data_copy, 'train')
     assert cache.path == path and os.path.isfile(meta_path)
-    assert sorted(os.listdir(os.path.dirname(path))) == ['train_128.json', 'train_128.npy']
+    assert sorted(os.listdir(os.path.dirname(path))) == [data_cache.LOCK_NAME, 'train_128.json',
+                                                         'train_128.npy']
     loader = MiniPlacesLoader(data_copy, 'train', num_classes=None)
     assert cache.images.shape == (24, 128, 128, 3) and cache.images.dtype == np.uint8
     assert list(cache.labels) == loader.label_list and cache.file_list == loader.file_list
     for i in (0, 23):                                 # what the validation geometry gives
         decoded = load_image(os.path.join(loader.img_folder, loader.file_list[i]))
-        np.testing.assert_array_equal(cache.images[i], fd.cache_image(decoded))
+        np.testing.assert_array_equal(cache.images[i], data_cache.cache_image(decoded))
     with open(meta_path) as f:
         assert json.load(f)['labels'] == loader.label_list
     mtime = os.stat(path).st_mtime_ns
-    again = fd.load_or_build_cache(data_copy, 'train')
+    again = data_cache.load_or_build_cache(data_copy, 'train')
     captured = capsys.readouterr()
     assert captured.out == '' and captured.err == '' and os.stat(path).st_mtime_ns == mtime
     np.testing.assert_array_equal(again.images, cache.images)
     # at the images' own size, the cache holds them exactly as decoded
-    small = fd.load_or_build_cache(data_copy, 'val', size=48)
+    small = data_cache.load_or_build_cache(data_copy, 'val', size=48)
     decoded = load_image(os.path.join(data_copy, 'images', small.file_list[5]))
     np.testing.assert_array_equal(small.images[5], decoded)
 
 
 def rebuild_reason(data_copy, capsys):
-    fd.load_or_build_cache(data_copy, 'train')
+    data_cache.load_or_build_cache(data_copy, 'train')
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'rebuilding it' in err
     return err
 
 
 def test_stale_foreign_truncated_caches_are_rebuilt(data_copy, tmp_path, capsys):
-    first = fd.load_or_build_cache(data_copy, 'train')
-    path, meta_path = fd.cache_paths(data_copy, 'train')
+    first = data_cache.load_or_build_cache(data_copy, 'train')
+    path, meta_path = data_cache.cache_paths(data_copy, 'train')
     capsys.readouterr()
 
     # an image rewritten: the new pixels end up in the cache
     target = os.path.join(data_copy, 'images', first.file_list[3])
     cv2.imwrite(target, np.zeros((48, 48, 3), np.uint8))
     assert 'images changed' in rebuild_reason(data_copy, capsys)
-    assert fd.load_or_build_cache(data_copy, 'train').images[3].max() <= 2
+    assert data_cache.load_or_build_cache(data_copy, 'train').images[3].max() <= 2
 
     # the label file edited: one image fewer
     label_file = os.path.join(data_copy, 'train.txt')
@@ -384,7 +395,7 @@ def test_stale_foreign_truncated_caches_are_rebuilt(data_copy, tmp_path, capsys)
     with open(label_file, 'w') as f:
         f.write('\n'.join(lines[1:]) + '\n')
     assert 'label file changed' in rebuild_reason(data_copy, capsys)
-    assert len(fd.load_or_build_cache(data_copy, 'train')) == 23
+    assert len(data_cache.load_or_build_cache(data_copy, 'train')) == 23
 
     # truncated (a full disk, a killed copy)
     with open(path, 'r+b') as f:
@@ -402,12 +413,12 @@ def test_stale_foreign_truncated_caches_are_rebuilt(data_copy, tmp_path, capsys)
     other = str(tmp_path / 'other')
     make_demo_dataset(other, num_classes=2, train_per_class=23, val_per_class=1, size=48,
                       seed=9)
-    fd.load_or_build_cache(other, 'train')
-    for src, dst in zip(fd.cache_paths(other, 'train'), (path, meta_path)):
+    data_cache.load_or_build_cache(other, 'train')
+    for src, dst in zip(data_cache.cache_paths(other, 'train'), (path, meta_path)):
         shutil.copy2(src, dst)
     capsys.readouterr()
     assert 'label file changed' in rebuild_reason(data_copy, capsys)
-    rebuilt = fd.load_or_build_cache(data_copy, 'train')
+    rebuilt = data_cache.load_or_build_cache(data_copy, 'train')
     assert list(rebuilt.labels) == MiniPlacesLoader(data_copy, 'train', num_classes=None).label_list
 
 
@@ -416,20 +427,20 @@ def test_cache_refusals_are_one_line(data_copy, monkeypatch):
     with open(os.path.join(data_copy, 'cache'), 'w') as f:
         f.write('in the way')
     with pytest.raises(DatasetError, match='cannot create the data cache folder') as info:
-        fd.load_or_build_cache(data_copy, 'train')
+        data_cache.load_or_build_cache(data_copy, 'train')
     assert '\n' not in str(info.value) and '--no-data-cache' in str(info.value)
     os.remove(os.path.join(data_copy, 'cache'))
 
     # not enough disk space
-    monkeypatch.setattr(fd.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(1, 0, 1))
+    monkeypatch.setattr(data_cache.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(1, 0, 1))
     with pytest.raises(DatasetError, match=r'needs 0\.00 GB .* 0\.00 GB free') as info:
-        fd.load_or_build_cache(data_copy, 'train')
+        data_cache.load_or_build_cache(data_copy, 'train')
     assert '\n' not in str(info.value) and '--no-data-cache' in str(info.value)
     monkeypatch.undo()
 
     # not enough device memory
     with pytest.raises(DatasetError, match=r'needs 4\.6 GiB on cuda:0, which has 3\.0 GiB '
-                                           r'free .*--no-data-cache$'):
+                                           r'free \(2 GiB kept for training\)$'):
         fd.check_device_memory(100000 * 128 * 128 * 3, 3 << 30, 'cuda:0')
 
 
@@ -438,8 +449,228 @@ def test_a_corrupt_image_leaves_no_cache_behind(data_copy):
     with open(os.path.join(loader.img_folder, loader.file_list[10]), 'r+b') as f:
         f.truncate(200)
     with pytest.raises(DatasetError, match='truncated'):
-        fd.load_or_build_cache(data_copy, 'train')
-    assert os.listdir(os.path.join(data_copy, 'cache')) == []
+        data_cache.load_or_build_cache(data_copy, 'train')
+    assert os.listdir(os.path.join(data_copy, 'cache')) == [data_cache.LOCK_NAME]
+
+
+def same_size_edit(path, pixels):
+    """Rewrite the JPEG `path` in place (same inode) with other pixels, padded with zeros
+    to its old size (the loader allows padding after the end marker), then put its
+    access and modification times back: only the inode's ctime tells."""
+    before = os.stat(path)
+    ok, encoded = cv2.imencode('.jpg', pixels)
+    assert ok and len(encoded) < before.st_size
+    with open(path, 'r+b') as f:
+        f.write(encoded.tobytes() + b'\0' * (before.st_size - len(encoded)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == \
+        (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def test_an_edit_that_puts_the_mtime_back_is_seen(data_copy, tmp_path, capsys):
+    first = data_cache.load_or_build_cache(data_copy, 'train')
+    assert first.images[3].max() > 100
+    capsys.readouterr()
+    # edited in place, size and modification time as before
+    same_size_edit(os.path.join(data_copy, 'images', first.file_list[3]),
+                   np.zeros((48, 48, 3), np.uint8))
+    assert 'images changed' in rebuild_reason(data_copy, capsys)
+    assert data_cache.load_or_build_cache(data_copy, 'train').images[3].max() <= 2
+    # replaced by another file (a copy renamed over it) with the same size and times
+    target = os.path.join(data_copy, 'images', first.file_list[5])
+    st = os.stat(target)
+    with open(target, 'rb') as f:
+        raw = f.read()
+    ok, white = cv2.imencode('.jpg', np.full((48, 48, 3), 255, np.uint8))
+    with open(str(tmp_path / 'new.jpg'), 'wb') as f:
+        f.write(white.tobytes() + b'\0' * (len(raw) - len(white)))
+    os.utime(str(tmp_path / 'new.jpg'), ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(str(tmp_path / 'new.jpg'), target)
+    capsys.readouterr()
+    assert 'images changed' in rebuild_reason(data_copy, capsys)
+    assert data_cache.load_or_build_cache(data_copy, 'train').images[5].min() >= 253
+
+
+@pytest.mark.parametrize('content', ['null', '[]', '3', '"fingerprint"'])
+def test_a_fingerprint_that_is_no_json_object_is_damaged(data_copy, capsys, content):
+    data_cache.load_or_build_cache(data_copy, 'train')
+    with open(data_cache.cache_paths(data_copy, 'train')[1], 'w') as f:
+        f.write(content)
+    capsys.readouterr()
+    assert 'damaged (not a JSON object)' in rebuild_reason(data_copy, capsys)
+    data_cache.load_or_build_cache(data_copy, 'train')
+    assert capsys.readouterr().err == ''               # rebuilt: fresh again
+
+
+def cpu_args(data_folder, rebuild_cache=False):
+    return argparse.Namespace(data_folder=data_folder, workers=0, channels_last=False,
+                              data_cache=True, rebuild_cache=rebuild_cache)
+
+
+def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
+    import main as driver
+    assert driver.parser.parse_args([data_copy]).rebuild_cache is False
+    assert driver.parser.parse_args([data_copy, '--rebuild-cache']).rebuild_cache is True
+    path = data_cache.cache_paths(data_copy, 'val')[0]
+
+    def val_loader(**flags):
+        return loaders.cached_loader(cpu_args(data_copy, **flags), torch.device('cpu'), 'val',
+                                     student_code.get_val_transforms(), batch_size=4)
+
+    val_loader()
+    built = os.stat(path).st_ino, os.stat(path).st_ctime_ns
+    capsys.readouterr()
+    val_loader()                                       # fresh: read as it is
+    assert capsys.readouterr().out == ''
+    assert (os.stat(path).st_ino, os.stat(path).st_ctime_ns) == built
+    val_loader(rebuild_cache=True)                     # fresh, but asked for
+    captured = capsys.readouterr()
+    assert 'decoding the 12 images of val once' in captured.out and captured.err == ''
+    assert (os.stat(path).st_ino, os.stat(path).st_ctime_ns) != built
+
+
+# a build that takes about 5 s (0.2 s per image of the 24 of the train split), in a process
+# of its own: argv data folder, "build" or "rebuild"
+SLOW_BUILD = """
+import sys, time
+import data_cache
+decode = data_cache.cache_image
+def slow(img, size):
+    time.sleep(0.2)
+    return decode(img, size=size)
+data_cache.cache_image = slow
+data_cache.load_or_build_cache(sys.argv[1], 'train', rebuild=sys.argv[2] == 'rebuild')
+"""
+
+
+def start_slow_build(data_folder, how='build'):
+    """The slow build's process, returned once it writes its temporary file (it then
+    holds the lock until its end)."""
+    proc = subprocess.Popen([sys.executable, '-c', SLOW_BUILD, data_folder, how], cwd=CODE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pattern = os.path.join(data_folder, 'cache', f'*.tmp-{proc.pid}')
+    deadline = time.time() + 120
+    while not glob.glob(pattern):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f'the slow build did not start: {proc.communicate()[0]}')
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_build_waits_for_the_first_then_reads_its_cache(data_copy, capsys):
+    builder = start_slow_build(data_copy)
+    try:
+        cache = data_cache.load_or_build_cache(data_copy, 'train')   # waits for the lock
+    finally:
+        out, _ = builder.communicate(timeout=120)
+    assert builder.returncode == 0 and 'decoding the 24 images' in out, out
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'=> waiting for pid {builder.pid} on ')
+    assert 'building the data cache' in lines[0] and captured.err == ''   # not rebuilt
+    loader = MiniPlacesLoader(data_copy, 'train', num_classes=None)
+    decoded = load_image(os.path.join(loader.img_folder, loader.file_list[7]))
+    np.testing.assert_array_equal(cache.images[7], data_cache.cache_image(decoded))
+
+
+def leftovers(folder):
+    return glob.glob(os.path.join(folder, '*.tmp-*'))
+
+
+def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, capsys):
+    folder = os.path.join(data_copy, 'cache')
+    # killed while building a missing cache: the next start removes it, then builds
+    proc = start_slow_build(data_copy)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (leftover,) = leftovers(folder)
+    assert os.path.getsize(leftover) == 24 * 128 * 128 * 3 + 128      # reserved up front
+    data_cache.load_or_build_cache(data_copy, 'train')                         # the lock is free
+    out = capsys.readouterr().out
+    assert f'removed {leftover}' in out and 'decoding the 24 images' in out
+    assert leftovers(folder) == []
+    # killed while rebuilding a fresh cache (--rebuild-cache): the cache stays in use, and
+    # the next start removes the leftover without rebuilding
+    proc = start_slow_build(data_copy, 'rebuild')
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (leftover,) = leftovers(folder)
+    data_cache.load_or_build_cache(data_copy, 'train')
+    captured = capsys.readouterr()
+    assert f'removed {leftover}' in captured.out and 'decoding' not in captured.out
+    assert captured.err == '' and leftovers(folder) == []
+
+
+# the driver's choice for a data folder it cannot write, printed as JSON; argv: the data
+# folder, "rebuild" for --rebuild-cache. Root writes into a chmod a-w folder anyway: it
+# becomes the user nobody, after the imports and a first pass over the checks (which
+# import modules lazily, from files only root may read; they only read the folder).
+SETTLE = """
+import argparse, json, os, sys
+import loaders
+for split in ('train', 'val'):
+    loaders.MiniPlacesLoader(sys.argv[1], split, num_classes=None)
+    loaders.np.load(loaders.data_cache.cache_paths(sys.argv[1], split)[0], mmap_mode='r')
+if os.geteuid() == 0:
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    except PermissionError:            # a container without the right to change users
+        print(json.dumps('root only'))
+        sys.exit(0)
+args = argparse.Namespace(data_folder=sys.argv[1], workers=0, data_cache=True,
+                          rebuild_cache=sys.argv[2] == 'rebuild')
+loaders.settle_data_cache(args, with_train=True)
+if args.data_cache:
+    loaders.data_cache.load_or_build_cache(sys.argv[1], 'val')   # reads, writes nothing
+print(json.dumps(args.data_cache))
+"""
+
+
+def settle_read_only(data_folder, how='-'):
+    """(args.data_cache, stdout) of settle_data_cache in a process that cannot write
+    data_folder (chmod a-w; see SETTLE)."""
+    proc = subprocess.run([sys.executable, '-c', SETTLE, data_folder, how], cwd=CODE,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    *lines, last = proc.stdout.splitlines()
+    if json.loads(last) == 'root only':
+        pytest.skip('root writes into read-only folders, and cannot become another user here')
+    return json.loads(last), '\n'.join(lines)
+
+
+def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
+    # a folder of its own that the user nobody can reach (pytest's are private to root)
+    top = tempfile.mkdtemp(prefix='read_only_')
+    data_folder = os.path.join(top, 'data')
+    cache_folder = os.path.join(data_folder, 'cache')
+    try:
+        os.chmod(top, 0o755)
+        shutil.copytree(demo, data_folder, ignore=shutil.ignore_patterns('cache'))
+        for split in ('train', 'val'):
+            data_cache.load_or_build_cache(data_folder, split)
+        for folder in (cache_folder, data_folder):
+            os.chmod(folder, 0o555)
+        # fresh: used as it is, nothing written
+        assert settle_read_only(data_folder) == (True, '')
+        # stale (an image touched): the per-image path, with a note saying why
+        loader = MiniPlacesLoader(data_folder, 'train', num_classes=None)
+        os.utime(os.path.join(loader.img_folder, loader.file_list[0]))
+        used, out = settle_read_only(data_folder)
+        assert used is False and out.count('\n') == 0, out
+        assert out.startswith('note: --data-cache: ') and 'is read-only and its cache of '\
+            'train is stale (images changed' in out and out.endswith('using the per-image path')
+        # --rebuild-cache cannot be done there either
+        used, out = settle_read_only(data_folder, 'rebuild')
+        assert used is False and '--rebuild-cache cannot rebuild' in out
+    finally:
+        for folder in (data_folder, cache_folder):
+            if os.path.isdir(folder):
+                os.chmod(folder, 0o755)
+        shutil.rmtree(top)
 
 
 ################################################################################
@@ -447,7 +678,7 @@ def test_a_corrupt_image_leaves_no_cache_behind(data_copy):
 ################################################################################
 @pytest.fixture
 def cache(data_copy):
-    return fd.load_or_build_cache(data_copy, 'train')
+    return data_cache.load_or_build_cache(data_copy, 'train')
 
 
 def test_cached_dataset_train_and_val(cache):
@@ -463,6 +694,24 @@ def test_cached_dataset_train_and_val(cache):
     per_image = student_code.get_val_transforms()(np.array(cache.images[5]))
     torch.testing.assert_close(fd.normalize_on_device(img[None], *val.normalization)[0],
                                per_image)
+
+
+def test_val_transforms_on_the_fused_path_give_the_per_image_result():
+    """get_val_transforms()'s fixed (bilinear) Scale is accepted by the fused path, which
+    only normalizes the cached image; for images of 128 px or smaller the cache holds
+    exactly what the per-image validation path computes (larger ones are shrunk with
+    INTER_AREA in the cache: cache_image)."""
+    val = student_code.get_val_transforms()
+    assert fd.fused_path_supported(val)[0]
+    plan, normalization = fd.plan_for_cache(val, data_cache.ImageCache('unused', [0], ['a'], 128))
+    assert plan is None and normalization == (MEAN, STD)
+    for shape in [(128, 128), (48, 48), (60, 40), (100, 128)]:
+        img = np.random.default_rng(1).integers(0, 256, shape + (3,), dtype=np.uint8)
+        cached = torch.from_numpy(data_cache.cache_image(img)).permute(2, 0, 1)
+        for seed in range(4):                      # whatever Python's random holds
+            random.seed(seed)
+            torch.testing.assert_close(fd.normalize_on_device(cached[None], *normalization)[0],
+                                       val(img))
 
 
 def batches(dataset, seed, workers):

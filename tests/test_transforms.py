@@ -228,6 +228,20 @@ def test_handout_pipelines_shape_range_and_determinism(make):
         assert a.min() >= (0 - 0.485) / 0.229 - 1e-5 and a.max() <= (1 - 0.406) / 0.225 + 1e-5
 
 
+@pytest.mark.parametrize("shape", [(128, 171), (300, 200), (60, 40)])
+def test_val_pipeline_is_deterministic_on_images_that_are_resized(shape):
+    # no random.seed in between: the same image must give the same tensor every time
+    t = student_code.get_val_transforms()
+    random.seed(0)
+    outs = [t(rgb(*shape)) for _ in range(8)]
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    # ... and it is the bilinear one
+    scale = t.transforms[0]
+    assert type(scale) is T.Scale and scale.interpolations == (cv2.INTER_LINEAR,)
+    expected = T.Compose(t.transforms[1:])(scale.apply(rgb(*shape), cv2.INTER_LINEAR))
+    assert torch.equal(outs[0], expected)
+
+
 def test_train_pipeline_is_random_across_seeds():
     t = student_code.get_train_transforms()
     outs = []
