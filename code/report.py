@@ -16,10 +16,17 @@ ones TensorBoard shows, and RUN/summary.json. It writes into --out:
 The x axes are in epochs. Values logged every few iterations (training loss,
 learning rate) sit at (step + 1) / iters_per_epoch, the epochs of training done
 when they were logged; values logged once per epoch sit at the end of their
-epoch, so "epoch 3" means "after 3 epochs" on every curve.
+epoch, so "epoch 3" means "after 3 epochs" on every curve. A run that diverged (its
+summary's status) is marked so in the legend, and the loss axis keeps to the runs
+that did not: a loss of 1e34 would flatten every other curve.
+
+The one thing it writes into a run folder: a run whose summary says 'running' but
+whose lock no process holds was killed (kill -9); it is marked 'interrupted', as the
+next main.py in its --log-dir would (run_folder.close_dead_run).
 """
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -33,6 +40,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
+import run_folder  # noqa: E402
 import run_record as rr  # noqa: E402
 
 # tags main.py logs every print-freq iterations (step = global iteration);
@@ -120,14 +128,32 @@ def read_scalars(run_dir):
 
 def read_summary(run_dir):
     """run_record.read_summary; a summary of an unknown schema version stops the report
-    (one line), an unreadable one is skipped with a note."""
+    (one line); a damaged one (not JSON, or JSON that is no run summary: `[]`, `null`) or
+    an unreadable one is skipped with a note."""
     try:
         return rr.read_summary(run_dir)
     except rr.SchemaError as e:
-        raise SystemExit(f'report.py: {e}')
+        if not is_damaged(run_dir):  # a summary of a newer layout: its figures would be misread
+            raise SystemExit(f'report.py: {e}')
+        note(f'{e}; using the event files only')
     except (OSError, ValueError) as e:
         note(f'cannot read {rr.summary_path(run_dir)} ({e}); using the event files only')
-        return {}
+    return {}
+
+
+def is_damaged(run_dir):
+    """summary.json holds JSON of another type than an object: a damaged file."""
+    with open(rr.summary_path(run_dir)) as f:
+        return not isinstance(json.load(f), dict)
+
+
+def close_dead_runs(run_dirs):
+    """A run that a kill ended while running still says 'running': mark it interrupted
+    (run_folder.close_dead_run), so that its status tells the truth from now on."""
+    for run_dir in run_dirs:
+        removed = run_folder.close_dead_run(run_dir)
+        if removed is not None:
+            note(run_folder.closed_note(run_dir, removed))
 
 
 def summary_epochs(summary):
@@ -168,8 +194,10 @@ def iters_per_epoch(run):
     return math.ceil((last_iter + 1) / last_epoch)
 
 
-def load_run(run_dir, label):
-    run = {'dir': run_dir, 'label': label, 'summary': read_summary(run_dir)}
+def load_run(run_dir, label, summary=None):
+    """One run's curves and summary (read here unless given); None for an empty folder."""
+    summary = read_summary(run_dir) if summary is None else summary
+    run = {'dir': run_dir, 'label': label, 'summary': summary}
     run['series'] = read_scalars(run_dir)
     if not run['series'] and not run['summary']:
         note(f'{run_dir} has no event files and no summary.json; skipped')
@@ -186,7 +214,7 @@ def load_run(run_dir, label):
             note(f'{run_dir} has {where}; {what}')
     run['ipe'] = iters_per_epoch(run)
     done, planned = len(run_records(run)), run['summary'].get('epochs_planned')
-    if status in (rr.RUNNING, rr.STOPPED, rr.INTERRUPTED, rr.DIVERGED) or (
+    if status in (rr.RUNNING, rr.STOPPED, rr.INTERRUPTED, rr.DIVERGED, rr.FAILED) or (
             status is None and planned and done < planned):
         note(f'{run_dir} is unfinished ({done} of {planned or "?"} epochs); plotting what exists')
     return run
@@ -205,15 +233,41 @@ def epoch_means(xs, ys):
     return sorted(bins), [sum(bins[k]) / len(bins[k]) for k in sorted(bins)]
 
 
+def diverged(run):
+    return run['summary'].get('status') == rr.DIVERGED
+
+
+def legend_label(run):
+    return run['label'] + (' (diverged)' if diverged(run) else '')
+
+
+def sane_loss_range(plotted):
+    """(low, high) of the losses worth an axis, from [(run, values)]: the finite values of
+    the runs that did not diverge; where every run diverged, their values up to 10 times
+    their first loss (before they exploded). None when nothing is cut."""
+    finite = [(run, [v for v in values if math.isfinite(v)]) for run, values in plotted]
+    every = [v for _, values in finite for v in values]
+    sane = [v for run, values in finite if not diverged(run) for v in values]
+    if not sane:
+        sane = [v for _, values in finite if values for v in values
+                if v <= 10 * abs(values[0])]
+    if not sane or (min(sane), max(sane)) == (min(every), max(every)):
+        return None
+    return min(sane), max(sane)
+
+
 def draw(ax, runs, curve):
-    """One curve of every run on one axis: colour = run, line style = split."""
-    splits = set()
+    """One curve of every run on one axis: colour = run, line style = split. The loss
+    axis keeps to the runs that did not diverge (sane_loss_range): one diverged run's 1e34
+    would flatten every other curve to a line at 0; its own curve leaves the axis."""
+    splits, plotted = set(), []
     for run in runs:
         for (tag, split), points in sorted(run['series'].items()):
             if CURVE_OF.get(tag) != curve or not points:
                 continue
             xs = [epoch_of(run, tag, step) for step, _ in points]
             ys = [value for _, value in points]
+            plotted.append((run, ys))
             style = dict(color=run['color'], linestyle=SPLIT_STYLE.get(split, '-'),
                          gid=run['label'])  # whose line it is, for the tests
             ex, ey = epoch_means(xs, ys)
@@ -228,6 +282,11 @@ def draw(ax, runs, curve):
             splits.add(split)
     title, ylabel = CURVES[curve]
     ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+    limits = sane_loss_range(plotted) if curve == 'loss' else None
+    if limits is not None:
+        low, high = limits
+        margin = 0.05 * (high - low) or 0.05 * abs(high) or 1.0  # matplotlib's own margin
+        ax.set_ylim(low - margin, high + margin)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.grid(alpha=0.3)
     if not splits:
@@ -237,7 +296,7 @@ def draw(ax, runs, curve):
 
 def legend_handles(runs, splits):
     handles = [Line2D([], [], color=run['color'], marker=run['marker'], markersize=3.5,
-                      label=run['label']) for run in runs]
+                      label=legend_label(run)) for run in runs]
     if len(splits - {''}) > 0:
         handles += [Line2D([], [], color='gray', linestyle=SPLIT_STYLE.get(s, '-'), label=s)
                     for s in sorted(splits - {''})]
@@ -431,9 +490,11 @@ def attack_markdown(runs):
 
 
 # ----------------------------------------------------------------------------- main
-def default_labels(run_dirs):
+def default_labels(run_dirs, summaries=None):
     """summary.json's run name, or the folder name; folder names where names repeat."""
-    names = [read_summary(d).get('name') or os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    summaries = summaries or [read_summary(d) for d in run_dirs]
+    names = [s.get('name') or os.path.basename(os.path.normpath(d))
+             for s, d in zip(summaries, run_dirs)]
     return [n if names.count(n) == 1 else os.path.basename(os.path.normpath(d))
             for n, d in zip(names, run_dirs)]
 
@@ -449,11 +510,13 @@ def main(argv=None):
         raise SystemExit('report.py: no run given: '
                          'python code/report.py RUN [RUN ...] --out results/NAME')
     run_dirs = find_runs(args.runs)
-    labels = args.labels or default_labels(run_dirs)
+    close_dead_runs(run_dirs)
+    summaries = [read_summary(d) for d in run_dirs]  # once: a damaged one gets one note
+    labels = args.labels or default_labels(run_dirs, summaries)
     if len(labels) != len(run_dirs):
         raise SystemExit(f'report.py: {len(labels)} labels for {len(run_dirs)} runs '
                          f'({", ".join(run_dirs)})')
-    runs = [run for run in map(load_run, run_dirs, labels) if run is not None]
+    runs = [run for run in map(load_run, run_dirs, labels, summaries) if run is not None]
     if not runs:
         raise SystemExit('report.py: nothing to report: no event files or summary.json in '
                          + ', '.join(run_dirs))

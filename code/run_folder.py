@@ -8,16 +8,18 @@ checkpoint.pth.tar is the commit point of an epoch (commit_epoch). It holds ever
 written first; model_best.pth.tar and summary.json are derived from it, written after
 it, and rewritten from it when the run is resumed (restore_run_files).
 """
+import contextlib
 import datetime
 import json
 import math
 import os
 import pickle
+import secrets
 import socket
-import tempfile
 
 import torch
 
+import distributed
 import run_record as rr
 from distributed import is_main
 from utils import CheckpointError, RunFolderError
@@ -32,7 +34,8 @@ except ImportError:
 # Folders, atomic files, locks
 ################################################################################
 def make_run_dir(log_dir, name=None):
-    """Create LOGDIR/exp_<timestamp>[_<name>]; never reuse an existing folder."""
+    """Create LOGDIR/exp_<timestamp>[_<name>]; never reuse an existing folder. The runs
+    of LOGDIR that a kill ended while running are marked as such (close_dead_runs)."""
     stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
     base = os.path.join(log_dir, 'exp_' + stamp + ('_' + name if name else ''))
     try:
@@ -41,9 +44,10 @@ def make_run_dir(log_dir, name=None):
             path = base if n == 0 else f'{base}-{n}'
             try:
                 os.makedirs(path)  # fails if it exists: runs are never overwritten
-                return path
             except FileExistsError:
                 continue
+            print_closed(close_dead_runs(log_dir, skip=path))
+            return path
     except OSError as exc:  # a file in the way, no permission, read-only disk ...
         raise RunFolderError(f"--log-dir {log_dir}: cannot create a run folder there "
                              f"({exc.strerror or exc})")
@@ -51,6 +55,20 @@ def make_run_dir(log_dir, name=None):
 
 
 TMP_PREFIX = '.tmp_'
+
+
+def _new_temp_file(folder, name):
+    """Create TMP_PREFIX<random><name> in `folder`, open for writing: (fd, path). Its mode
+    is what open() gives a new file, 0o666 less the process's umask (as the event files
+    get), so that a group may read summary.json and the checkpoints where the umask lets
+    it; tempfile.mkstemp would make it 0o600, for its owner alone, and the rename keeps that."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        path = os.path.join(folder, TMP_PREFIX + secrets.token_hex(4) + name)
+        try:
+            return os.open(path, flags, 0o666), path  # the OS takes the umask off
+        except FileExistsError:  # a name drawn twice: draw another
+            continue
 
 
 def _atomic_write(path, write_fn, binary):
@@ -61,7 +79,7 @@ def _atomic_write(path, write_fn, binary):
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+        fd, tmp = _new_temp_file(folder, os.path.basename(path))
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
             write_fn(f)
             f.flush()
@@ -179,6 +197,96 @@ def add_result(run_dir, key, result):
 
 
 ################################################################################
+# How a run ended, when it could not write it itself
+################################################################################
+def end_running(run_dir, status):
+    """Set the status of a summary.json that still says 'running' to `status`; True if
+    it did. The caller holds the summary lock."""
+    try:
+        summary = rr.read_summary(run_dir)
+    except (OSError, ValueError):  # damaged, or of a newer layout: leave it as it is
+        return False
+    if summary.get('status') != rr.RUNNING:
+        return False
+    summary['status'] = status
+    write_json_atomic(rr.summary_path(run_dir), summary)
+    return True
+
+
+@contextlib.contextmanager
+def status_on_error(run_dir):
+    """Held with the run lock while a training run runs: an exception that ends the run
+    while its summary still says 'running' (an error in student_code.py, a lost torchrun
+    process, an unreadable image mid-epoch) leaves 'failed' there, and Ctrl-C leaves
+    'interrupted'. train() writes 'diverged' and 'interrupted' itself; those stay."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:
+        if distributed.lost_process(exc):
+            distributed.ignore_sigterm()  # torchrun's stop must not cut the write short
+        status = rr.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else rr.FAILED
+        try:
+            with summary_lock(run_dir):
+                end_running(run_dir, status)
+        except (RunFolderError, OSError):
+            pass  # a full disk, say: the error that ended the run says more
+        raise
+
+
+def close_dead_run(run_dir):
+    """A run that a kill ended while running (kill -9, the out-of-memory killer, a machine
+    that went down) could not say so: its summary says 'running', but no process holds its
+    run lock. Such a run gets status 'interrupted' and loses its temporary files; returns
+    the names of those, or None for any other folder. Cheap: only a summary that says
+    'running' is looked at further."""
+    try:
+        if rr.read_summary(run_dir).get('status') != rr.RUNNING:
+            return None
+        with open(run_lock(run_dir).path) as f:  # "pid N on HOST" of its last holder
+            holder = f.read(200).strip()
+    except (OSError, ValueError):  # no lock file: not a training run's folder
+        return None
+    if holder and not holder.endswith(' on ' + socket.gethostname()):
+        return None  # a run of another machine (a shared disk): it may be alive there
+    try:
+        with run_lock(run_dir), summary_lock(run_dir):  # free: no process trains in it
+            if not end_running(run_dir, rr.INTERRUPTED):
+                return None
+            return remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir,
+                                                                               rr.MODELS))
+    except (RunFolderError, OSError):  # alive after all, or a folder we may not write
+        return None
+
+
+def close_dead_runs(log_dir, skip=None):
+    """close_dead_run for every folder of log_dir but `skip`: [(run folder, removed)]."""
+    try:
+        names = sorted(os.listdir(log_dir))
+    except OSError:
+        return []
+    closed = []
+    for name in names:
+        run_dir = os.path.join(log_dir, name)
+        if skip is None or os.path.abspath(run_dir) != os.path.abspath(skip):
+            removed = close_dead_run(run_dir)
+            if removed is not None:
+                closed.append((run_dir, removed))
+    return closed
+
+
+def closed_note(run_dir, removed):
+    """What close_dead_run did to a run, in words (main.py and report.py say it)."""
+    return (f'{run_dir} was killed while running (no process holds its lock): status set '
+            f'to interrupted' + (f', {len(removed)} temporary file(s) removed' if removed
+                                 else ''))
+
+
+def print_closed(closed):
+    for run_dir, removed in closed:
+        print(f'note: {closed_note(run_dir, removed)}')
+
+
+################################################################################
 # Checkpoint files
 ################################################################################
 def save_checkpoint(state, run_dir):
@@ -210,12 +318,36 @@ def load_checkpoint(path):
                               f"checkpoint?): {reason[:200]}")
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
-    key = first_non_finite(ckpt['state_dict'])
-    if key is not None:
-        raise CheckpointError(f"'{path}' holds non-finite weights (NaN or inf) in '{key}': "
+    bad = non_finite_part(ckpt)
+    if bad is not None:
+        what, key = bad
+        raise CheckpointError(f"'{path}' holds non-finite {what} (NaN or inf) in '{key}': "
                               f"the run diverged before it was saved; use an earlier "
                               f"checkpoint or train again with a lower --lr")
     return ckpt
+
+
+# the parts of a checkpoint that a resumed run trains on or writes out again (the best
+# weights become model_best.pth.tar), with their names in messages
+CHECKED_PARTS = (('state_dict', 'weights'), ('best_state_dict', 'best weights'),
+                 ('optimizer', 'optimizer state'))
+
+
+def non_finite_part(ckpt):
+    """(what, key) of the first tensor holding NaN or inf in the checkpoint's weights, best
+    weights or optimizer state (momentum buffers, Adam's moments), or None. Checked before
+    anything is written from the checkpoint: a NaN there would reach model_best.pth.tar."""
+    for part, what in CHECKED_PARTS:
+        tensors = ckpt.get(part)
+        if part == 'optimizer' and isinstance(tensors, dict):
+            # {'state': {parameter index: {'momentum_buffer': tensor, ...}}, 'param_groups': ..}
+            tensors = {f'state.{index}.{name}': value
+                       for index, state in (tensors.get('state') or {}).items()
+                       if isinstance(state, dict) for name, value in state.items()}
+        key = first_non_finite(tensors) if isinstance(tensors, dict) else None
+        if key is not None:
+            return what, key
+    return None
 
 
 def first_non_finite(state_dict):
@@ -246,13 +378,18 @@ def open_run_folder(args, ckpt, hold):
     """The run folder, locked for as long as `hold` (an ExitStack's enter_context) keeps
     the lock, or None in processes other than rank 0. A resumed run continues the
     checkpoint's own folder; a new run, or a checkpoint copied out of its folder, gets a
-    new one. Temporary files of a killed writer are removed."""
+    new one. Temporary files of a killed writer are removed, and the runs beside it that
+    a kill ended are marked so (close_dead_runs; a new folder's make_run_dir does that)."""
     if not is_main():
         return None
     run_dir = run_dir_of_checkpoint(args.resume) if ckpt is not None else None
-    if run_dir is None:
+    resumed = run_dir is not None
+    if not resumed:
         run_dir = make_run_dir(args.log_dir, args.name)
     lock = hold(run_lock(run_dir))
+    hold(status_on_error(run_dir))  # entered after the lock: leaves while it is still held
+    if resumed:
+        print_closed(close_dead_runs(os.path.dirname(run_dir), skip=run_dir))
     if lock.previous_holder:
         print(f'note: took over the lock of {run_dir} from {lock.previous_holder}, which '
               f'is no longer running')

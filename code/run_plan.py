@@ -8,10 +8,12 @@ flag given with another value is refused, except a larger --epochs, which extend
 that change the numbers from the checkpoint (adopt_evaluation_plan).
 """
 import argparse
+import math
 import os
 import random
 
 import run_record as rr
+from distributed import check_global_batch, launch_size
 from networks import ARCHS, check_arch
 from student_code import cnn_models, vit_models, default_cnn_model, default_vit_model
 from run_folder import run_dir_of_checkpoint
@@ -89,16 +91,26 @@ def check_args(args, given):
                              ('--stop-after', args.stop_after, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (('--attack-eps', args.attack_eps), ('--attack-step-size',
-                        args.attack_step_size), ('--adv-eps', args.adv_eps),
-                        ('--lr', args.lr), ('--wd', args.weight_decay),
-                        ('--clip-grad', args.clip_grad)):
-        if value is not None and not value >= 0:  # `not >=` also rejects NaN
+    for flag, value in (('--lr', args.lr), ('--momentum', args.momentum),
+                        ('--wd', args.weight_decay), ('--clip-grad', args.clip_grad),
+                        ('--attack-eps', args.attack_eps),
+                        ('--attack-step-size', args.attack_step_size),
+                        ('--adv-eps', args.adv_eps), ('--adv-ratio', args.adv_ratio)):
+        # argparse's float() takes 'nan' and 'inf': a run would fail on them much later
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if value is not None and value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
+    if not args.momentum < 1:  # at 1 a step never forgets a gradient: the run drifts off
+        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
         raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
     if args.adv_train and not 0 < args.adv_ratio <= 1:
         raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
+    if not (args.evaluate or args.attack) and (not args.resume or 'batch_size' in given):
+        # under torchrun: refused by every process before any loads anything (a resumed
+        # run's batch comes from its checkpoint: distributed.per_process_batch checks it)
+        check_global_batch(args.batch_size, launch_size())
 
 
 def settle_new_run(args, given):

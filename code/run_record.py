@@ -35,9 +35,12 @@ TAG_EPOCH_TIME = 'perf/epoch_time_s'       # per epoch
 TAG_PEAK_MEMORY = 'perf/peak_memory_mb'    # per epoch
 ITERATION_TAGS = (TAG_TRAIN_LOSS, TAG_LR)
 
-# summary['status']
-RUNNING, FINISHED, STOPPED, INTERRUPTED, DIVERGED = (
-    'running', 'finished', 'stopped', 'interrupted', 'diverged')
+# summary['status']. 'interrupted': Ctrl-C or SIGTERM, or killed (kill -9, a crash of the
+# machine): a later run in the same --log-dir finds its lock free and says so.
+# 'failed': ended by an error (a lost torchrun process, an exception in student_code.py).
+# 'failed' came after schema 2 without a new version: an older reader shows it as it is.
+RUNNING, FINISHED, STOPPED, INTERRUPTED, DIVERGED, FAILED = (
+    'running', 'finished', 'stopped', 'interrupted', 'diverged', 'failed')
 EVALUATED, ATTACKED = 'evaluated', 'attacked'   # runs of -e and -a
 
 # summary['epochs'][i]: one record per finished epoch

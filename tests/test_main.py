@@ -266,6 +266,28 @@ def test_bad_flag_combinations(demo, tmp_path, capsys):
                  capsys, '--device')
 
 
+@pytest.mark.parametrize('flags, words', [
+    (['--lr', 'inf'], '--lr must be a finite number'),
+    (['--momentum', 'nan'], '--momentum must be a finite number'),
+    (['--momentum', '1.0'], '--momentum must be in [0, 1)'),
+    (['--momentum', '-0.1'], '--momentum must be >= 0'),
+    (['--wd', 'inf'], '--wd must be a finite number'),
+    (['--clip-grad', 'inf'], '--clip-grad must be a finite number'),
+    (['--adv-eps', 'nan'], '--adv-eps must be a finite number'),
+    (['--adv-train', '--adv-ratio', 'nan'], '--adv-ratio must be a finite number'),
+    (['-a', '--resume', 'x', '--attack-eps', 'inf'], '--attack-eps must be a finite number'),
+    (['-a', '--resume', 'x', '--attack-step-size', 'nan'],
+     '--attack-step-size must be a finite number'),
+])
+def test_non_finite_floats_and_a_bad_momentum_are_refused_before_any_folder(
+        demo, tmp_path, capsys, flags, words):
+    """argparse's float() takes 'nan' and 'inf'; a run on them failed late, with a
+    traceback (SGD's own check of the momentum) or a run folder of a diverged run."""
+    logs = tmp_path / 'logs'
+    expect_error([demo, '--log-dir', str(logs), '--epochs', '2'] + FAST + flags, capsys, words)
+    assert not logs.exists() or not os.listdir(logs)
+
+
 def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     logs = str(tmp_path / 'logs')
     ckpt = checkpoint_of(trained_run)

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import fake_runs
 import report
+import run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPE = 6  # iterations per epoch of the fake runs (logged every 2nd iteration)
@@ -289,3 +290,87 @@ def test_a_summary_of_an_unknown_schema_version_is_refused_in_one_line(tmp_path)
     with pytest.raises(SystemExit) as exc:
         report.main([run, '--out', str(tmp_path / 'out')])
     assert 'schema version 99' in str(exc.value) and '\n' not in str(exc.value)
+
+
+def test_a_summary_of_another_json_type_is_skipped_as_damaged(logs, tmp_path):
+    """`[]` or `null` in summary.json (a damaged file): a note, and the run's event files;
+    neither a traceback nor the end of the report."""
+    root = tmp_path / 'runs'
+    shutil.copytree(logs / 'exp_20240101_000100_custom', root / 'exp_good')
+    for name, text in (('exp_list', '[]'), ('exp_null', 'null')):
+        shutil.copytree(logs / 'exp_20240101_000100_custom', root / name)
+        (root / name / 'summary.json').write_text(text)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert report.main([str(root), '--out', str(tmp_path / 'out')]) == 0
+    lines = err.getvalue().strip().split('\n')
+    for name, kind in (('exp_list', 'list'), ('exp_null', 'NoneType')):
+        notes = [line for line in lines if f'{name}/summary.json holds JSON {kind}' in line]
+        assert len(notes) == 1 and 'using the event files only' in notes[0], lines
+    rows = table_rows(tmp_path / 'out' / 'results.md')
+    assert list(rows) == ['custom', 'exp_list', 'exp_null']
+    assert rows['exp_list']['Final top-1'] == f"{fake_runs.acc_at(4, 'val'):.2f}"  # from events
+
+
+def test_one_diverged_run_does_not_flatten_the_loss_of_the_others(tmp_path):
+    """A run that diverged to a loss of 2.8e34 among runs near 1 to 5: the loss axis keeps
+    to the others' range, and the legend says which run diverged (its summary's status)."""
+    for i in range(3):
+        fake_runs.make_run(str(tmp_path / f'exp_{i}'), 3, IPE, name=f'run{i}')
+    bad = tmp_path / 'exp_bad'
+    with SummaryWriter(str(bad)) as writer:
+        for step, loss in enumerate([4.6, 4.2, 3.9, 40.0, 3e9, 2.8e34]):
+            writer.add_scalar('data/training_loss', loss, 2 * step)
+    fake_runs.write_summary(str(bad), [], IPE, planned=3, status='diverged', name='bad')
+    with contextlib.redirect_stderr(io.StringIO()):
+        run_dirs = report.find_runs([str(tmp_path)])
+        runs = [report.load_run(d, label)
+                for d, label in zip(run_dirs, report.default_labels(run_dirs))]
+    report.assign_styles(runs)
+    for fig in (report.curve_figure(runs, 'loss'), report.overview_figure(runs)):
+        ax = fig.axes[0]  # the loss, in both
+        low, high = ax.get_ylim()
+        assert 0 < high < 6 and low > 0, (low, high)  # the others' losses: 0.5 to 4.6
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert 'bad (diverged)' in texts and 'run0' in texts, texts
+        matplotlib.pyplot.close(fig)
+
+
+LOCK_HOLDER = '''import sys, time
+sys.path.insert(0, sys.argv[1])
+import run_folder
+run_folder.run_lock(sys.argv[2]).__enter__()
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
+    """A training whose process was killed (kill -9) still says 'running': report.py finds
+    its lock free, marks it interrupted and removes its temporary files. A run whose lock
+    is held is left alone; a failed run is reported as unfinished."""
+    killed, alive, failed = (str(tmp_path / name) for name in ('killed', 'alive', 'failed'))
+    for run in (killed, alive):
+        fake_runs.make_run(run, 2, IPE, status='running', epochs_planned=10)
+        os.makedirs(os.path.join(run, 'models'))
+        with open(os.path.join(run, 'models', '.tmp_1234checkpoint.pth.tar'), 'wb') as f:
+            f.write(b'\0' * 100)  # the write that the kill cut short
+    fake_runs.make_run(failed, 2, IPE, status='failed', epochs_planned=10)
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, os.path.join(REPO, 'code'),
+                               killed], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'locked'
+    holder.kill()  # SIGKILL: nothing of it runs again, its lock file keeps its name
+    holder.wait(timeout=60)
+    err = io.StringIO()
+    with run_folder.run_lock(alive), contextlib.redirect_stderr(err):
+        assert report.main([killed, alive, failed, '--out', str(tmp_path / 'out')]) == 0
+    lines = err.getvalue().strip().split('\n')
+    assert sum('killed was killed while running' in line and '1 temporary file' in line
+               for line in lines) == 1, lines
+    assert not any('alive was killed' in line for line in lines), lines
+    assert any('failed is unfinished (2 of 10 epochs)' in line for line in lines), lines
+    status = {run: json.load(open(os.path.join(run, 'summary.json')))['status']
+              for run in (killed, alive, failed)}
+    assert status == {killed: 'interrupted', alive: 'running', failed: 'failed'}
+    assert os.listdir(os.path.join(killed, 'models')) == []
+    assert os.listdir(os.path.join(alive, 'models')) == ['.tmp_1234checkpoint.pth.tar']

@@ -1,9 +1,11 @@
 """A run is never lost or silently changed: resume keeps the run's plan, one writer per
 run folder, consistent files after a kill at any write, strict JSON, one-line errors."""
 import errno
+import glob
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -229,6 +231,111 @@ def test_refused_and_non_finite_checkpoints_give_our_words(demo, trained_run, tm
     torch.save(ckpt, nan)
     for mode in (['-e'], ['-a'], []):
         expect_error([demo, '--resume', nan, '-j', '0'] + mode, capsys, 'non-finite', key)
+
+
+def test_nan_best_weights_or_optimizer_state_are_refused_before_anything_is_written(
+        demo, stopped_run, tmp_path, capsys):
+    """Every state dict of a checkpoint is checked: NaN best weights would otherwise become
+    the run's model_best.pth.tar on resume, a NaN momentum buffer its next weights."""
+    run = copy_run(stopped_run[1], tmp_path)
+    good = torch.load(checkpoint_of(run), weights_only=True)
+    key = next(k for k, v in good['state_dict'].items() if v.is_floating_point())
+    best = {k: v.clone() for k, v in good['state_dict'].items()}
+    best[key][(0,) * best[key].dim()] = float('nan')
+    momentum = {i: dict(s) for i, s in good['optimizer']['state'].items()}
+    index = next(iter(momentum))
+    momentum[index]['momentum_buffer'] = momentum[index]['momentum_buffer'].clone()
+    buffer = momentum[index]['momentum_buffer']
+    buffer[(0,) * buffer.dim()] = float('inf')
+    for bad, words in [(dict(good, best_state_dict=best), ('best weights', key)),
+                       (dict(good, optimizer=dict(good['optimizer'], state=momentum)),
+                        ('optimizer state', f'state.{index}.momentum_buffer'))]:
+        torch.save(bad, checkpoint_of(run))
+        before = file_bytes(run)
+        expect_error([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys,
+                     'non-finite', *words)
+        assert file_bytes(run) == before  # model_best.pth.tar and summary.json untouched
+
+
+def slow_epoch_set(tmp_path_factory):
+    """A demo set whose first epoch at -b 2 takes 100 steps: time to kill it mid-epoch."""
+    from make_demo_data import make_demo_dataset
+    root = str(tmp_path_factory.mktemp('slow'))
+    make_demo_dataset(root, num_classes=4, train_per_class=50, val_per_class=3, size=48, seed=0)
+    return root
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_marked_by_the_next_run(
+        demo, tmp_path, tmp_path_factory, capsys):
+    """kill -9 in the first epoch: no checkpoint to resume, status 'running' and the
+    temporary file of a write cut short. The next run in the --log-dir marks it
+    interrupted and removes the file; a live run beside them is left alone."""
+    logs = str(tmp_path / 'logs')
+    proc = subprocess.Popen([sys.executable, 'main.py', slow_epoch_set(tmp_path_factory),
+                             '--log-dir', logs, '--epochs', '5', '--no-data-cache'] + FAST +
+                            ['-b', '2'], cwd=CODE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1'))
+    try:
+        for line in proc.stdout:  # its first step is done: the epoch has 99 to go
+            if line.startswith('Epoch: [1]'):
+                break
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    killed = only_run(logs)
+    assert summary_of(killed)['status'] == 'running'
+    assert not os.path.exists(checkpoint_of(killed))
+    os.makedirs(os.path.join(killed, 'models'), exist_ok=True)
+    partial = os.path.join(killed, 'models', '.tmp_abcdcheckpoint.pth.tar')
+    with open(partial, 'wb') as f:
+        f.write(b'\0' * 1000)  # what a kill in the middle of a write leaves
+    alive = os.path.join(logs, 'exp_alive')  # a run training right now, beside them
+    shutil.copytree(killed, alive)
+    with run_folder.run_lock(alive):
+        code, out, err = run_main(train_args(demo, logs, epochs=2) + ['--stop-after', '1'],
+                                  capsys)
+        assert code == 0, err
+    assert f'{killed} was killed while running' in out and '1 temporary file' in out
+    assert summary_of(killed)['status'] == 'interrupted' and not os.path.exists(partial)
+    assert summary_of(alive)['status'] == 'running'
+    assert os.path.exists(os.path.join(alive, 'models', os.path.basename(partial)))
+
+
+def test_an_error_in_a_run_leaves_status_failed(demo, tmp_path, capsys, monkeypatch):
+    import student_code
+    calls = []
+
+    def failing_forward(self, x):
+        calls.append(self.training)
+        if calls.count(True) > 3:  # the first step of the second epoch (3 steps an epoch)
+            raise ValueError('a bad reshape in my own forward')
+        return real_forward(self, x)
+    real_forward = student_code.SimpleNet.forward
+    monkeypatch.setattr(student_code.SimpleNet, 'forward', failing_forward)
+    with pytest.raises(ValueError, match='bad reshape'):
+        driver.main(train_args(demo, tmp_path))
+    run = only_run(str(tmp_path))
+    assert summary_of(run)['status'] == 'failed' and len(summary_of(run)['epochs']) == 1
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o002], ids=['umask022', 'umask002'])
+def test_run_files_get_the_mode_the_umask_allows(demo, tmp_path, capsys, umask):
+    """summary.json and the checkpoints as readable as the event files: 0o666 less the
+    umask (tempfile.mkstemp's 0o600 would hide them from the group)."""
+    previous = os.umask(umask)
+    try:
+        code, _, err = run_main(train_args(demo, tmp_path, epochs=2) + ['--stop-after', '1'],
+                                capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    run = only_run(str(tmp_path))
+    (events,) = glob.glob(os.path.join(run, 'events.out.tfevents.*'))
+    for path in (os.path.join(run, 'summary.json'), checkpoint_of(run),
+                 checkpoint_of(run, 'model_best.pth.tar'), events):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
 
 
 def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(demo, tmp_path):
