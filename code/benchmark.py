@@ -4,6 +4,8 @@
   step, pipeline              a training step per speed setting, input images/s (bench_speed.py)
   models, recipe, train, ddp  train with main.py, print validation accuracy
                               (bench_runs.py; recipe and its cells: bench_recipe.py)
+  scale                       the input pipeline at MiniPlaces' size, a 60-epoch run
+                              projected (bench_scale.py)
 
 The in-process benchmarks interleave their repetitions and print ratios (ratios survive
 a noisy machine; absolute times do not). `python code/benchmark.py WHICH --help` lists
@@ -17,11 +19,13 @@ from bench_parts import bench_attack, bench_attention, bench_conv
 from bench_recipe import (RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS, RecipeError,
                           bench_recipe)
 from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
+from bench_scale import GPU_STEP_MS, SCALE_SIZES, bench_scale
 from bench_speed import bench_pipeline, bench_step
 
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
               'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
-              'train': bench_train, 'step': bench_step, 'ddp': bench_ddp}
+              'train': bench_train, 'step': bench_step, 'ddp': bench_ddp,
+              'scale': bench_scale}
 
 # one line per benchmark for the top-level --help; `WHICH --help` prints the docstring
 SUMMARIES = {
@@ -34,6 +38,7 @@ SUMMARIES = {
     'train': 'images/s, memory, val top-1 per speed setting and input path',
     'step': 'a training step in fp32, channels-last, amp, amp+channels-last',
     'ddp': '1 process vs N under torchrun: images/s, val top-1, weights',
+    'scale': 'cache, epoch, memory (PSS) at 10k-110k images; 60-epoch projection',
 }
 
 
@@ -76,7 +81,8 @@ def build_parser():
                'pipeline': [device, repeats, data],
                'train': [device, batch, training, datasets, models, quick, small],
                'step': [device, repeats, threads, batch, models],
-               'ddp': [device, training, quick, small]}
+               'ddp': [device, training, quick, small],
+               'scale': [device, repeats, threads]}
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +111,23 @@ def build_parser():
     ddp.add_argument('--processes', type=int, nargs='+', default=[1, 2],
                      help='process counts to compare (1 first: the reference)')
     ddp.add_argument('--model', choices=list(RECIPE_MODELS), default='cnn', help='the model')
+    scale = commands['scale']
+    scale.add_argument('--data', default=None,
+                       help='data folder (default data/scale; made if it holds no train.txt)')
+    scale.add_argument('--sizes', type=int, nargs='+', default=SCALE_SIZES,
+                       help='images (training + validation, 10 to 1) of each measured size')
+    scale.add_argument('-j', '--workers', type=int, default=4,
+                       help="DataLoader workers and cache builders (main.py's default: 4)")
+    scale.add_argument('--batch-size', type=int, default=256, help='training batch size')
+    scale.add_argument('--classes', type=int, default=100,
+                       help='classes of a set made in --data (MiniPlaces: 100)')
+    scale.add_argument('--image-size', type=int, default=128,
+                       help='image side of a set made in --data (MiniPlaces: 128)')
+    scale.add_argument('--gpu-step-ms', type=float, default=GPU_STEP_MS,
+                       help='training step on one GPU at batch 256, for the projection on '
+                            'paper (an estimate; see bench_scale.py)')
+    scale.add_argument('--keep-caches', action='store_true',
+                       help='keep the caches of DATA/subsets/<size> (several GB at 110k)')
     return parser
 
 

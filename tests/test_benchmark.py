@@ -188,3 +188,61 @@ def test_attack_benchmark_runs_a_pgd_step(capsys):
     bench_parts.bench_attack(argparse.Namespace(device='cpu', repeats=1, batch_size=2))
     out = capsys.readouterr().out
     assert 'one PGD step' in out and 'ratio' in out and 'peak memory (autograd saved)' in out
+
+
+# ---------------------------------------------------------------- scale
+def table_after(out, first_cell):
+    """The rows (lists of cells) of the markdown table whose header starts with
+    `first_cell`, header first, the rule left out."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'| {first_cell} |'))
+    rows = [cells(lines[start])]
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        rows.append(cells(line))
+    return rows
+
+
+def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
+    """`benchmark.py scale` on 60 and 120 images of 4 classes: it writes the set, measures
+    both paths at both sizes with one worker, reads PSS from /proc, prints the tables and
+    the projection, and removes its caches (nothing here is a measurement)."""
+    import benchmark
+    import bench_scale
+    data = tmp_path / 'scale'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # the default CNN's step: a second thread only waits here
+    try:
+        benchmark.main(['scale', '--data', str(data), '--sizes', '120', '60', '--classes', '4',
+                        '--image-size', '32', '--batch-size', '4', '-j', '1', '--repeats', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+
+    header, *rows = table_after(out, 'images (train + val)')
+    assert header == bench_scale.SCALE_HEADER
+    assert [row[:2] for row in rows] == [['60', 'cached'], ['60', 'per-image'],
+                                         ['120', 'cached'], ['120', 'per-image']]
+    column = {name: i for i, name in enumerate(header)}
+    for row in rows:
+        assert len(row) == len(header)
+        main_pss, worker_pss, all_pss = (float(row[column[name]].replace(',', '')) for name in
+                                         ('main PSS MB', 'worker PSS MB, max', 'all PSS MB'))
+        assert main_pss > 0 and worker_pss > 0 and all_pss >= main_pss   # read from /proc
+        assert float(row[column['epoch images/s']].replace(',', '')) > 0
+        if row[1] == 'cached':
+            assert float(row[column['cache build s']]) > 0
+            assert row[column['private copy of the cache']] in ('yes', 'no')
+    # 120 images of 128 x 128 x 3 bytes in the caches (cached at 128 px whatever the size)
+    assert float(rows[2][column['cache MB on disk']]) >= 120 * 128 * 128 * 3 / 2 ** 20 - 0.5
+
+    growth = table_after(out, 'figure, per image')
+    assert growth[0] == ['figure, per image', '60 images', '120 images', 'growth exponent']
+    assert len(growth) > 10 and all(len(row) == 4 for row in growth)
+    projection = table_after(out, '60-epoch run')
+    assert len(projection) == 5 and 'on paper' in projection[3][0]
+    assert 'an estimate, not a measurement' in out
+    assert sorted(os.listdir(data / 'subsets')) == ['120', '60']
+    assert not [name for name in os.listdir(data / 'subsets' / '120' / 'cache')
+                if name.endswith('.npy')]

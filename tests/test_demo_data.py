@@ -1,17 +1,22 @@
-"""make_demo_data: MiniPlaces layout, determinism, overwrite protection, the CLI, and that
-the classes are learnable from the pixels (a tiny CNN) but not from the mean colour."""
+"""make_demo_data: MiniPlaces layout, determinism, overwrite protection, the CLI, that the
+classes are learnable from the pixels (a tiny CNN) but not from the mean colour, and
+MiniPlaces' shape: 100 classes, several writing processes, the disk-space refusal and
+what a failed write leaves."""
 import filecmp
 import os
 import random
+import shutil
 import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import custom_transforms as T
+import make_demo_data
 from custom_dataloader import MiniPlacesLoader
 from make_demo_data import CLASS_NAMES, MARKER, make_demo_dataset
 
@@ -147,3 +152,100 @@ def test_classes_are_learnable_from_pixels_not_mean_colour(tmp_path):
         torch.set_num_threads(threads)
     assert cnn_acc > 0.45, \
         f"tiny CNN reached only {cnn_acc:.2f} (mean colour: {mean_colour_acc:.2f})"
+
+
+# ---------------------------------------------------------------- MiniPlaces' shape
+def colour_signature(path):
+    """(hue in degrees most common among the saturated pixels, share of the pixels that
+    are saturated and light) of an image file: what tells the colour families apart."""
+    hsv = cv2.cvtColor(cv2.imread(path).astype("float32") / 255, cv2.COLOR_BGR2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    saturated = (s > 0.6) & (v > 0.2)
+    hist = np.bincount((h[saturated] // 10).astype(int) % 36, minlength=36)
+    hist = hist + np.roll(hist, 1) + np.roll(hist, -1)       # 30-degree windows
+    return int(np.argmax(hist)) * 10 + 5, float(((s > 0.5) & (v > 0.6)).mean())
+
+
+def test_hundred_classes_like_miniplaces_whatever_the_workers(tmp_path):
+    """100 classes: distinct names and folders, every label in both splits, a progress
+    line on stderr, the same files from 2 writing processes as from one, and classes
+    10-99 in the colour family of their number (classes 0-9 in none)."""
+    out, one = str(tmp_path / "two_workers"), str(tmp_path / "one_worker")
+    args = ["--num-classes", "100", "--train-per-class", "2", "--val-per-class", "1",
+            "--size", "32", "--workers", "2"]
+    done = subprocess.run([sys.executable, SCRIPT, out] + args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 200 train + 100 val" in done.stdout
+    assert "make_demo_data" in done.stderr and "300/300" in done.stderr, done.stderr
+
+    names = [line.split()[0][1:] for line in read_lines(os.path.join(out, "categories.txt"))]
+    assert len(set(names)) == 100 and names[:10] == CLASS_NAMES[:10]
+    train_dir = os.path.join(out, "images", "train")
+    folders = {os.path.relpath(root, train_dir) for root, _, files in os.walk(train_dir)
+               if files}
+    assert folders == set(names)
+    train = [line.split() for line in read_lines(os.path.join(out, "train.txt"))]
+    val = [line.split() for line in read_lines(os.path.join(out, "val.txt"))]
+    assert sorted(int(label) for _, label in train) == sorted(list(range(100)) * 2)
+    assert sorted(int(label) for _, label in val) == list(range(100))
+
+    make_demo_dataset(one, num_classes=100, train_per_class=2, val_per_class=1, size=32,
+                      workers=1)
+    for rel in ["train.txt", "val.txt"] + [os.path.join("images", p) for p, _ in train + val]:
+        assert filecmp.cmp(os.path.join(out, rel), os.path.join(one, rel), shallow=False), rel
+
+    by_class = {}
+    for rel, label in train + val:
+        by_class.setdefault(int(label), []).append(colour_signature(
+            os.path.join(out, "images", rel)))
+    for label, signatures in by_class.items():
+        family = label // 10
+        light = np.median([share for _, share in signatures])
+        if family == 0:      # the demo's colours: no saturated light colour
+            assert light < 0.15, (label, signatures)
+            continue
+        assert light > 0.2, (label, signatures)
+        centre = (family - 1) * 40
+        for hue, _ in signatures:
+            assert abs((hue - centre + 180) % 360 - 180) <= 20, (label, signatures)
+
+
+def test_refuses_a_set_larger_than_the_disk_before_writing(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: usage._replace(free=100 * 2 ** 20))   # 100 MiB free
+    out = tmp_path / "scale"
+    with pytest.raises(SystemExit) as info:
+        make_demo_data.main([str(out), "--num-classes", "100", "--train-per-class", "1000",
+                             "--val-per-class", "100"])
+    message = str(info.value.code)      # what Python prints on stderr, exit status 1
+    assert message.startswith("make_demo_data.py: error: 110000 images of 128x128 need about")
+    assert "GB free" in message and "\n" not in message
+    assert not out.exists()
+    # a set that fits is written
+    assert make_demo_dataset(str(out), num_classes=2, train_per_class=1, val_per_class=1,
+                             size=16) == {"train": 2, "val": 2}
+
+
+def test_a_failed_write_leaves_no_label_file_and_is_replaced(tmp_path, monkeypatch):
+    out, written = str(tmp_path / "demo"), []
+    save = make_demo_data.save_image
+
+    def save_three(*args):
+        if len(written) == 3:
+            raise OSError("No space left on device")
+        written.append(args[1])
+        save(*args)
+
+    monkeypatch.setattr(make_demo_data, "save_image", save_three)
+    for classes in (3, 20):          # one random stream; one generator per image
+        written.clear()
+        with pytest.raises(OSError, match="No space left"):
+            make_demo_dataset(out, num_classes=classes, train_per_class=2, val_per_class=1,
+                              size=16)
+        assert len(written) == 3
+        assert not any(os.path.exists(os.path.join(out, name))
+                       for name in ("train.txt", "val.txt", "categories.txt"))
+    monkeypatch.setattr(make_demo_data, "save_image", save)
+    make_demo_dataset(out, num_classes=20, train_per_class=2, val_per_class=1, size=16)
+    assert len(read_lines(os.path.join(out, "train.txt"))) == 40
