@@ -7,7 +7,7 @@ import torch
 
 import distributed
 import student_code
-from speed import autocast
+from speed import autocast, gradient_autocast
 from utils import AverageMeter, ProgressMeter, accuracy, predict_with_flip
 
 def build_attacker(criterion, args):
@@ -65,12 +65,12 @@ def attack_validate(val_loader, model, attacker, args, device, writer):
     model.eval()
     start = time.time()
     for i, (input, target) in enumerate(val_loader):  # on the device (OnDevice)
-        with autocast(args, device):  # PGD's input gradient stays float32 (a leaf)
-            with torch.no_grad():
-                clean_logits, clean_flip = predict_with_flip(model, input)
+        with autocast(args, device), torch.no_grad():
+            clean_logits, clean_flip = predict_with_flip(model, input)
+        with gradient_autocast(args, device):  # PGD's input gradient stays float32 (a leaf)
             adv_input = attacker.perturb(model, input)
-            with torch.no_grad():
-                adv_logits, adv_flip = predict_with_flip(model, adv_input)
+        with autocast(args, device), torch.no_grad():
+            adv_logits, adv_flip = predict_with_flip(model, adv_input)
         meters.update(target, clean_logits, clean_flip, adv_logits, adv_flip,
                       student_code.least_confident_labels(clean_logits))
         if i % args.print_freq == 0:
@@ -111,7 +111,7 @@ def log_saliency(val_loader, model, criterion, args, device, writer):
     for i, (input, _) in enumerate(val_loader):
         if i % args.print_freq:  # one batch in print_freq, like the attack's images
             continue
-        with autocast(args, device):  # the gradient w.r.t. the float32 input is float32
+        with gradient_autocast(args, device):  # the input's gradient is float32
             saliency = explainer.explain(model, input)
         writer.add_image('Image/Org_Image', student_code.default_visfunction(input), i)
         writer.add_image('Image/Saliency', student_code.vis_grid(saliency), i)

@@ -10,13 +10,17 @@ What a student can count on (docs/training.md):
   the same global batches on 1, 2 or 8 processes and with any -j (TrainOrder), so a
   resumed run replays exactly what an uninterrupted one does.
 - Validation sees every image exactly once (each process a contiguous share, no
-  padding), and the figures are sums reduced over the processes.
+  padding), and the figures are sums reduced over the processes. Before it, BatchNorm's
+  running statistics are averaged over the processes, so the model validated is the
+  model saved: `-e` of a checkpoint on one process gives the run's figure.
 - Rank 0 alone prints, writes TensorBoard events, checkpoints and summary.json.
 A plain `python main.py` is a world of one process: the same code, no process group.
 """
 import os
 import random
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from utils import UsageError
+from utils import UsageError, one_line
 
 
 @dataclass
@@ -54,6 +58,11 @@ def launched_by_torchrun():
 def launch_rank():
     """The rank torchrun gave this process (0 without torchrun), known before start()."""
     return int(os.environ.get('RANK', '0')) if launched_by_torchrun() else 0
+
+
+def launch_size():
+    """How many processes torchrun started (1 without torchrun), known before start()."""
+    return int(os.environ.get('WORLD_SIZE', '1')) if launched_by_torchrun() else 1
 
 
 def check_launch(device_flag, backend_flag, sync_bn):
@@ -113,13 +122,58 @@ def stop():
     WORLD = World()
 
 
-def per_process_batch(batch_size):
-    """Each process's share of the global batch; refuses one that does not divide."""
-    if batch_size % WORLD.size:
+def check_global_batch(batch_size, size):
+    """Refuse a global batch that does not divide over `size` processes. run_plan.check_args
+    asks it first, before any process loads anything (size from the launch)."""
+    if batch_size % size:
         raise UsageError(f"--batch-size {batch_size} is the global batch and must divide "
-                         f"evenly over the {WORLD.size} processes (try "
-                         f"{batch_size // WORLD.size * WORLD.size or WORLD.size})")
+                         f"evenly over the {size} processes (try "
+                         f"{batch_size // size * size or size})")
+
+
+def per_process_batch(batch_size):
+    """Each process's share of the global batch; refuses one that does not divide (a
+    resumed run's batch, which comes from its checkpoint)."""
+    check_global_batch(batch_size, WORLD.size)
     return batch_size // WORLD.size
+
+
+################################################################################
+# When a process of the launch fails
+################################################################################
+def lost_process(exc):
+    """Whether `exc` is a collective that failed because another process of the launch is
+    gone (killed, crashed, its machine lost). Gloo says so in a RuntimeError naming its
+    transport ('Connection reset by peer'), NCCL in a DistBackendError."""
+    if WORLD.size == 1 or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or 'gloo' in text or 'NCCL' in text
+
+
+def lost_process_message(exc):
+    """One line for a lost process, instead of the backend's traceback."""
+    # gloo's first sentence, without its source location: "Read error [...]: Connection
+    # reset by peer"
+    reason = one_line(exc).split('] ', 1)[-1].split('. ')[0][:150]
+    return (f"another process of the torchrun launch is gone ({reason}): it was killed or "
+            f"it failed, and then its own output says why")
+
+
+def ignore_sigterm():
+    """torchrun sends SIGTERM to the processes left when one of them dies. One that has
+    met the loss already is ending, writing its run's status and saying why in one line:
+    the signal would only cut that short (main.py turns it into an interruption)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def let_rank0_say_it(seconds=10):
+    """A process other than rank 0 that meets an error every process meets leaves the
+    saying to rank 0 (one line, not one per process), and waits a moment before it exits:
+    torchrun stops every process as soon as one exits with an error, and would otherwise
+    stop rank 0 before it has said why. torchrun's SIGTERM ends the wait quietly."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(seconds)
 
 
 def wrap(model):
@@ -161,6 +215,23 @@ def rank0_first(fn):
         return result
     dist.barrier()
     return fn()
+
+
+def average_batchnorm_statistics(model):
+    """Replace every BatchNorm's running mean and variance by their average over the
+    processes. Without --sync-bn each process normalises only its share of every batch,
+    so after training their statistics differ; validated and saved as they are, the
+    accuracy a run reports (each process on its share of the images) would not be that
+    of the model rank 0 saves. Averaged, every process holds the saved model (timm does
+    the same before each validation: --dist-bn reduce)."""
+    if WORLD.size == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
+                module.track_running_stats and module.running_mean is not None:
+            for stat in (module.running_mean, module.running_var):
+                dist.all_reduce(stat)
+                stat.div_(WORLD.size)
 
 
 def reduce_meters(meters):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import distributed
+import data_cache
 import fast_data
 from custom_dataloader import MiniPlacesLoader, load_image, seed_worker
 from distributed import world
@@ -95,6 +96,13 @@ class OnDevice(object):
             self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
 
     @property
+    def device_bytes(self):
+        """Bytes of the decoded cache this loader holds in the device's memory (the GPU
+        path of --data-cache; 0 otherwise)."""
+        images = getattr(self.loader, 'images', None)
+        return images.nbytes if torch.is_tensor(images) else 0
+
+    @property
     def sampler(self):  # the TrainOrder of a training loader, set by seed_epoch
         return self.loader.sampler
 
@@ -140,19 +148,29 @@ def cache_refusal(args, splits):
         supported, reason = fast_data.fused_path_supported(transforms)
         if not supported:
             return f'get_{split}_transforms() needs the per-image path: {reason}'
-    missing = [s for s in splits if not os.path.isfile(fast_data.cache_paths(args.data_folder,
-                                                                              s)[0])]
-    if missing and not os.access(args.data_folder, os.W_OK):
-        return f'{args.data_folder} is read-only and holds no cache of {missing[0]}'
+    if data_cache.cache_writable(args.data_folder):
+        return None             # a missing or stale cache is (re)built
+    # read-only: usable only where every cache is there and fresh (the same check the
+    # cached path makes first: one stat per image)
+    if getattr(args, 'rebuild_cache', False):
+        return f'{args.data_folder} is read-only: --rebuild-cache cannot rebuild its cache'
+    for split in splits:
+        problem = data_cache.cache_problem(args.data_folder, split)
+        if problem == 'missing':
+            return f'{args.data_folder} is read-only and holds no cache of {split}'
+        if problem is not None:
+            return f'{args.data_folder} is read-only and its cache of {split} is stale ({problem})'
     return None
 
 
 def cached_loader(args, device, split, transforms, **kw):
     """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
     the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
-    # several processes: rank 0 builds a missing cache, the others then read it
-    cache = distributed.rank0_first(lambda: fast_data.load_or_build_cache(
-        args.data_folder, split, workers=args.workers))
+    # several processes: rank 0 builds a missing cache (or rebuilds it with
+    # --rebuild-cache), the others then read it
+    rebuild = getattr(args, 'rebuild_cache', False) and world().rank == 0
+    cache = distributed.rank0_first(lambda: data_cache.load_or_build_cache(
+        args.data_folder, split, workers=args.workers, rebuild=rebuild))
     if device.type == 'cuda':
         try:
             loader = fast_data.DeviceLoader(cache, transforms, device, **kw)

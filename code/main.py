@@ -48,7 +48,8 @@ from networks import (ARCHS, build_model, build_optimizer, load_model_state,  # 
 from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, check_args,  # noqa: E402
                       ends_the_run, finished_cleanly, given_flags, print_extension,
                       refuse_unresumable, settle_new_run)
-from speed import resolve_speed_settings, speed_line, autocast, eager, forward_fn  # noqa: E402
+from speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
+                   resolve_speed_settings, speed_line)
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
                    predict_with_flip, select_device, reset_peak_memory, peak_memory_mb,
                    format_seconds, one_line, ToolkitError, UsageError, CheckpointError,
@@ -138,6 +139,9 @@ speed.add_argument('--compile', action=argparse.BooleanOptionalAction, default=N
 speed.add_argument('--data-cache', action=argparse.BooleanOptionalAction, default=None,
                    help='decode the images once into DIR/cache/ and augment with one fused '
                         'warp (fast_data.py) (default: auto)')
+speed.add_argument('--rebuild-cache', action='store_true',
+                   help='with --data-cache: decode the images into DIR/cache/ again, even '
+                        'where its fingerprint says it is fresh')
 dist = parser.add_argument_group('several processes (under torchrun; -b stays the global batch)')
 dist.add_argument('--dist-backend', default='auto', choices=('auto', 'nccl', 'gloo'),
                   help='under torchrun: nccl on GPUs, gloo on the CPU (default: auto)')
@@ -181,10 +185,18 @@ def main(argv=None):
             raise
         if distributed.launch_rank() == 0 or not isinstance(exc, SHARED_ERRORS):
             print(f'main.py: error: {one_line(exc)}', file=sys.stderr)
+        else:  # rank 0 says it: torchrun must not stop rank 0 before it has
+            distributed.let_rank0_say_it()
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f'\nmain.py: {str(exc) or "interrupted"}', file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # a lost torchrun process: one line, not the backend's traceback
+        if not distributed.lost_process(exc) or os.environ.get('MAIN_DEBUG'):
+            raise  # any other keeps its traceback (your own code's above all)
+        distributed.ignore_sigterm()  # torchrun's stop of the processes left
+        print(f'main.py: error: {distributed.lost_process_message(exc)}', file=sys.stderr)
+        sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         distributed.stop()
@@ -301,6 +313,10 @@ def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary
         adv_attacker = student_code.UntargetedPGDAttack(nn.CrossEntropyLoss(),
                                                         num_steps=args.adv_steps,
                                                         epsilon=args.adv_eps)
+    # the GPU's peak memory is reported without the data cache it holds (the same for
+    # every epoch), so that peaks with and without --data-cache compare
+    cache_mb = (train_loader.device_bytes + val_loader.device_bytes) / 2 ** 20 \
+        if device.type == 'cuda' else 0.0
     invocation_start, wall_before = time.time(), summary['wall_time_s']
     epochs_this_time = args.epochs - start_epoch
     if args.stop_after is not None:
@@ -309,6 +325,7 @@ def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary
         seed_epoch(args.seed, epoch, train_loader)
         stats = train_one_epoch(train_loader, net, learner, epoch, args, device, writer,
                                 adv_attacker)
+        stats['peak_memory_mb'] -= cache_mb
         print(f"[Training]: Epoch {epoch + 1:d} finished with lr={stats['lr']:f} | "
               f"{stats['images_per_s']:.1f} images/s | {stats['epoch_time_s']:.1f} s | "
               f"peak memory {stats['peak_memory_mb']:.0f} MB")
@@ -316,6 +333,8 @@ def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary
         if bad is not None:
             raise DivergedError(diverged_message(f"'{bad}' holds NaN or inf after epoch "
                                                  f"{epoch + 1}", args))
+        if not args.sync_bn:  # (SyncBatchNorm keeps one set of statistics already)
+            distributed.average_batchnorm_statistics(model)
         acc1, acc5, val_loss = validate(val_loader, val_net, learner.criterion, args, device)
         log_epoch(writer, epoch + 1, stats, acc1, acc5, val_loss)
         record = dict(epoch=epoch + 1, val_loss=val_loss, val_top1=acc1, val_top5=acc5, **stats)
@@ -348,14 +367,16 @@ def train_one_epoch(train_loader, net, learner, epoch, args, device, writer,
     bar = tqdm(train_loader, total=n_iters, leave=False, dynamic_ncols=True,
                disable=not sys.stdout.isatty(), desc=f'Epoch {epoch + 1}/{args.epochs}')
     start = end = time.time()
+    accuracies = []  # (top-1, top-5) of the batches since the last print, on the device
     for i, (input, target) in enumerate(bar):  # on the device already (loaders.OnDevice)
         data_time.update(time.time() - end)
-        with autocast(args, device):
-            if adv_attacker is not None:
-                # the eager model: the attack's eval/train switches would recompile a
-                # compiled one at every step; the input gradient stays float32 (a leaf)
+        if adv_attacker is not None:
+            # the eager model: the attack's eval/train switches would recompile a
+            # compiled one at every step; the input gradient stays float32 (a leaf)
+            with gradient_autocast(args, device):
                 input = student_code.adversarial_training_batch(eager(net), adv_attacker,
                                                                 input, args.adv_ratio)
+        with autocast(args, device):
             output = net(input)
             loss = learner.criterion(output, target)
         # an fp16 forward that overflows shows up here too; the steps a GradScaler skips
@@ -382,13 +403,17 @@ def train_one_epoch(train_loader, net, learner, epoch, args, device, writer,
             scaler.update()
         scheduler.step()  # per iteration: warmup + cosine
 
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        # the accuracies stay on the device until they are printed: loss.item() above is
+        # the step's one wait for the GPU, so its queue of work never runs dry
+        accuracies.append(torch.stack(accuracy(output, target, topk=(1, 5))))
         losses.update(loss_value, input.size(0))
-        top1.update(acc1.item(), input.size(0))
-        top5.update(acc5.item(), input.size(0))
         batch_time.update(time.time() - end)
         end = time.time()
         if i % args.print_freq == 0 or i == n_iters - 1:
+            for acc1, acc5 in torch.stack(accuracies).tolist():  # every batch is full-size
+                top1.update(acc1, input.size(0))
+                top5.update(acc5, input.size(0))
+            accuracies.clear()
             iters_left = (args.epochs - epoch) * n_iters - i - 1
             line = progress.line(i, f'ETA {format_seconds(iters_left * batch_time.avg)}')
             tqdm.write(line) if not bar.disable else print(line, flush=True)

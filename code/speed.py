@@ -11,12 +11,17 @@ import distributed
 from utils import one_line
 
 
+def cpu_has_amx():
+    """True where the CPU has AMX tiles (Intel Sapphire Rapids and later): oneDNN runs
+    bf16 convolutions and matrix products on them several times faster than fp32. A
+    private torch.cpu helper; a torch without it is taken to have none."""
+    return getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+
+
 def cpu_has_bf16():
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): without it
-    oneDNN emulates bf16 and autocast is slower than fp32. The checks are private
-    torch.cpu helpers; a torch without them is taken to have no bf16."""
-    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    """True where the CPU computes bf16 in hardware (AMX or AVX512-BF16): without it
+    oneDNN emulates bf16 and autocast is much slower than fp32."""
+    return cpu_has_amx() or getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
 
 
 def auto_speed_settings(device):
@@ -31,11 +36,16 @@ def auto_speed_settings(device):
                 'channels_last': (False, 'not measured on MPS'),
                 'compile': (False, 'not measured on MPS'),
                 'data_cache': (True, 'the fused warp frees the CPU cores')}
-    # CPU: channels-last was faster for every model on a 2-core AVX512 machine, bf16 was
-    # not (oneDNN's bf16 kernels lose to fp32 at these small convolutions, even with
-    # AVX512-BF16; docs/benchmarks.md): --amp stays a choice
-    return {'amp': (False, 'bf16 was not faster on a CPU' +
-                    (' with AVX512-BF16' if cpu_has_bf16() else ' (no bf16 hardware here)')),
+    # CPU: channels-last was faster for every model on a 2-core AVX512 machine. bf16 is
+    # 2.66x faster than fp32 where the CPU has AMX tiles, and slower without them, even
+    # with AVX512-BF16 (oneDNN's bf16 kernels lose to fp32 at these small convolutions;
+    # docs/benchmarks.md)
+    if cpu_has_amx():
+        amp = (True, 'bf16 on this CPU\'s AMX tiles')
+    else:
+        amp = (False, 'bf16 is slower than fp32 on a CPU without AMX' +
+               (' (even with AVX512-BF16)' if cpu_has_bf16() else ''))
+    return {'amp': amp,
             'channels_last': (True, 'faster on a CPU'),
             'compile': (False, 'compiling costs minutes at start; ask with --compile'),
             'data_cache': (True, 'the workers share the cores with training')}
@@ -89,6 +99,17 @@ def autocast(args, device):
     if not getattr(args, 'amp', False):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
+
+
+def gradient_autocast(args, device):
+    """The context of the passes that take gradients w.r.t. the images (PGD, saliency,
+    the adversarial batches of --adv-train): autocast in bf16, whose range is float32's,
+    but float32 under fp16 amp, where the input gradients of an unscaled loss underflow
+    to exactly 0 (the training step's GradScaler does not reach these passes) and the
+    attack weakens. They are a small share of the time of a training step."""
+    if getattr(args, 'amp_dtype', None) == 'float16':
+        return contextlib.nullcontext()
+    return autocast(args, device)
 
 
 def memory_format(args):

@@ -129,7 +129,7 @@ def select_device(device='auto', gpu=0, use_mps=False):
         if use_mps:
             device = 'mps'
         elif torch.cuda.is_available():
-            return torch.device('cuda', gpu or 0)
+            device = f'cuda:{gpu or 0}'
         elif torch.backends.mps.is_available():
             return torch.device('mps')
         else:
@@ -141,8 +141,14 @@ def select_device(device='auto', gpu=0, use_mps=False):
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < count:
+            raise UsageError(f"--device {device} (or --gpu): this machine has {count} CUDA "
+                             f"device(s), numbered 0 to {count - 1}")
+        # the current device too: the pin-memory thread, cuDNN's handles and the
+        # capability checks otherwise look at GPU 0
+        dev = torch.device('cuda', 0 if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     elif dev.type == 'mps' and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: Apple MPS is not available on this machine")
     elif dev.type not in ('cpu', 'cuda', 'mps'):

@@ -60,6 +60,16 @@ def strict_json(path):
         return json.load(f, parse_constant=refuse)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_amx(monkeypatch):
+    """The suite's in-process runs see a CPU without AMX, whatever this machine has: the
+    CPU's auto --amp turns bf16 on only with AMX tiles, and the suite's exact comparisons
+    (resume, processes, paths) are written for its fp32 runs. Tests of the AMX default
+    fake the capability; subprocess runs give --no-amp or --amp themselves."""
+    import speed
+    monkeypatch.setattr(speed, 'cpu_has_amx', lambda: False)
+
+
 @pytest.fixture(scope='session')
 def demo(tmp_path_factory):
     """A tiny demo set (4 classes, 48x48 JPEGs) in MiniPlaces layout."""

@@ -92,7 +92,7 @@ def torchrun(args, nproc=2, **kw):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
-TRAIN = FAST + ['--epochs', '3', '--no-compile']
+TRAIN = FAST + ['--epochs', '3', '--no-compile', '--no-amp']
 
 
 def weights(path):
@@ -194,9 +194,42 @@ def test_bad_launches_stop_every_process_with_one_line(demo, tmp_path, flags, wo
     assert not os.listdir(tmp_path)  # no run folder
 
 
+def rank_of(pid):
+    """The RANK torchrun gave a worker process, from its environment."""
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+        env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+    return int(env[b'RANK'])
+
+
+def test_rank_0_says_an_early_refusal_even_when_it_starts_last(tmp_path):
+    """-b 7 over 2 processes is refused by every process before any loads anything (here
+    the data folder does not even exist), and by rank 0 in one line even when rank 1 gets
+    there seconds earlier: torchrun stops every process once one exits with an error, so
+    rank 1 waits for rank 0 to say it. A sitecustomize.py holds rank 0 back 4 s at start."""
+    slow = tmp_path / 'slow_rank0'
+    slow.mkdir()
+    (slow / 'sitecustomize.py').write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '0' and 'LOCAL_RANK' in os.environ:\n"
+        "    time.sleep(4)\n")
+    logs = tmp_path / 'logs'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               '--nproc_per_node=2', os.path.join(CODE, 'main.py'), str(tmp_path / 'no_data'),
+               '--log-dir', str(logs)] + FAST + ['--epochs', '2', '-b', '7']
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1',
+                                   PYTHONPATH=str(slow)))
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith('main.py: error:')]
+    assert len(ours) == 1 and 'divide evenly over the 2 processes (try 6)' in ours[0], \
+        done.stderr
+    assert 'main.py", line' not in done.stderr and not logs.exists()
+
+
 def test_a_process_that_dies_stops_the_others(demo, tmp_path):
-    """SIGKILL one process in its second epoch: torchrun stops the other within seconds,
-    and the checkpoint of the first epoch stays loadable."""
+    """SIGKILL rank 1 in its second epoch: torchrun stops the other within seconds, rank 0
+    says so in one line (not gloo's traceback) and leaves status 'failed', and the
+    checkpoint of the first epoch stays loadable."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                '--nproc_per_node=2', os.path.join(CODE, 'main.py'), demo,
@@ -210,14 +243,22 @@ def test_a_process_that_dies_stops_the_others(demo, tmp_path):
         workers = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(launcher.pid)],
                                  capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
-        os.kill(int(workers[-1]), signal.SIGKILL)
+        os.kill(next(int(pid) for pid in workers if rank_of(pid) == 1), signal.SIGKILL)
         killed = time.time()
-        launcher.stdout.read()
+        output = launcher.stdout.read()
         assert launcher.wait(timeout=120) != 0
         assert time.time() - killed < 60
     finally:
         launcher.kill()
-    ckpt = torch.load(checkpoint_of(only_run(str(tmp_path))), weights_only=True)
+    ours = [line for line in output.splitlines() if line.startswith('main.py: error:')]
+    assert len(ours) == 1 and 'another process of the torchrun launch is gone' in ours[0], \
+        output
+    assert 'main.py", line' not in output and '[rank0]' not in output, output  # no traceback
+    import json
+    run = only_run(str(tmp_path))
+    with open(os.path.join(run, 'summary.json')) as f:
+        assert json.load(f)['status'] == 'failed'
+    ckpt = torch.load(checkpoint_of(run), weights_only=True)
     assert ckpt['epoch'] >= 1 and set(ckpt['state_dict']) == set(weights_like_simplenet())
 
 
@@ -252,3 +293,44 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     assert distributed.check_launch('cpu', 'auto', False) == ('gloo', False)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     assert distributed.check_launch('auto', 'auto', False) == ('nccl', True)
+
+
+def test_a_batchnorm_runs_figure_is_its_checkpoints_figure(real600, tmp_path, capsys):
+    """Each process normalises its half of every batch, so their BatchNorm statistics
+    differ after training; they are averaged before each validation, and the model
+    validated is the model saved: -e of model_best on one process prints the run's best
+    accuracy to the image (359 validation images, ResNet10), and -a under torchrun
+    reports what -a on one process does."""
+    import json
+    logs = str(tmp_path)
+    flags = ['--arch', 'resnet10', '--epochs', '2', '--warmup', '0', '-b', '32', '--lr', '0.05',
+             '--num-classes', '10', '--seed', '1', '-j', '0', '-p', '100', '--device', 'cpu',
+             '--no-compile', '--no-amp']
+    done = torchrun([real600, '--log-dir', logs] + flags)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = only_run(logs)
+    best = checkpoint_of(run, 'model_best.pth.tar')
+    code, out, err = run_main([real600, '--resume', best, '-e', '-j', '0', '--log-dir', logs],
+                              capsys)
+    assert code == 0, err
+    with open(os.path.join(run, 'summary.json')) as f:
+        summary = json.load(f)
+    one_image = 100 / 359
+    assert abs(summary['evaluation']['top1'] - summary['best_acc1']) < one_image / 2
+    # the loss tells the models apart where no prediction flips: equal up to the order
+    # of float32 sums
+    best_epoch = summary['epochs'][summary['best_epoch'] - 1]
+    assert summary['evaluation']['loss'] == pytest.approx(best_epoch['val_loss'], rel=1e-5)
+    attacks = []
+    for launch in (torchrun, None):
+        argv = [real600, '--resume', best, '-a', '-j', '0', '--device', 'cpu',
+                '--attack-steps', '2', '--log-dir', logs]
+        if launch is None:
+            code, out, err = run_main(argv, capsys)
+            assert code == 0, err
+        else:
+            assert launch(argv).returncode == 0
+        with open(os.path.join(run, 'summary.json')) as f:
+            attacks.append(json.load(f)['attack'])
+    for key in ('clean_top1', 'adv_top1', 'clean_top1_noflip', 'adv_top1_noflip'):
+        assert abs(attacks[0][key] - attacks[1][key]) < one_image / 2, key

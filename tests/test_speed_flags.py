@@ -258,3 +258,18 @@ def test_a_resume_stays_on_the_cpu_where_a_gpu_is(demo, tmp_path, capsys, monkey
     code, _, err = run_main([demo, '--resume', checkpoint_of(part), '-j', '0'], capsys)
     assert code == 0, err
     assert [d.type for d in devices] == ['cpu', 'cpu']
+
+
+@pytest.mark.parametrize('amx', [True, False])
+def test_the_cpus_auto_amp_is_on_exactly_where_amx_is(demo, tmp_path, capsys, monkeypatch,
+                                                      amx):
+    """bf16 autocast is 2.66x faster than fp32 on a CPU with AMX tiles and slower on one
+    without (docs/benchmarks.md): auto --amp follows the capability, and says why."""
+    monkeypatch.setattr(speed, 'cpu_has_amx', lambda: amx)
+    run, out = train(demo, tmp_path, capsys, '--no-data-cache', epochs=1)
+    line = next(l for l in out.splitlines() if l.startswith('=> speed:'))
+    assert summary_args(run)['amp'] is amx
+    if amx:
+        assert "amp bfloat16 (auto: bf16 on this CPU's AMX tiles)" in line, line
+    else:
+        assert 'amp off (auto: bf16 is slower than fp32 on a CPU without AMX' in line, line

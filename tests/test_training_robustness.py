@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import FAST, run_main, checkpoint_of, only_run, expect_error, strict_json
-import main as driver
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
