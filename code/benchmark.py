@@ -19,7 +19,8 @@ from bench_parts import bench_attack, bench_attention, bench_conv
 from bench_recipe import (RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS, RecipeError,
                           bench_recipe)
 from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
-from bench_scale import GPU_STEP_MS, SCALE_SIZES, bench_scale
+from bench_scale import SCALE_SIZES, bench_scale
+from bench_scale_tables import GPU_STEP_MS
 from bench_speed import bench_pipeline, bench_step
 
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
@@ -125,7 +126,7 @@ def build_parser():
                        help='image side of a set made in --data (MiniPlaces: 128)')
     scale.add_argument('--gpu-step-ms', type=float, default=GPU_STEP_MS,
                        help='training step on one GPU at batch 256, for the projection on '
-                            'paper (an estimate; see bench_scale.py)')
+                            'paper (an estimate; see bench_scale_tables.py)')
     scale.add_argument('--keep-caches', action='store_true',
                        help='keep the caches of DATA/subsets/<size> (several GB at 110k)')
     return parser

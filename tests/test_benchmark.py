@@ -209,7 +209,7 @@ def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     both paths at both sizes with one worker, reads PSS from /proc, prints the tables and
     the projection, and removes its caches (nothing here is a measurement)."""
     import benchmark
-    import bench_scale
+    import bench_scale_tables
     data = tmp_path / 'scale'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # the default CNN's step: a second thread only waits here
@@ -221,7 +221,7 @@ def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     out = capsys.readouterr().out
 
     header, *rows = table_after(out, 'images (train + val)')
-    assert header == bench_scale.SCALE_HEADER
+    assert header == bench_scale_tables.SCALE_HEADER
     assert [row[:2] for row in rows] == [['60', 'cached'], ['60', 'per-image'],
                                          ['120', 'cached'], ['120', 'per-image']]
     column = {name: i for i, name in enumerate(header)}
