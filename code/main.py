@@ -74,7 +74,8 @@ handout.add_argument('--start-epoch', default=0, type=int, metavar='N',
 handout.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
                      help='mini-batch size (default: 256)')
 handout.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR',
-                     help='initial learning rate (default: 0.1)')
+                     help='initial learning rate (default: the handout\'s 0.1 at its batch '
+                          'of 256, scaled linearly to -b: 0.1 x b / 256)')
 handout.add_argument('--momentum', default=0.9, type=float, metavar='M',
                      help='momentum of SGD (default: 0.9)')
 handout.add_argument('--wd', '--weight-decay', default=1e-4, type=float, metavar='W',

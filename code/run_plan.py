@@ -113,15 +113,35 @@ def check_args(args, given):
         check_global_batch(args.batch_size, launch_size())
 
 
+# the handout's learning rate, and the batch it belongs to
+HANDOUT_LR, HANDOUT_BATCH = 0.1, 256
+
+
 def settle_new_run(args, given):
     """Fill in what a new training run's flags leave open: the model, its gradient
-    clipping (the ViT by default, a CNN only when --clip-grad is given), the seed."""
+    clipping (the ViT by default, a CNN only when --clip-grad is given), the learning
+    rate, the seed."""
     args.arch = requested_arch(args) or registry_name(default_cnn_model, cnn_models,
                                                       'default_cnn_model')
     if ARCHS[args.arch] != 'vit' and 'clip_grad' not in given:
         args.clip_grad = 0.0
+    if 'lr' not in given:
+        args.lr = scaled_lr(args.batch_size)
     if args.seed is None:  # draw one, and record it so that the run can be replayed
         args.seed = random.SystemRandom().randrange(2 ** 31)
+
+
+def scaled_lr(batch_size):
+    """The handout's lr 0.1 belongs to its batch of 256: at a smaller batch the same lr
+    is a larger step per image, and SimpleNet diverged at batch 64 (docs/benchmarks.md,
+    "Learning rate and batch size"). Scaled linearly to the (global) batch, as timm does
+    when --lr is not given: 0.1 x batch / 256. The start line says so."""
+    lr = HANDOUT_LR * batch_size / HANDOUT_BATCH
+    if batch_size != HANDOUT_BATCH:
+        print(f'=> lr {lr:g}: the handout\'s {HANDOUT_LR:g} is for its batch of '
+              f'{HANDOUT_BATCH}, scaled to -b {batch_size} ({HANDOUT_LR:g} x {batch_size} / '
+              f'{HANDOUT_BATCH}); --lr sets it')
+    return lr
 
 
 def adopt_checkpoint_plan(args, given, ckpt, path):

@@ -366,3 +366,28 @@ def test_vit_learns_the_demo_set_well_above_chance(tmp_path_factory, capsys):
     assert code == 0, err
     summary = json.load(open(os.path.join(only_run(logs), 'summary.json')))
     assert summary['best_acc1'] >= 50.0, summary['epochs']  # chance: 25%
+
+
+@pytest.mark.parametrize('batch, lr', [(8, 0.003125), (256, 0.1)])
+def test_the_lr_follows_the_batch_unless_given(demo, tmp_path, capsys, batch, lr):
+    """The handout's lr 0.1 is for its batch of 256: without --lr it is scaled linearly to
+    -b, said at start and stored in the run; a resume keeps it; --lr is used as given."""
+    import run_plan
+    no_lr = [a for i, a in enumerate(FAST) if a != '--lr' and FAST[i - 1] != '--lr']
+    assert run_plan.scaled_lr(batch) == pytest.approx(lr)
+    if batch > 24:   # the demo set has 24 training images: check the rule only
+        return
+    logs = tmp_path / 'scaled'
+    code, out, err = run_main([demo, '--log-dir', str(logs), '--epochs', '2',
+                               '--stop-after', '1'] + no_lr, capsys)
+    assert code == 0, err
+    assert f"=> lr {lr:g}: the handout's 0.1 is for its batch of 256, scaled to -b {batch}" \
+        in out
+    run = only_run(str(logs))
+    assert json.load(open(os.path.join(run, 'summary.json')))['args']['lr'] == lr
+    code, out, err = run_main([demo, '--resume', checkpoint_of(run)] + no_lr, capsys)
+    assert code == 0, err
+    assert torch.load(checkpoint_of(run), weights_only=True)['args']['lr'] == lr
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'given')] + no_lr +
+                              ['--epochs', '1', '--warmup', '0', '--lr', '0.1'], capsys)
+    assert code == 0 and '=> lr' not in out, err
