@@ -96,14 +96,16 @@ def _atomic_write(path, write_fn, binary):
             os.remove(tmp)
 
 
-def remove_temp_files(folder):
-    """Remove what _atomic_write leaves behind when the process is killed mid-write.
-    Only call it holding the run folder's lock (no other writer is then at work)."""
+def remove_temp_files(run_dir):
+    """Remove what _atomic_write leaves behind in a run folder (RUN/ and RUN/models/) when
+    the process is killed mid-write; returns their names. Only call it holding the run
+    folder's lock (no other writer is then at work)."""
     removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith(TMP_PREFIX):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
+    for folder in (run_dir, os.path.join(run_dir, rr.MODELS)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
     return removed
 
 
@@ -252,8 +254,7 @@ def close_dead_run(run_dir):
         with run_lock(run_dir), summary_lock(run_dir):  # free: no process trains in it
             if not end_running(run_dir, rr.INTERRUPTED):
                 return None
-            return remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir,
-                                                                               rr.MODELS))
+            return remove_temp_files(run_dir)
     except (RunFolderError, OSError):  # alive after all, or a folder we may not write
         return None
 
@@ -395,8 +396,7 @@ def open_run_folder(args, ckpt, hold):
               f'is no longer running')
     # the summary lock too: an -e/-a of this run may be writing its summary right now
     with summary_lock(run_dir):
-        removed = remove_temp_files(run_dir) + remove_temp_files(os.path.join(run_dir,
-                                                                              rr.MODELS))
+        removed = remove_temp_files(run_dir)
     if removed:
         print(f'note: removed {len(removed)} temporary file(s) left by a killed run')
     return run_dir
