@@ -1,7 +1,12 @@
-"""Write a small set of REAL images in MiniPlaces layout, offline: handwritten digits.
+"""Write sets of REAL images in MiniPlaces layout, offline: handwritten digits (small)
+or Fashion-MNIST (70,000 photographs of clothes, MiniPlaces' scale).
 
     python code/make_real_data.py OUT_DIR [--size 32] [--val-fraction 0.2] [--seed 0]
                                           [--max-train N]
+    python code/make_real_data.py OUT_DIR --set fashion-mnist [--idx-dir DIR] [--size 28]
+                                          [--max-train N] [--max-val N]
+
+Digits (the default set):
 
 The images are the 1797 handwritten digits that scikit-learn ships inside its package
 (sklearn.datasets.load_digits, no download): the test set of the UCI "Optical
@@ -18,9 +23,22 @@ split) puts about `val_fraction` of every class into validation: 1438 training a
 validation images by default. OUT_DIR gets images/train/d/digit_0/00000001.jpg ...,
 images/val/00000001.jpg ..., train.txt, val.txt and categories.txt, like MiniPlaces, and
 sources.txt, which names the index in load_digits() of every image.
+
+Fashion-MNIST (Xiao, Rasul and Vollgraf, 2017): Zalando's product photographs, 28 x 28
+grayscale, 10 classes, 60,000 training and 10,000 test images, as four IDX files. Debian's
+package dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist
+(`apt-get install dataset-fashion-mnist`); --idx-dir names any folder with the four files,
+gzipped or not. The 60,000 training images become images/train/<letter>/<class>/*.png and
+the 10,000 test images images/val/*.png, in the files' order, as lossless PNG (resized
+with OpenCV's bilinear interpolation when --size is not 28). --max-train / --max-val keep
+the first images of each class in turn (balanced): `--max-train 10000` is a training set
+sized to a 2-core machine, validated on all 10,000 test images. sources.txt names the
+index of every image in its IDX file (train-* for train/, t10k-* for val/).
 """
+import gzip
 import argparse
 import os
+import struct
 import sys
 
 import cv2
@@ -52,6 +70,17 @@ def render_digit(pixels, size):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def balanced_first(per_class, n):
+    """Keep the first images of each class in turn: per_class is one index array per class
+    (in the order to keep from); returns as many arrays, n indices in all, spread evenly."""
+    order = sorted((rank, label) for label, idx in enumerate(per_class)
+                   for rank in range(len(idx)))
+    kept = [0] * len(per_class)
+    for rank, label in order[:n]:
+        kept[label] += 1
+    return [idx[:k] for idx, k in zip(per_class, kept)]
+
+
 def split_indices(labels, val_fraction, seed, max_train=None):
     """Stratified split -> (train: one index array per class, val: shuffled indices).
     With max_train, training keeps the first images of each class in turn (balanced)."""
@@ -66,12 +95,7 @@ def split_indices(labels, val_fraction, seed, max_train=None):
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     if max_train is not None:
-        # rank within its class, then class: the first max_train are spread evenly
-        order = sorted((rank, label) for label, idx in enumerate(train) for rank in range(len(idx)))
-        kept = [0] * NUM_CLASSES
-        for rank, label in order[:max_train]:
-            kept[label] += 1
-        train = [idx[:n] for idx, n in zip(train, kept)]
+        train = balanced_first(train, max_train)
     return train, rng.permutation(np.concatenate(val))
 
 
@@ -119,26 +143,150 @@ def make_real_dataset(out_dir, size=32, val_fraction=0.2, seed=0, max_train=None
     return write_label_files(out_dir, CLASS_NAMES, train_lines, val_lines)
 
 
+# ---- Fashion-MNIST -------------------------------------------------------------------
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"     # where Debian's package puts it
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_CLASSES = ["t/t_shirt_top", "t/trouser", "p/pullover", "d/dress", "c/coat",
+                   "s/sandal", "s/shirt", "s/sneaker", "b/bag", "a/ankle_boot"]
+FASHION_MARKER = "FASHION_README.txt"
+
+
+def idx_path(idx_dir, name):
+    """The IDX file `name` in idx_dir, gzipped or not; ValueError naming what to do."""
+    for path in (os.path.join(idx_dir, name + ".gz"), os.path.join(idx_dir, name)):
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"Fashion-MNIST file {name}[.gz] not found in {idx_dir} (install it "
+                     f"with `apt-get install dataset-fashion-mnist`, or give the folder "
+                     f"of the four IDX files with --idx-dir)")
+
+
+def read_idx(path, dims):
+    """An IDX file of unsigned bytes (the format of MNIST's files: a magic number 0x08
+    0x0D, dims big-endian sizes, then the bytes) -> numpy uint8 array. numpy has no
+    reader for it; it is 10 lines."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]):
+        raise ValueError(f"{path} is not an IDX file of {dims}-dimensional unsigned bytes")
+    shape = struct.unpack(f">{dims}I", data[4:4 + 4 * dims])
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * dims)
+    if body.size != np.prod(shape):
+        raise ValueError(f"{path} holds {body.size} bytes where its header says "
+                         f"{int(np.prod(shape))} (a truncated file?)")
+    return body.reshape(shape)
+
+
+def load_fashion_mnist(idx_dir=FASHION_DIR):
+    """{"train": (images N x 28 x 28 uint8, labels N), "val": (...)} from the IDX files."""
+    sets = {}
+    for split, (image_name, label_name) in FASHION_FILES.items():
+        images = read_idx(idx_path(idx_dir, image_name), 3)
+        labels = read_idx(idx_path(idx_dir, label_name), 1)
+        if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_CLASSES):
+            raise ValueError(f"{idx_dir}: {image_name} and {label_name} do not match "
+                             f"({len(images)} images, {len(labels)} labels up to "
+                             f"{labels.max(initial=0)})")
+        sets[split] = (images, labels)
+    return sets
+
+
+def kept_indices(labels, max_count):
+    """Indices of the images to write, in the file's order: all, or the first of each
+    class in turn (balanced) up to max_count."""
+    if max_count is None:
+        return np.arange(len(labels))
+    per_class = [np.flatnonzero(labels == c) for c in range(len(FASHION_CLASSES))]
+    return np.sort(np.concatenate(balanced_first(per_class, max_count)))
+
+
+def make_fashion_mnist(out_dir, idx_dir=FASHION_DIR, size=28, max_train=None,
+                       max_val=None):
+    """Write Fashion-MNIST to out_dir; deterministic given the arguments. Returns
+    {"train": n_train, "val": n_val}."""
+    for flag, value in (("max_train", max_train), ("max_val", max_val)):
+        if value is not None and value < len(FASHION_CLASSES):
+            raise ValueError(f"{flag} must be at least {len(FASHION_CLASSES)} (one image "
+                             f"per class), got {value}")
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    sets = load_fashion_mnist(idx_dir)       # every file is read before anything is deleted
+    prepare_out_dir(out_dir, FASHION_MARKER, "Fashion-MNIST set", OUR_FILES)
+    with open(os.path.join(out_dir, FASHION_MARKER), "w") as f:
+        f.write(f"Fashion-MNIST written by code/make_real_data.py from {idx_dir}: size={size} "
+                f"max_train={max_train} max_val={max_val}\n")
+    lines = {"train": [], "val": []}
+    sources, per_class_count = [], [0] * len(FASHION_CLASSES)
+    for split, max_count in (("train", max_train), ("val", max_val)):
+        images, labels = sets[split]
+        for n, index in enumerate(kept_indices(labels, max_count), start=1):
+            label = int(labels[index])
+            if split == "train":
+                per_class_count[label] += 1
+                rel = f"train/{FASHION_CLASSES[label]}/{per_class_count[label]:08d}.png"
+            else:
+                rel = f"val/{n:08d}.png"
+            image = images[index]
+            if size != image.shape[0]:
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+            path = os.path.join(out_dir, "images", rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not cv2.imwrite(path, image):
+                raise OSError(f"could not write {path}")
+            lines[split].append(f"{rel} {label}")
+            sources.append(f"{rel} {index}")
+    write_text(os.path.join(out_dir, "sources.txt"), sources)
+    return write_label_files(out_dir, FASHION_CLASSES, lines["train"], lines["val"])
+
+
 def main():
     parser = argparse.ArgumentParser(
-        description="Write scikit-learn's real handwritten digits in MiniPlaces layout.")
+        description="Write a real image set in MiniPlaces layout, offline: scikit-learn's "
+                    "handwritten digits or Debian's Fashion-MNIST.")
     parser.add_argument("out_dir",
-                        help="folder to write (created; a previous real set is replaced)")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="share of every class put into validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+                        help="folder to write (created; a previous set of the same kind is "
+                             "replaced)")
+    parser.add_argument("--set", choices=("digits", "fashion-mnist"), default="digits",
+                        help="which real images (default: digits)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default: 32 for digits, 28 for "
+                             "fashion-mnist, its own size)")
     parser.add_argument("--max-train", type=int, default=None,
                         help="keep at most N training images (balanced over the classes)")
+    digits = parser.add_argument_group("digits")
+    digits.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of every class put into validation")
+    digits.add_argument("--seed", type=int, default=0, help="seed of the split")
+    fashion = parser.add_argument_group("fashion-mnist")
+    fashion.add_argument("--idx-dir", default=FASHION_DIR,
+                         help=f"folder of the four IDX files (default: {FASHION_DIR}, "
+                              f"where Debian's dataset-fashion-mnist puts them)")
+    fashion.add_argument("--max-val", type=int, default=None,
+                         help="keep at most N validation images (balanced; default all "
+                              "10,000)")
     args = parser.parse_args()
     try:
-        counts = make_real_dataset(args.out_dir, args.size, args.val_fraction, args.seed,
-                                   args.max_train)
+        if args.set == "fashion-mnist":
+            size = args.size or 28
+            counts = make_fashion_mnist(args.out_dir, args.idx_dir, size, args.max_train,
+                                        args.max_val)
+            what = "Fashion-MNIST photographs"
+        else:
+            size = args.size or 32
+            counts = make_real_dataset(args.out_dir, size, args.val_fraction, args.seed,
+                                       args.max_train)
+            what = "real handwritten digits"
     except (ValueError, OSError) as e:
         sys.exit(f"make_real_data.py: error: {e}")
-    print(f"wrote {counts['train']} train + {counts['val']} val JPEG images "
-          f"({args.size}x{args.size}, {NUM_CLASSES} classes of real handwritten digits) to "
-          f"{args.out_dir}/images, with train.txt, val.txt, categories.txt and sources.txt")
+    print(f"wrote {counts['train']} train + {counts['val']} val images ({size}x{size}, "
+          f"{NUM_CLASSES} classes of {what}) to {args.out_dir}/images, with train.txt, "
+          f"val.txt, categories.txt and sources.txt")
 
 
 if __name__ == "__main__":
