@@ -183,15 +183,23 @@ def timed_pass(loader, device, peaks=None):
     return images, time.perf_counter() - start
 
 
+def default_cnn_name():
+    """The --arch name of student_code.default_cnn_model, whose speed settings apply."""
+    import student_code as sc
+    from run_plan import registry_name
+    return registry_name(sc.default_cnn_model, sc.cnn_models, 'default_cnn_model')
+
+
 def measure_path(folder, path, args, device):
     """One training epoch and one validation pass of `path` ('cached' or 'per-image')
     over `folder`, through the loaders main.py builds (its default memory format on this
     device; batches normalized on arrival), with the memory sampled during the epoch."""
     import loaders
     from speed import auto_speed_settings
+    settings = auto_speed_settings(device, default_cnn_name())
     run = argparse.Namespace(data_folder=folder, batch_size=args.batch_size,
                              workers=args.workers, data_cache=path == 'cached',
-                             channels_last=auto_speed_settings(device)['channels_last'][0])
+                             channels_last=settings['channels_last'][0])
     train_set, val_set = loaders.load_datasets(run)
     train_loader, val_loader = loaders.build_loaders(run, device, train_set, val_set)
     loaders.seed_epoch(0, 0, train_loader)
@@ -251,7 +259,7 @@ def model_times(args, device):
     import student_code as sc
     from speed import amp_dtype_for, auto_speed_settings
     from utils import predict_with_flip
-    settings = auto_speed_settings(device)
+    settings = auto_speed_settings(device, default_cnn_name())
     amp, channels_last = settings['amp'][0], settings['channels_last'][0]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dtype = getattr(torch, amp_dtype_for(device))
