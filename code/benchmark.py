@@ -6,6 +6,8 @@
                               (bench_runs.py; recipe and its cells: bench_recipe.py)
   scale                       the input pipeline at MiniPlaces' size, a 60-epoch run
                               projected (bench_scale.py)
+  shared                      one training process alone vs two on the same cores
+                              (bench_shared.py)
 
 The in-process benchmarks interleave their repetitions and print ratios (ratios survive
 a noisy machine; absolute times do not). `python code/benchmark.py WHICH --help` lists
@@ -21,12 +23,13 @@ from bench_recipe import (RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS, Recipe
 from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
 from bench_scale import SCALE_SIZES, bench_scale
 from bench_scale_tables import GPU_STEP_MS
+from bench_shared import MODELS, WAIT_POLICIES, bench_shared
 from bench_speed import bench_pipeline, bench_step
 
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
               'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
               'train': bench_train, 'step': bench_step, 'ddp': bench_ddp,
-              'scale': bench_scale}
+              'scale': bench_scale, 'shared': bench_shared}
 
 # one line per benchmark for the top-level --help; `WHICH --help` prints the docstring
 SUMMARIES = {
@@ -40,6 +43,7 @@ SUMMARIES = {
     'step': 'a training step in fp32, channels-last, amp, amp+channels-last',
     'ddp': '1 process vs N under torchrun: images/s, val top-1, weights',
     'scale': 'cache, epoch, memory (PSS) at 10k-110k images; 60-epoch projection',
+    'shared': 'a training step alone vs two processes at once; OpenMP waiting',
 }
 
 
@@ -83,7 +87,8 @@ def build_parser():
                'train': [device, batch, training, datasets, models, quick, small],
                'step': [device, repeats, threads, batch, models],
                'ddp': [device, training, quick, small],
-               'scale': [device, repeats, threads]}
+               'scale': [device, repeats, threads],
+               'shared': [quick]}
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +134,13 @@ def build_parser():
                             'paper (an estimate; see bench_scale_tables.py)')
     scale.add_argument('--keep-caches', action='store_true',
                        help='keep the caches of DATA/subsets/<size> (several GB at 110k)')
+    shared = commands['shared']
+    shared.add_argument('--model', choices=list(MODELS), default='resnet10',
+                        help='the timed model')
+    shared.add_argument('--batch-size', type=int, default=32, help='batch size')
+    shared.add_argument('--steps', type=int, default=6, help='timed steps per process')
+    shared.add_argument('--policies', nargs='+', choices=list(WAIT_POLICIES),
+                        default=list(WAIT_POLICIES), help='OpenMP wait policies to compare')
     return parser
 
 

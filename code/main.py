@@ -28,10 +28,17 @@ import sys
 import time
 from collections import namedtuple
 
-import torch
-import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+# OpenMP (libgomp, torch's thread pool) lets a thread that waits for work spin on its core
+# before it sleeps. Two runs on the same cores then spend each other's time slices
+# spinning and each slows 5x where sharing two cores should cost 2x (docs/benchmarks.md,
+# "Two runs on the same cores"). Passive waiting must be set before torch loads OpenMP;
+# a value of your own in the environment is kept.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
 import student_code  # noqa: E402

@@ -287,3 +287,37 @@ def test_every_model_has_a_measured_amx_setting_or_stays_in_fp32(monkeypatch):
     on, why = speed.auto_speed_settings(cpu, 'my_net')['amp']
     assert not on and 'not measured for my_net' in why
     assert speed.auto_speed_settings(cpu, 'simplenet')['channels_last'][0] is True
+
+
+@pytest.mark.parametrize('given, spin_count', [(None, "'0'"), ('ACTIVE', None)])
+def test_openmp_threads_wait_passively_unless_the_user_says(given, spin_count):
+    """Two runs on the same cores slow 5x with spinning OpenMP threads (docs/benchmarks.md):
+    main.py asks libgomp to wait passively before torch loads it, which libgomp reports
+    (OMP_DISPLAY_ENV) as a spin count of 0; a policy the user set is kept."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+    env['OMP_DISPLAY_ENV'] = 'verbose'
+    if given:
+        env['OMP_WAIT_POLICY'] = given
+    code = os.path.join(os.path.dirname(__file__), os.pardir, 'code')
+    done = subprocess.run([sys.executable, '-c', 'import main, torch; torch.ones(9).sum()'],
+                          cwd=code, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    spin = next(l for l in done.stderr.splitlines() if 'GOMP_SPINCOUNT' in l)
+    if spin_count:
+        assert spin.split('=')[1].strip() == spin_count, spin
+    else:
+        assert int(spin.split('=')[1].strip().strip("'")) > 0, spin
+        assert "OMP_WAIT_POLICY = 'ACTIVE'" in done.stderr
+
+
+def test_the_shared_cores_benchmark_times_one_and_two_processes(capsys):
+    import benchmark
+    benchmark.main(['shared', '--quick', '--policies', 'passive', '--model', 'simplenet',
+                    '--batch-size', '2'])
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.strip().startswith('passive'))
+    alone, pair = line.split('|')
+    assert float(alone.split()[2]) > 0
+    assert len(pair.split('(')[1].split('/')) == 2       # a slowdown for each of the two
