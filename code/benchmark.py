@@ -8,6 +8,8 @@
                               projected (bench_scale.py)
   shared                      one training process alone vs two on the same cores
                               (bench_shared.py)
+  accuracy-time               the default CNN's time to a top-1 on Fashion-MNIST
+                              (bench_accuracy_time.py)
 
 The in-process benchmarks interleave their repetitions and print ratios (ratios survive
 a noisy machine; absolute times do not). `python code/benchmark.py WHICH --help` lists
@@ -17,9 +19,10 @@ import argparse
 import inspect
 import sys
 
+from bench_accuracy_time import bench_accuracy_time
 from bench_parts import bench_attack, bench_attention, bench_conv
-from bench_recipe import (RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS, RecipeError,
-                          bench_recipe)
+from bench_recipe import (DEFAULT_DATASETS, RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS,
+                          RecipeError, bench_recipe)
 from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
 from bench_scale import SCALE_SIZES, bench_scale
 from bench_scale_tables import GPU_STEP_MS
@@ -29,7 +32,8 @@ from bench_speed import bench_pipeline, bench_step
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,
               'models': bench_models, 'recipe': bench_recipe, 'pipeline': bench_pipeline,
               'train': bench_train, 'step': bench_step, 'ddp': bench_ddp,
-              'scale': bench_scale, 'shared': bench_shared}
+              'scale': bench_scale, 'shared': bench_shared,
+              'accuracy-time': bench_accuracy_time}
 
 # one line per benchmark for the top-level --help; `WHICH --help` prints the docstring
 SUMMARIES = {
@@ -44,6 +48,7 @@ SUMMARIES = {
     'ddp': '1 process vs N under torchrun: images/s, val top-1, weights',
     'scale': 'cache, epoch, memory (PSS) at 10k-110k images; 60-epoch projection',
     'shared': 'a training step alone vs two processes at once; OpenMP waiting',
+    'accuracy-time': 'default CNN, auto settings: time to 85/90 % top-1 on Fashion-MNIST',
 }
 
 
@@ -75,7 +80,9 @@ def build_parser():
                                      help='400 training images per data set (slow machines)')))
     data = _parent(('--data', dict(default=None, help='data folder (default data/demo)')))
     datasets = _parent(('--datasets', dict(nargs='+', choices=list(RECIPE_DATASETS),
-                                           default=list(RECIPE_DATASETS), help='data sets')))
+                                           default=DEFAULT_DATASETS,
+                                           help='data sets (fashion: Fashion-MNIST, '
+                                                '10,000 training images)')))
     models = _parent(('--models', dict(nargs='+', choices=list(RECIPE_MODELS),
                                        default=list(RECIPE_MODELS), help='models')))
     parents = {'conv': [device, repeats, threads, batch],
@@ -88,7 +95,8 @@ def build_parser():
                'step': [device, repeats, threads, batch, models],
                'ddp': [device, training, quick, small],
                'scale': [device, repeats, threads],
-               'shared': [quick]}
+               'shared': [quick],
+               'accuracy-time': [quick]}
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +149,18 @@ def build_parser():
     shared.add_argument('--steps', type=int, default=6, help='timed steps per process')
     shared.add_argument('--policies', nargs='+', choices=list(WAIT_POLICIES),
                         default=list(WAIT_POLICIES), help='OpenMP wait policies to compare')
+    timed = commands['accuracy-time']
+    timed.add_argument('--data', default=None,
+                       help='a data set folder (default: Fashion-MNIST converted into a '
+                            'temporary folder)')
+    timed.add_argument('--max-train', type=int, default=None,
+                       help='convert only N training images (default all 60,000)')
+    timed.add_argument('--epochs', type=int, default=2, help='the epoch budget')
+    timed.add_argument('--batch-size', type=int, default=256, help='batch size')
+    timed.add_argument('--seed', type=int, default=0, help='training seed')
+    timed.add_argument('--targets', type=float, nargs='+', default=[85.0, 90.0],
+                       help='validation top-1 (%%) to time')
+    timed.add_argument('--keep', action='store_true', help='keep the work folder')
     return parser
 
 

@@ -1,0 +1,80 @@
+"""The time-to-accuracy benchmark: how long the default CNN, with the toolkit's automatic
+speed settings, takes to reach given validation top-1 on a large real set (Fashion-MNIST,
+make_real_data.py --set fashion-mnist), and its best top-1 after a fixed epoch budget.
+This is the figure the toolkit's speed work is judged by on a CPU: a faster step that
+learns less per epoch does not count.
+
+One run of main.py in a subprocess, as a user would start it; read back from its
+summary.json. Training seconds are the epochs' own (epoch_time_s: data and steps, without
+validation); wall seconds are the whole run's (start-up, cache build and validation too).
+"""
+import os
+import shutil
+import tempfile
+
+from bench_recipe import RecipeError, build_recipe_data, run_recipe_cell
+from bench_timing import cpu_name
+
+
+def epochs_to_reach(epochs, target):
+    """(epoch, training seconds so far) of the first epoch whose val top-1 >= target;
+    None if none did."""
+    seconds = 0.0
+    for epoch in epochs:
+        seconds += epoch['epoch_time_s']
+        if epoch['val_top1'] >= target:
+            return epoch['epoch'], seconds
+    return None
+
+
+def accuracy_time_lines(summary, targets):
+    """The report of one run: an epoch table, then one line per target and the best."""
+    epochs = summary['epochs']
+    lines = ['| epoch | val top-1 | training s (cumulative) | images/s |',
+             '| ---: | ---: | ---: | ---: |']
+    total = 0.0
+    for epoch in epochs:
+        total += epoch['epoch_time_s']
+        lines.append(f"| {epoch['epoch']} | {epoch['val_top1']:.2f} | {total:.0f} "
+                     f"| {epoch['images_per_s']:.0f} |")
+    for target in targets:
+        reached = epochs_to_reach(epochs, target)
+        lines.append(f"{target:g} % top-1: " + (
+            f"reached in epoch {reached[0]}, after {reached[1]:.0f} s of training"
+            if reached else f"not reached in {len(epochs)} epochs"))
+    best = max(epoch['val_top1'] for epoch in epochs)
+    lines.append(f"best top-1 after {len(epochs)} epochs: {best:.2f} %; wall time "
+                 f"{summary['wall_time_s']:.0f} s (start-up, cache and validation included)")
+    return lines
+
+
+def bench_accuracy_time(args):
+    """The default CNN with the automatic speed settings on Fashion-MNIST (or --data):
+    training seconds to reach each --targets top-1, and the best top-1 after --epochs."""
+    import torch
+    work = tempfile.mkdtemp(prefix='bench_accuracy_time_')
+    data = args.data
+    try:
+        if data is None:
+            data = os.path.join(work, 'fashion')
+            size = ['--max-train', str(args.max_train)] if args.max_train else []
+            build_recipe_data('fashion', data, args.quick, size)   # all 60,000 by default
+        # --quick: 1 epoch of 2 batches of the tiny set, to see that it runs
+        epochs, warmup, batch = (1, 0, 10) if args.quick else (args.epochs, 1, args.batch_size)
+        flags = ['--epochs', str(epochs), '--warmup', str(warmup), '-b', str(batch),
+                 '--seed', str(args.seed), '--num-classes', '10', '-p', '1000'] + \
+            (['-j', '0'] if args.quick else [])
+        print(f"accuracy-time: torch {torch.__version__}, CPU {cpu_name()} "
+              f"({os.cpu_count()} cores); main.py {data} {' '.join(flags)}", flush=True)
+        summary = run_recipe_cell(data, flags, os.path.join(work, 'logs'))
+        speed = summary['args']
+        print(f"auto settings: amp {speed.get('amp')}, channels-last "
+              f"{speed.get('channels_last')}, data cache {speed.get('data_cache')}\n")
+        print('\n'.join(accuracy_time_lines(summary, args.targets)))
+    except RecipeError:
+        print(f"(work folder kept: {work})")
+        raise
+    if args.keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
