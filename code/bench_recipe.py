@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from statistics import mean
+from statistics import mean, stdev
 
 import run_record as rr
 from bench_timing import cpu_name
@@ -49,6 +49,11 @@ RECIPE_CONFIGS.update({
                           '--device', 'cpu', '--lr', f'{lr:g}']
     for batch in (32, 64, 256)
     for suffix, lr in (('', 0.1), ('-scaled', 0.1 * batch / 256)) if batch < 256 or not suffix})
+DEFAULT_CONFIGS = list(RECIPE_CONFIGS)
+# bf16 autocast against fp32 at equal epochs (on a CPU without bf16 hardware bf16 is
+# slow, but learns as it would with it: the same numerics)
+RECIPE_CONFIGS.update({f'b64-scaled-{precision}': RECIPE_CONFIGS['b64-scaled'] + [flag]
+                       for precision, flag in (('fp32', '--no-amp'), ('bf16', '--amp'))})
 VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
 # --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
 # workers: to see that every cell runs, not to measure anything
@@ -62,11 +67,13 @@ class RecipeError(RuntimeError):
     """A data set or a run of main.py failed; the message is one line."""
 
 
-def recipe_flags(model, config, seed, quick=False):
-    """main.py's flags (after DIR) for one cell."""
+def recipe_flags(model, config, seed, quick=False, epochs=None):
+    """main.py's flags (after DIR) for one cell; epochs: instead of the config's."""
     flags = list(RECIPE_CONFIGS[config])
     if model == 'vit' and config == '8ep':
         flags += VIT_FLAGS
+    if epochs is not None:
+        flags[flags.index('--epochs') + 1] = str(epochs)
     for name, value in (QUICK_FLAGS.items() if quick else ()):
         flags[flags.index(name) + 1] = value
     return flags + RECIPE_MODELS[model][1] + ['--num-classes', '10', '--seed', str(seed),
@@ -137,21 +144,50 @@ def recipe_row(dataset, model, config, seed, summary):
             f"| {len(summary['epochs'])} | {summary['wall_time_s'] / 60:.1f} |")
 
 
+def spread(values):
+    """'mean ± standard deviation (min-max)' of one cell's seeds."""
+    sd = f" ± {stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{mean(values):.2f}{sd} ({min(values):.2f}-{max(values):.2f})"
+
+
 def recipe_summary(results):
-    """Mean over seeds of every (dataset, model, config): markdown lines. results:
-    {(dataset, model, config, seed): summary}."""
+    """Mean and spread over seeds of every (dataset, model, config): markdown lines.
+    results: {(dataset, model, config, seed): summary}."""
     cells = {}
     for (dataset, model, config, seed), summary in results.items():
         cells.setdefault((dataset, model, config), []).append((seed, summary))
-    lines = ["| dataset | model | config | seeds | best val top-1, mean (min-max) "
-             "| final val top-1, mean (min-max) |", "| --- | --- | --- | --- | ---: | ---: |"]
+    lines = ["| dataset | model | config | seeds | best val top-1, mean ± sd (min-max) "
+             "| final val top-1, mean ± sd (min-max) |",
+             "| --- | --- | --- | --- | ---: | ---: |"]
     for (dataset, model, config), runs in cells.items():
         best, final = zip(*(best_and_final(s) for _, s in runs))
         seeds = ' '.join(str(seed) for seed, _ in runs)
         lines.append(f"| {dataset} | {model_label(model, runs[0][1])} | {config} | {seeds} "
-                     f"| {mean(best):.2f} ({min(best):.2f}-{max(best):.2f}) "
-                     f"| {mean(final):.2f} ({min(final):.2f}-{max(final):.2f}) |")
+                     f"| {spread(best)} | {spread(final)} |")
     return lines
+
+
+# Student's t quantile for a two-sided 95 % interval, by degrees of freedom (1-9): a
+# decision rests on a few seeds, where the normal 1.96 would claim too much
+T_975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26]
+
+
+def decision(results, dataset, model, a, b):
+    """'A beats B by x ± y points' over the seeds both configs ran (paired: one seed, the
+    same data order and initial weights), best val top-1, 95 % interval; None below 2."""
+    seeds = sorted({k[3] for k in results if k[:3] == (dataset, model, a)} &
+                   {k[3] for k in results if k[:3] == (dataset, model, b)})
+    if len(seeds) < 2:
+        return None
+    diffs = [best_and_final(results[(dataset, model, a, s)])[0] -
+             best_and_final(results[(dataset, model, b, s)])[0] for s in seeds]
+    d, half = mean(diffs), T_975[min(len(diffs) - 2, len(T_975) - 1)] * \
+        stdev(diffs) / len(diffs) ** 0.5
+    winner, loser = (a, b) if d >= 0 else (b, a)
+    verdict = "" if abs(d) > half else " (the interval holds 0: no difference shown)"
+    return (f"{dataset}, {model_label(model)}: {winner} beats {loser} by {abs(d):.2f} ± "
+            f"{half:.2f} points of best val top-1 (95 % interval, {len(seeds)} paired "
+            f"seeds){verdict}")
 
 
 def bench_recipe(args):
@@ -173,7 +209,8 @@ def bench_recipe(args):
         key = (dataset, model, config, seed)
         try:
             results[key] = run_recipe_cell(os.path.join(work, 'data', dataset),
-                                           recipe_flags(model, config, seed, args.quick),
+                                           recipe_flags(model, config, seed, args.quick,
+                                                        args.epochs),
                                            os.path.join(work, 'logs', '_'.join(map(str, key))))
             print(recipe_row(*key, results[key]), flush=True)
         except RecipeError as e:            # the other cells still run
@@ -182,5 +219,8 @@ def bench_recipe(args):
                   f"| | | |", flush=True)
     if len(seeds) > 1 and results:
         print('\n' + '\n'.join(recipe_summary(results)))
+        lines = [decision(results, dataset, model, a, b) for a, b in args.compare or []
+                 for dataset, model in itertools.product(args.datasets, args.models)]
+        print('\n'.join([''] + [line for line in lines if line]))
     if failed:
         raise RecipeError(f"{failed} of {failed + len(results)} runs failed (logs in {work})")

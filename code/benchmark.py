@@ -21,7 +21,7 @@ import sys
 
 from bench_accuracy_time import bench_accuracy_time
 from bench_parts import bench_attack, bench_attention, bench_conv
-from bench_recipe import (DEFAULT_DATASETS, RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS,
+from bench_recipe import (DEFAULT_CONFIGS, DEFAULT_DATASETS, RECIPE_CONFIGS, RECIPE_DATASETS, RECIPE_MODELS,
                           RecipeError, bench_recipe)
 from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
 from bench_scale import SCALE_SIZES, bench_scale
@@ -111,7 +111,13 @@ def build_parser():
     recipe.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='training seeds (default 0 1, with --quick 0)')
     recipe.add_argument('--configs', nargs='+', choices=list(RECIPE_CONFIGS),
-                        default=list(RECIPE_CONFIGS), help='training configurations')
+                        default=DEFAULT_CONFIGS, help='training configurations')
+    recipe.add_argument('--compare', nargs=2, action='append', metavar=('A', 'B'),
+                        choices=list(RECIPE_CONFIGS),
+                        help='print whether config A beats B (paired seeds, 95 %% interval); '
+                             'repeat for more pairs')
+    recipe.add_argument('--epochs', type=int, default=None,
+                        help="epochs of every cell (default: each config's own)")
     commands['pipeline'].add_argument('--images', type=int, default=256,
                                       help='images per timed call of each path')
     train = commands['train']

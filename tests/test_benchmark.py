@@ -2,7 +2,7 @@
 the recipe's flags and table (its training runs are checked by hand: minutes each)."""
 import os
 import shlex
-from statistics import mean
+from statistics import mean, stdev
 
 import pytest
 import torch
@@ -141,9 +141,25 @@ def test_recipe_rows_and_mean_over_seeds_from_fake_summaries():
     assert len(cells(header)) == len(cells(rule)) == len(cells(vit))
     vit = cells(vit)
     assert vit[:4] == ['real', 'ViT', '8ep', '0 1']
-    assert vit[4] == f"{mean([35.5, 41.0]):.2f} (35.50-41.00)"
-    assert vit[5] == f"{mean([31.25, 40.0]):.2f} (31.25-40.00)"
+    assert vit[4] == f"{mean([35.5, 41.0]):.2f} ± {stdev([35.5, 41.0]):.2f} (35.50-41.00)"
+    assert vit[5] == f"{mean([31.25, 40.0]):.2f} ± {stdev([31.25, 40.0]):.2f} (31.25-40.00)"
     assert cells(simplenet)[3] == '0' and cells(cnn)[1] == 'default CNN (resnet10)'
+    assert cells(cnn)[4] == '50.00 (50.00-50.00)'          # one seed: no spread
+
+
+def test_a_decision_is_a_paired_difference_with_a_t_interval():
+    top1 = {('a', 0): 80.0, ('a', 1): 82.0, ('a', 2): 81.0,
+            ('b', 0): 78.0, ('b', 1): 79.0, ('b', 2): 79.5, ('b', 3): 99.0}
+    results = {('fashion', 'cnn', config, seed): fake_summary([v], v)
+               for (config, seed), v in top1.items()}
+    # paired differences 2.0, 3.0, 1.5 over the 3 seeds both ran: mean 2.1667,
+    # sd 0.7638, t(2) = 4.30 -> half-width 4.30 * 0.7638 / sqrt(3) = 1.90
+    line = bench_recipe.decision(results, 'fashion', 'cnn', 'b', 'a')
+    assert line.startswith('fashion, default CNN: a beats b by 2.17 ± 1.90 points')
+    assert '3 paired seeds' in line and 'no difference' not in line
+    results[('fashion', 'cnn', 'a', 2)] = fake_summary([70.0], 70.0)   # now -8.0: noisy
+    assert 'no difference shown' in bench_recipe.decision(results, 'fashion', 'cnn', 'a', 'b')
+    assert bench_recipe.decision(results, 'fashion', 'vit', 'a', 'b') is None
 
 
 def test_cpu_name_says_something():
