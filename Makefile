@@ -58,6 +58,10 @@ demo: $(SETUP) $(DEMO)/train.txt
 test: $(SETUP)
 	$(PY) -m pytest -q tests
 
+# the quick part of the suite while editing (tests marked slow left out; docs/testing.md)
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 # every GPU check in one run (at most 8 minutes); the report goes to results/gpu-check/.
 # Without CUDA it says so and exits 0.
 gpu-check: $(SETUP)

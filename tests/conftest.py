@@ -120,3 +120,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # `make test-fast` (pytest -m "not slow") leaves these out: each takes seconds, most
+    # because it trains with main.py or starts processes; `make test` runs everything
+    config.addinivalue_line('markers', 'slow: takes seconds (trains, starts processes); '
+                                       'left out by make test-fast')
