@@ -15,6 +15,10 @@ Each random transform splits into `get_params(...)` (all its random draws, in th
 __call__ makes them) and `apply(img, ...)` (the deterministic part), like torchvision's
 RandomResizedCrop.get_params: fast_data.py draws the same parameters with the same calls
 for its fused warp, and the tests apply fixed parameters to both paths.
+
+Edit freely: the fused warp reproduces these classes only as they are shipped, so a class
+you change (or subclass) makes main.py run this code per image instead, and a `note:` line
+at start says so (docs/data.md).
 """
 import math
 import random

@@ -147,7 +147,7 @@ def cache_refusal(args, splits):
     for split, transforms in splits.items():
         supported, reason = fast_data.fused_path_supported(transforms)
         if not supported:
-            return f'get_{split}_transforms() needs the per-image path: {reason}'
+            return f'get_{split}_transforms(): {reason}'
     if data_cache.cache_writable(args.data_folder):
         return None             # a missing or stale cache is (re)built
     # read-only: usable only where every cache is there and fresh (the same check the
@@ -194,18 +194,22 @@ def per_image_loader(args, device, dataset, **kw):
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
 
 
-def settle_data_cache(args, with_train):
-    """Keep --data-cache only where the cached path can serve the run (else a note says
-    why): args.data_cache is then what the run really does, for its summary."""
+def settle_data_cache(args, with_train, auto=()):
+    """Keep --data-cache only where the cached path can serve the run: else one note says
+    why, and whether the cache was asked for or on by default (`auto`: the flags chosen
+    automatically), and the reason is returned for the start line (else None).
+    args.data_cache is then what the run really does, for its summary."""
     if not args.data_cache:
-        return
+        return None
     splits = {'val': get_val_transforms()}
     if with_train:
         splits['train'] = get_train_transforms()
     refusal = cache_refusal(args, splits)
     if refusal is not None:
-        print(f'note: --data-cache: {refusal}; using the per-image path')
+        asked = '' if 'data_cache' in auto else '--data-cache was asked for, but '
+        print(f'note: {asked}{refusal}; this run uses the per-image path')
         args.data_cache = False
+    return refusal
 
 
 def build_loaders(args, device, train_set, val_set):
