@@ -116,10 +116,11 @@ def source_fingerprint(obj):
         return hashlib.sha256(_source(obj).encode()).hexdigest()
     parts = [f"{obj.__name__}({', '.join(base.__qualname__ for base in obj.__bases__)})"]
     for name, value in sorted(vars(obj).items()):
-        if name in ("__dict__", "__doc__", "__module__", "__qualname__", "__weakref__"):
-            continue
         value = getattr(value, "__func__", getattr(value, "fget", value))  # static, property
-        parts.append(_source(value) if callable(value) else f"{name} = {value!r}")
+        if callable(value):
+            parts.append(_source(value))
+        elif not name.startswith("__"):  # not __doc__, __module__, __firstlineno__, ...
+            parts.append(f"{name} = {value!r}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
