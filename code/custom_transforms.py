@@ -9,7 +9,7 @@ process `random.seed(s)` makes them repeatable; inside DataLoader workers
 `custom_dataloader.seed_worker` (passed as `worker_init_fn`) seeds `random` from
 torch's per-worker seed, so `torch.manual_seed(s)` makes the whole pipeline repeatable.
 main.py's training loader goes further: it re-seeds `random` before every image with a
-seed of its own (distributed.TrainOrder), independent of the worker that loads it.
+seed of its own (data_order.TrainOrder), independent of the worker that loads it.
 
 Each random transform splits into `get_params(...)` (all its random draws, in the order
 __call__ makes them) and `apply(img, ...)` (the deterministic part), like torchvision's

@@ -227,7 +227,7 @@ def _draw_step(kind, t, hw):
 
 def draw_params(plan, n, seeds=None):
     """n per-image parameter tuples, one entry per step of the plan, drawn from Python's
-    `random` as it is, or re-seeded with seeds[k] before image k (main.py's TrainOrder
+    `random` as it is, or re-seeded with seeds[k] before image k (data_order.TrainOrder
     gives every training image its own seed, as the per-image path's SeededSamples does)."""
     params = []
     for k in range(n):
@@ -498,7 +498,7 @@ class DeviceLoader:
     """A DataLoader stand-in for a cache held on the device (GPU path): yields
     (normalized float batch, labels), both on `device`. The CPU only walks the sampler
     and draws the parameters (Python's `random`, re-seeded per image where the sampler
-    gives (index, seed) pairs, as main.py's TrainOrder does); warp, colour and
+    gives (index, seed) pairs, as data_order.TrainOrder does); warp, colour and
     normalization run on the device. Without a sampler: every image in order, the last
     batch partial (validation)."""
 

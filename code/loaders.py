@@ -4,7 +4,7 @@ path (fast_data: decoded once, one fused warp per image), and batches that arriv
 the device normalized and in the run's memory format (OnDevice).
 
 The training order and every image's augmentation depend on (seed, epoch) only
-(distributed.TrainOrder), so a resumed run, and a run on any number of processes or
+(data_order.TrainOrder), so a resumed run, and a run on any number of processes or
 workers, sees the same batches.
 """
 import os
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import distributed
 import data_cache
+import data_order
 import fast_data
 from custom_dataloader import MiniPlacesLoader, load_image, seed_worker
 from distributed import world
@@ -32,7 +33,7 @@ def seed_everything(seed):
 
 def seed_epoch(seed, epoch, train_loader):
     """The training order and every image's augmentation depend only on (seed, epoch)
-    (distributed.TrainOrder); the process's own generators (dropout, PGD's random starts)
+    (data_order.TrainOrder); the process's own generators (dropout, PGD's random starts)
     on (seed, epoch, rank). So a resumed run replays exactly what an uninterrupted one
     does."""
     seed_everything(seed * 1000 + epoch + (1 << 40) * world().rank)
@@ -187,8 +188,8 @@ def per_image_loader(args, device, dataset, **kw):
     handover = uint8_handover(dataset)
     if handover is not None:
         dataset.transforms = handover[0]
-    if isinstance(kw['sampler'], distributed.TrainOrder):  # (index, seed) pairs
-        dataset = distributed.SeededSamples(dataset)
+    if isinstance(kw['sampler'], data_order.TrainOrder):  # (index, seed) pairs
+        dataset = data_order.SeededSamples(dataset)
     loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
                         worker_init_fn=seed_worker, **kw)
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
@@ -216,10 +217,10 @@ def build_loaders(args, device, train_set, val_set):
     """(train loader or None, val loader), both yielding this process's batches on the
     device: the cached path (fast_data) with args.data_cache (see settle_data_cache), else
     the per-image path. The training order is a TrainOrder (set each epoch by seed_epoch),
-    validation this process's share of the images (distributed.py)."""
-    val_kw = dict(batch_size=100, sampler=distributed.val_share(len(val_set)))
+    validation this process's share of the images (data_order.py)."""
+    val_kw = dict(batch_size=100, sampler=data_order.val_share(len(val_set)))
     if train_set is not None:
-        order = distributed.TrainOrder(len(train_set), args.batch_size)
+        order = data_order.TrainOrder(len(train_set), args.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
     if args.data_cache:
         val_loader = cached_loader(args, device, 'val', get_val_transforms(), **val_kw)

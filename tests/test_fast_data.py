@@ -27,7 +27,7 @@ import loaders
 import student_code
 from conftest import CODE
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
-from distributed import TrainOrder
+from data_order import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
 
 pytestmark = pytest.mark.usefixtures('one_thread')
