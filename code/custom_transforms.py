@@ -9,12 +9,16 @@ process `random.seed(s)` makes them repeatable; inside DataLoader workers
 `custom_dataloader.seed_worker` (passed as `worker_init_fn`) seeds `random` from
 torch's per-worker seed, so `torch.manual_seed(s)` makes the whole pipeline repeatable.
 main.py's training loader goes further: it re-seeds `random` before every image with a
-seed of its own (distributed.TrainOrder), independent of the worker that loads it.
+seed of its own (data_order.TrainOrder), independent of the worker that loads it.
 
 Each random transform splits into `get_params(...)` (all its random draws, in the order
 __call__ makes them) and `apply(img, ...)` (the deterministic part), like torchvision's
 RandomResizedCrop.get_params: fast_data.py draws the same parameters with the same calls
 for its fused warp, and the tests apply fixed parameters to both paths.
+
+Edit freely: the fused warp reproduces these classes only as they are shipped, so a class
+you change (or subclass) makes main.py run this code per image instead, and a `note:` line
+at start says so (docs/data.md).
 """
 import math
 import random

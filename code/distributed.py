@@ -7,7 +7,7 @@ What a student can count on (docs/training.md):
   batch, and DDP averages the gradients, so --lr and the schedule mean what they mean
   on one device.
 - The training order and every image's augmentation depend only on (seed, epoch):
-  the same global batches on 1, 2 or 8 processes and with any -j (TrainOrder), so a
+  the same global batches on 1, 2 or 8 processes and with any -j (data_order.py), so a
   resumed run replays exactly what an uninterrupted one does.
 - Validation sees every image exactly once (each process a contiguous share, no
   padding), and the figures are sums reduced over the processes. Before it, BatchNorm's
@@ -17,7 +17,6 @@ What a student can count on (docs/training.md):
 A plain `python main.py` is a world of one process: the same code, no process group.
 """
 import os
-import random
 import signal
 import sys
 import time
@@ -26,7 +25,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from utils import UsageError, one_line
 
@@ -240,59 +238,6 @@ def reduce_meters(meters):
     for k, m in enumerate(meters):
         m.sum, m.count = sums[2 * k], sums[2 * k + 1]
         m.avg = m.sum / m.count if m.count else 0.0
-
-
-class TrainOrder(Sampler):
-    """One process's training samples of an epoch, as (image index, augmentation seed)
-    pairs. The permutation and the seeds come from (seed, epoch) alone; global batches
-    of `batch_size` are consecutive slices of the permutation (the last partial one is
-    dropped), and process r takes the r-th share of each. So the global batches, and
-    the augmentation of every image in them, are the same for any number of processes
-    and DataLoader workers. Call set_epoch before each epoch."""
-
-    def __init__(self, num_images, batch_size):
-        self.num_images, self.batch_size = num_images, batch_size
-        self.share = per_process_batch(batch_size)
-        self.seed = self.epoch = 0
-
-    def set_epoch(self, seed, epoch):
-        self.seed, self.epoch = seed, epoch
-
-    def __len__(self):
-        return self.num_images // self.batch_size * self.share
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        order = torch.randperm(self.num_images, generator=g).tolist()
-        seeds = torch.randint(2 ** 62, (self.num_images,), generator=g).tolist()
-        full_batches = self.num_images // self.batch_size
-        for start in range(0, full_batches * self.batch_size, self.batch_size):
-            first = start + WORLD.rank * self.share
-            for k in range(first, first + self.share):
-                yield order[k], seeds[k]
-
-
-def val_share(num_images):
-    """This process's contiguous share of the validation images (all for one process)."""
-    return range(num_images * WORLD.rank // WORLD.size,
-                 num_images * (WORLD.rank + 1) // WORLD.size)
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """dataset[(index, seed)]: image `index`, its random transforms drawn from Python's
-    `random` seeded with `seed` (custom_transforms draw from nothing else), wherever the
-    DataLoader worker that loads it is."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        random.seed(seed)
-        return self.dataset[index]
 
 
 class NoWriter(object):

@@ -32,6 +32,9 @@ resamplings; the fused path resamples once, with the interpolation drawn by the 
 that resamples the image (RandomSizedCrop's, normally), so its distribution is the same
 as the per-image path's last resize.
 """
+import functools
+import hashlib
+import inspect
 import math
 import random
 
@@ -82,6 +85,62 @@ class Unsupported(ValueError):
     """The fused path cannot reproduce this pipeline (the message says why)."""
 
 
+# The fused path reproduces these parts of custom_transforms.py as they are shipped: the
+# sha256 of each one's source (source_fingerprint). A part whose source differs (a student
+# tried another augmentation) makes the run take the per-image path, which calls the
+# edited code. Changing one on purpose: make the fused path match it, then put the new
+# fingerprint here (tests/test_edited_transforms.py fails until then, and prints it).
+# The module's functions that compute the classes' pixels count too (PIXEL_HELPERS).
+PIXEL_HELPERS = ("_resize", "_keep_channels", "largest_rotated_rect")
+SHIPPED_FINGERPRINTS = {
+    'Compose': '7b994fe32ffb926fb626e1174fff521bf6666bde8bb15913b3ea21f6fdb3b3b3',
+    'Scale': '69d4d8e53277ecf194af238fc0f4d742fd8687820f1928b46dee4e9efbc6aa1f',
+    'RandomHorizontalFlip': 'b247ceac7ef5db43d23513b0ac0cffe7eccbf3f20d9d0959685b43d80e61e710',
+    'RandomColor': 'f4de28af1d856536e4bb52b1b1541771c4b8b29b93930d5a6ba15d11614c7b4a',
+    'RandomRotate': '1064a826b8c13eee66ad2153f3494ce7acae1acbe80de65ddaa84a625eb0b8c5',
+    'RandomSizedCrop': 'd83c795d716a5b6685354c4ba85e1a50efc48e9bfd1738c729a91b4b80e1eda5',
+    'CenterCrop': '76b437ec001c2f541adf4fb6754a9d87c1cbdbf9ae68ca358a4a48f3c0653224',
+    'ToTensor': '941908f2afe9b4b57af0db8579f6678d6ba14ee960f3589dcd2f8eeb86b28279',
+    'Normalize': 'd90e1d80705bf9b9d2ff362f762a228f5a73015b9e6ad60d9f0b96eb5cfe68a9',
+    '_resize': '29504d17813f785652a373d57c8e7bb22cc86652806fe2242248679286e5d28a',
+    '_keep_channels': '6ff0fe22d3fe8f34188c91828ff8949e8a0acf12d6d932a56ac270f2899931c0',
+    'largest_rotated_rect': 'a309d2c3f7d4b7a93c1622278effd5898d8788da07546dd201dcbb5430d5d763',
+}
+
+
+def source_fingerprint(obj):
+    """sha256 of what a function or class of custom_transforms does now: a function's
+    source; for a class, its bases and every attribute it defines (a function's source,
+    else its repr; not the docstring), so a method replaced at run time counts too."""
+    if not inspect.isclass(obj):
+        return hashlib.sha256(_source(obj).encode()).hexdigest()
+    parts = [f"{obj.__name__}({', '.join(base.__qualname__ for base in obj.__bases__)})"]
+    for name, value in sorted(vars(obj).items()):
+        value = getattr(value, "__func__", getattr(value, "fget", value))  # static, property
+        if callable(value):
+            parts.append(_source(value))
+        elif not name.startswith("__"):  # not __doc__, __module__, __firstlineno__, ...
+            parts.append(f"{name} = {value!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _source(function):
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):         # typed in at a prompt, a builtin, a partial
+        return f"{getattr(function, '__qualname__', function)}: no source"
+
+
+def check_shipped(parts):
+    """Unsupported naming the first of `parts`, (name, class or function) pairs of
+    custom_transforms, whose source is not the version the fused path reproduces."""
+    for name, part in parts:
+        if source_fingerprint(part) != SHIPPED_FINGERPRINTS.get(name):
+            raise Unsupported(f"custom_transforms.{name} differs from the version the fused "
+                              f"cache path reproduces")
+
+
 def _one_line(t):
     return " ".join(repr(t).split())      # a student's repr may span lines
 
@@ -114,6 +173,11 @@ def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
     steps, hw = [], tuple(in_hw)
     for position, t in enumerate(items[:to_tensor[0]], start=1):
         kind = _STEP_KINDS.get(type(t))
+        parent = next((k for k in _STEP_KINDS if isinstance(t, k)), None)
+        if kind is None and parent is not None:
+            raise Unsupported(f"transform {position} ({_one_line(t)}) is a subclass of "
+                              f"custom_transforms.{parent.__name__}, which the fused cache "
+                              f"path cannot reproduce")
         if kind is None:
             raise Unsupported(f"transform {position} ({_one_line(t)}) is not one the fused "
                               f"path knows ({', '.join(k.__name__ for k in _STEP_KINDS)})")
@@ -126,6 +190,14 @@ def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
             out = hw
         steps.append((kind, t, hw, tuple(out)))
         hw = tuple(out)
+    # every class whose code the plan stands for (a RandomSizedCrop's fallback is a
+    # Scale and a CenterCrop), and the helpers they compute pixels with
+    used = {type(t) for t in [transforms] + items}
+    for kind, t, *_ in steps:
+        if kind == "sized_crop":
+            used |= {type(f) for f in t.fallback.transforms}
+    check_shipped(sorted(((part.__name__, part) for part in used), key=lambda p: p[0])
+                  + [(name, getattr(T, name)) for name in PIXEL_HELPERS])
     return FusedPlan(steps, tuple(in_hw), hw, [float(m) for m in mean], [float(s) for s in std])
 
 
@@ -155,7 +227,7 @@ def _draw_step(kind, t, hw):
 
 def draw_params(plan, n, seeds=None):
     """n per-image parameter tuples, one entry per step of the plan, drawn from Python's
-    `random` as it is, or re-seeded with seeds[k] before image k (main.py's TrainOrder
+    `random` as it is, or re-seeded with seeds[k] before image k (data_order.TrainOrder
     gives every training image its own seed, as the per-image path's SeededSamples does)."""
     params = []
     for k in range(n):
@@ -426,7 +498,7 @@ class DeviceLoader:
     """A DataLoader stand-in for a cache held on the device (GPU path): yields
     (normalized float batch, labels), both on `device`. The CPU only walks the sampler
     and draws the parameters (Python's `random`, re-seeded per image where the sampler
-    gives (index, seed) pairs, as main.py's TrainOrder does); warp, colour and
+    gives (index, seed) pairs, as data_order.TrainOrder does); warp, colour and
     normalization run on the device. Without a sampler: every image in order, the last
     batch partial (validation)."""
 
@@ -484,5 +556,9 @@ def uint8_transforms(transforms):
     else:
         mean, std = [0.0] * 3, [1.0] * 3
     if type(transforms) is not T.Compose or not items or type(items[-1]) is not T.ToTensor:
+        return None
+    try:            # the hand-over stands in for the shipped ToTensor and Normalize
+        check_shipped([("ToTensor", T.ToTensor), ("Normalize", T.Normalize)])
+    except Unsupported:
         return None
     return T.Compose(items[:-1] + [ToUint8Tensor()]), list(mean), list(std)

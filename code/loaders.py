@@ -4,7 +4,7 @@ path (fast_data: decoded once, one fused warp per image), and batches that arriv
 the device normalized and in the run's memory format (OnDevice).
 
 The training order and every image's augmentation depend on (seed, epoch) only
-(distributed.TrainOrder), so a resumed run, and a run on any number of processes or
+(data_order.TrainOrder), so a resumed run, and a run on any number of processes or
 workers, sees the same batches.
 """
 import os
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import distributed
 import data_cache
+import data_order
 import fast_data
 from custom_dataloader import MiniPlacesLoader, load_image, seed_worker
 from distributed import world
@@ -32,7 +33,7 @@ def seed_everything(seed):
 
 def seed_epoch(seed, epoch, train_loader):
     """The training order and every image's augmentation depend only on (seed, epoch)
-    (distributed.TrainOrder); the process's own generators (dropout, PGD's random starts)
+    (data_order.TrainOrder); the process's own generators (dropout, PGD's random starts)
     on (seed, epoch, rank). So a resumed run replays exactly what an uninterrupted one
     does."""
     seed_everything(seed * 1000 + epoch + (1 << 40) * world().rank)
@@ -147,7 +148,7 @@ def cache_refusal(args, splits):
     for split, transforms in splits.items():
         supported, reason = fast_data.fused_path_supported(transforms)
         if not supported:
-            return f'get_{split}_transforms() needs the per-image path: {reason}'
+            return f'get_{split}_transforms(): {reason}'
     if data_cache.cache_writable(args.data_folder):
         return None             # a missing or stale cache is (re)built
     # read-only: usable only where every cache is there and fresh (the same check the
@@ -187,35 +188,39 @@ def per_image_loader(args, device, dataset, **kw):
     handover = uint8_handover(dataset)
     if handover is not None:
         dataset.transforms = handover[0]
-    if isinstance(kw['sampler'], distributed.TrainOrder):  # (index, seed) pairs
-        dataset = distributed.SeededSamples(dataset)
+    if isinstance(kw['sampler'], data_order.TrainOrder):  # (index, seed) pairs
+        dataset = data_order.SeededSamples(dataset)
     loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
                         worker_init_fn=seed_worker, **kw)
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
 
 
-def settle_data_cache(args, with_train):
-    """Keep --data-cache only where the cached path can serve the run (else a note says
-    why): args.data_cache is then what the run really does, for its summary."""
+def settle_data_cache(args, with_train, auto=()):
+    """Keep --data-cache only where the cached path can serve the run: else one note says
+    why, and whether the cache was asked for or on by default (`auto`: the flags chosen
+    automatically), and the reason is returned for the start line (else None).
+    args.data_cache is then what the run really does, for its summary."""
     if not args.data_cache:
-        return
+        return None
     splits = {'val': get_val_transforms()}
     if with_train:
         splits['train'] = get_train_transforms()
     refusal = cache_refusal(args, splits)
     if refusal is not None:
-        print(f'note: --data-cache: {refusal}; using the per-image path')
+        asked = '' if 'data_cache' in auto else '--data-cache was asked for, but '
+        print(f'note: {asked}{refusal}; this run uses the per-image path')
         args.data_cache = False
+    return refusal
 
 
 def build_loaders(args, device, train_set, val_set):
     """(train loader or None, val loader), both yielding this process's batches on the
     device: the cached path (fast_data) with args.data_cache (see settle_data_cache), else
     the per-image path. The training order is a TrainOrder (set each epoch by seed_epoch),
-    validation this process's share of the images (distributed.py)."""
-    val_kw = dict(batch_size=100, sampler=distributed.val_share(len(val_set)))
+    validation this process's share of the images (data_order.py)."""
+    val_kw = dict(batch_size=100, sampler=data_order.val_share(len(val_set)))
     if train_set is not None:
-        order = distributed.TrainOrder(len(train_set), args.batch_size)
+        order = data_order.TrainOrder(len(train_set), args.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
     if args.data_cache:
         val_loader = cached_loader(args, device, 'val', get_val_transforms(), **val_kw)

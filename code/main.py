@@ -231,9 +231,9 @@ def train(args, given, ckpt, device, hold):
     settle_num_classes(args, {'train': train_set, 'val': val_set},
                        'the checkpoint' if ckpt else '--num-classes')
     auto = resolve_speed_settings(args, device)
-    settle_data_cache(args, with_train=True)
+    cache_fallback = settle_data_cache(args, with_train=True, auto=auto)
     train_loader, val_loader = build_loaders(args, device, train_set, val_set)
-    print(speed_line(args, device, auto))
+    print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
 
     seed_everything(args.seed)  # the initial weights depend on the seed only
     model = build_model(args, from_checkpoint=ckpt is not None)
@@ -511,9 +511,9 @@ def evaluate_or_attack(args, given, ckpt, device):
     _, val_set = load_datasets(args, train=False)  # first: checks the data
     settle_num_classes(args, {'val': val_set}, source)
     auto = resolve_speed_settings(args, device)
-    settle_data_cache(args, with_train=False)
+    cache_fallback = settle_data_cache(args, with_train=False, auto=auto)
     _, val_loader = build_loaders(args, device, None, val_set)
-    print(speed_line(args, device, auto))
+    print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
     model = build_model(args, from_checkpoint=True)
     load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
     model, criterion = to_device(model, args, device), nn.CrossEntropyLoss()

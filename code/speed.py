@@ -89,10 +89,11 @@ def resolve_speed_settings(args, device):
     return auto
 
 
-def speed_line(args, device, auto):
-    """The start line: each speed setting as resolved (and fallen back), auto ones with
-    the reason."""
+def speed_line(args, device, auto, fallen_back=None):
+    """The start line: each speed setting as resolved, auto ones with the reason, those
+    that fell back ({flag: why}) with why."""
     parts = []
+    fallen_back = fallen_back or {}
     for key in ('amp', 'channels_last', 'compile', 'data_cache'):
         value = getattr(args, key)
         text = f"{key.replace('_', '-')} {'on' if value else 'off'}"
@@ -101,7 +102,11 @@ def speed_line(args, device, auto):
                                               else '')
             if device.type == 'cpu' and not cpu_has_bf16():
                 text += ' (no bf16 hardware on this CPU: expect it slower than fp32)'
-        parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
+        if fallen_back.get(key):
+            asked = '' if key in auto else f"--{key.replace('_', '-')} asked for, but "
+            parts.append(f'{text} ({asked}{fallen_back[key]})')
+        else:
+            parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
     return '=> speed: ' + ' | '.join(parts)
 
 

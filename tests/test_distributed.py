@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from conftest import CODE, FAST, run_main, checkpoint_of, only_run
 import distributed
 from custom_dataloader import MiniPlacesLoader, seed_worker
-from distributed import TrainOrder, SeededSamples, val_share
+from data_order import TrainOrder, SeededSamples, val_share
 import student_code
 
 

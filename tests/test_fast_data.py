@@ -27,7 +27,7 @@ import loaders
 import student_code
 from conftest import CODE
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
-from distributed import TrainOrder
+from data_order import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -661,8 +661,9 @@ def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
         os.utime(os.path.join(loader.img_folder, loader.file_list[0]))
         used, out = settle_read_only(data_folder)
         assert used is False and out.count('\n') == 0, out
-        assert out.startswith('note: --data-cache: ') and 'is read-only and its cache of '\
-            'train is stale (images changed' in out and out.endswith('using the per-image path')
+        assert out.startswith('note: --data-cache was asked for, but ') and 'is read-only '\
+            'and its cache of train is stale (images changed' in out \
+            and out.endswith('this run uses the per-image path')
         # --rebuild-cache cannot be done there either
         used, out = settle_read_only(data_folder, 'rebuild')
         assert used is False and '--rebuild-cache cannot rebuild' in out

@@ -163,7 +163,8 @@ def test_transforms_the_cache_cannot_fuse_are_named_at_start(demo, tmp_path, cap
         return T.Compose([Sharpen(), T.CenterCrop(32), T.ToTensor()])
     monkeypatch.setattr(loaders, 'get_train_transforms', train_transforms)
     run, out = train(demo, tmp_path, capsys, '--data-cache', epochs=1)
-    assert 'note: --data-cache: get_train_transforms() needs the per-image path' in out
+    assert 'note: --data-cache was asked for, but get_train_transforms(): transform 1 ' \
+        '(<' in out and 'Sharpen object' in out and 'this run uses the per-image path' in out
     assert summary_args(run)['data_cache'] is False
 
 
