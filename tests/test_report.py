@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from conftest import temp_file_of_a_dead_writer
 import fake_runs
 import report
 import run_folder
@@ -353,7 +354,8 @@ def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
     for run in (killed, alive):
         fake_runs.make_run(run, 2, IPE, status='running', epochs_planned=10)
         os.makedirs(os.path.join(run, 'models'))
-        with open(os.path.join(run, 'models', '.tmp_1234checkpoint.pth.tar'), 'wb') as f:
+        with open(temp_file_of_a_dead_writer(os.path.join(run, 'models', 'checkpoint.pth.tar')),
+                  'wb') as f:
             f.write(b'\0' * 100)  # the write that the kill cut short
     fake_runs.make_run(failed, 2, IPE, status='failed', epochs_planned=10)
     holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, os.path.join(REPO, 'code'),
@@ -373,4 +375,5 @@ def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
               for run in (killed, alive, failed)}
     assert status == {killed: 'interrupted', alive: 'running', failed: 'failed'}
     assert os.listdir(os.path.join(killed, 'models')) == []
-    assert os.listdir(os.path.join(alive, 'models')) == ['.tmp_1234checkpoint.pth.tar']
+    assert os.listdir(os.path.join(alive, 'models')) == [os.path.basename(
+        temp_file_of_a_dead_writer(os.path.join(alive, 'models', 'checkpoint.pth.tar')))]
