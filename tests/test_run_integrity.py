@@ -2,6 +2,7 @@
 run folder, consistent files after a kill at any write, strict JSON, one-line errors."""
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import torch
 from conftest import (CODE, FAST, run_main, checkpoint_of, only_run, expect_error, strict_json,
                       temp_file_of_a_dead_writer)
 import main as driver
+import report
 import run_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -144,11 +146,25 @@ def test_evaluation_results_survive_later_epochs(demo, stopped_run, tmp_path, ca
     code, _, err = run_main([demo, '-e', '--resume', checkpoint_of(run, 'model_best.pth.tar'),
                              '-j', '0', '--log-dir', str(tmp_path / 'eval')], capsys)
     assert code == 0, err
-    top1 = summary_of(run)['evaluation']['top1']
+    evaluated = summary_of(run)['evaluation']
+    best = checkpoint_of(run, 'model_best.pth.tar')
+    with open(best, 'rb') as f:
+        data = f.read()
+    # the record names the epoch and the very file evaluated
+    assert evaluated['epoch'] == torch.load(best, weights_only=True)['epoch'] == 1
+    assert evaluated['file']['sha256'] == hashlib.sha256(data).hexdigest()
+    assert evaluated['file']['bytes'] == len(data)
     code, _, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
     assert code == 0, err
     summary = summary_of(run)
-    assert summary['status'] == 'finished' and summary['evaluation']['top1'] == top1
+    assert summary['status'] == 'finished' and summary['evaluation'] == evaluated
+    # report.py tells whether model_best.pth.tar is still the file evaluated
+    with open(best, 'rb') as f:
+        changed = f.read() != data
+    assert summary['best_epoch'] != 1 or not changed
+    report.main([run, '--out', str(tmp_path / 'out')])
+    md = (tmp_path / 'out' / 'results.md').read_text()
+    assert ('**stale**: changed' if changed else '| 1 | current |') in md, md
 
 
 # ------------------------------------------------------------------ kill at every write
