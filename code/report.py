@@ -494,8 +494,9 @@ def note_stale_results(runs):
             state = checkpoint_state(result) if isinstance(result, dict) else '–'
             if state not in ('current', '–'):
                 why = 'has changed since' if state == 'changed' else 'is gone'
+                epoch = '?' if result.get('epoch') is None else result['epoch']
                 note(f"{run['dir']}: its {key} result is stale: {result.get('checkpoint')} "
-                     f"(epoch {result.get('epoch', '?')} when evaluated) {why}")
+                     f"(epoch {epoch} when evaluated) {why}")
 
 
 def evaluation_markdown(runs):
