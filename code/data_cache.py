@@ -168,7 +168,7 @@ def _remove_leftovers(folder):
 
 
 def _build(loader, path, meta_path, size, fingerprint, workers):
-    """Decode every image into path (via a temporary file and os.replace, so a crash
+    """Decode every image into path (via safe_files.replacing, so a crash
     leaves no half-written cache), then write the fingerprint the same way. The caller
     holds _build_lock and has created the folder."""
     n = len(loader)

@@ -55,6 +55,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+import safe_files
+
 # the first ten MiniPlaces categories (as in its categories.txt), then 90 scene names made
 # up in its style (<letter>/<name>, alphabetical), not MiniPlaces' own: 100 in all
 CLASS_NAMES = [
@@ -193,14 +195,13 @@ def prepare_out_dir(out_dir, marker=MARKER, what="demo set",
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)
+        safe_files.remove_dead_temp_files(out_dir)  # label files of a killed writer
     os.makedirs(out_dir, exist_ok=True)
 
 
 def write_text(path, lines):
-    # write to a temporary file and rename, so a crash never leaves half a label file
-    with open(path + ".tmp", "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(path + ".tmp", path)
+    # written atomically (safe_files.py), so a crash never leaves half a label file
+    safe_files.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines)))
 
 
 def estimated_image_bytes(size, block=4096):
