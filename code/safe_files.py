@@ -35,7 +35,8 @@ TEMP_NAME = re.compile(r'\.(?P<name>.+)' + re.escape(TEMP_MARK) + r'(?P<host>.+)
 ################################################################################
 def temp_path(path):
     """The temporary file of this process for `path`: .<name>.tmp-<host>-<pid> beside it.
-    Hidden, so that listings and the submission zip pass it by."""
+    Hidden, so that listings and the submission zip pass it by. One per process and file:
+    no two threads of the toolkit write one file at once."""
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f'.{name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}')
 
