@@ -9,21 +9,30 @@ results/ themselves when they are symlinks). Prints what went in and the total
 size. Refuses file names with control characters (a newline in a name breaks the
 listing, and unzip tools disagree about such names).
 
-The zip is written to a temporary file and renamed at the end, so an error or
-Ctrl-C never leaves a half-written submission.zip behind (an older one stays);
-the temporary file of a run killed outright is removed by the next run.
+The zip is written to a temporary file of its own and renamed at the end, so an
+error or Ctrl-C never leaves a half-written submission.zip behind (an older one
+stays), and two runs at once never write into one file; the temporary file of a run
+killed outright is removed by the next run (code/safe_files.py, the toolkit's own
+atomic write, which this script borrows from code/).
 """
 import os
 import signal
 import sys
-import tempfile
 import unicodedata
 import zipfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # works from any working directory
+# code/ last on the path: a student's file there never shadows a module of Python's own;
+# no __pycache__ written into the folder being packed
+sys.path.append(os.path.join(ROOT, 'code'))
+sys.dont_write_bytecode = True
+try:
+    import safe_files
+except ImportError:  # code/ missing (check_folders says so) or incomplete
+    safe_files = None
+
 FOLDERS = ('code', 'writeup', 'results')
 OUTPUT = 'submission.zip'
-PART_PREFIX, PART_SUFFIX = '.submission-', '.zip.part'  # the temporary zip
 SKIP_DIRS = {'data', 'logs', 'models', '__pycache__', 'venv'}  # plus hidden ones (.venv, .git)
 CHECKPOINTS = ('.pth', '.pth.tar', '.pt')
 CACHES = ('.pyc', '.pyo')
@@ -127,27 +136,18 @@ def bad_name(name):
 
 def remove_leftovers(root):
     """Delete temporary zips of earlier runs killed before they could clean up (SIGKILL,
-    a power cut): they are ours, and each can be as big as a submission."""
-    for name in os.listdir(root):
-        if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
-            os.remove(os.path.join(root, name))
-            print(f'  removed  {name}  (left by an interrupted run)')
+    a power cut): each can be as big as a submission. A run at work keeps its own."""
+    for path, _ in safe_files.remove_dead_temp_files(root):
+        print(f'  removed  {os.path.basename(path)}  (left by an interrupted run)')
 
 
 def write_zip(files, out):
-    """Write to a temporary file beside `out`, then rename: `out` is whole or untouched."""
-    fd, tmp = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=os.path.dirname(out))
-    os.close(fd)
-    try:
+    """Write to a temporary file beside `out`, then rename: `out` is whole or untouched,
+    also on Ctrl-C and SIGTERM (the temporary file is removed)."""
+    with safe_files.replacing(out) as tmp:
         with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as zf:
             for path, name in files:
                 zf.write(path, name)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a submission is an ordinary file
-        os.replace(tmp, out)
-    except BaseException:  # also Ctrl-C and SIGTERM: remove the partial zip, then stop
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def human(size):
@@ -161,6 +161,9 @@ def check_folders(root):
     if not os.path.isdir(os.path.join(root, 'code')):
         raise SystemExit(f'zip_submission.py: no code/ folder in {root}; '
                          'it must sit in the assignment folder beside code/, writeup/ and results/')
+    if safe_files is None:
+        raise SystemExit(f'zip_submission.py: code/safe_files.py is missing in {root} (it '
+                         'writes the zip safely); restore it from the toolkit')
     for folder in ('writeup', 'results'):
         if not os.path.isdir(os.path.join(root, folder)):
             print(f'warning: no {folder}/ folder; packing the rest (the handout asks for '

@@ -7,16 +7,14 @@ size, modification time, inode and inode change time: an image edited in place w
 modification time put back still changes its change time, as git's index relies on); a
 stale, foreign or truncated cache is rebuilt, and `--rebuild-cache` rebuilds it on request.
 A build holds a lock on DIR/cache/, so a second run waits for it and then reads its cache;
-the leftovers of a killed build are removed by the next build.
+the leftovers of a killed build are removed by the next run (safe_files.py).
 """
 import contextlib
 import functools
-import glob
 import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -25,12 +23,9 @@ import numpy as np
 from torch.utils import data
 
 import custom_transforms as T
+import safe_files
 from custom_dataloader import DatasetError, MiniPlacesLoader
-
-try:
-    import fcntl  # POSIX (Linux, macOS); absent on native Windows: builds are not locked
-except ImportError:
-    fcntl = None
+from safe_files import FileLock
 
 
 CACHE_VERSION = 2        # bump when the file layout, the stored geometry or the fingerprint
@@ -142,69 +137,38 @@ def _make_cache_folder(folder):
 
 @contextlib.contextmanager
 def _build_lock(folder, wait=True):
-    """Hold DIR/cache/.build.lock (fcntl.flock, exclusive) while the cache is checked,
-    cleaned and built; yields True, or False where wait=False and another process holds
-    it. A second run started during a build waits here, saying so in one line, and then
-    finds the finished cache instead of decoding the same images into a second 4.9 GB
-    temporary file. The kernel releases the lock when its holder ends, kill -9 included,
-    so a killed build never blocks the next run. One lock for the folder, not one per
-    split: the free-space check and the removal of leftovers must see no other build."""
-    if fcntl is None:
-        yield True
-        return
-    lock_path = os.path.join(folder, LOCK_NAME)
+    """Hold DIR/cache/.build.lock (safe_files.FileLock) while the cache is checked and
+    built; yields True, or False where wait=False and another process holds it. A second
+    run started during a build waits here, saying so in one line, and then finds the
+    finished cache instead of decoding the same images into a second 4.9 GB temporary
+    file. The kernel releases the lock when its holder ends, kill -9 included, so a
+    killed build never blocks the next run. One lock for the folder, not one per split:
+    the free-space check must see no other build."""
+    lock = FileLock(os.path.join(folder, LOCK_NAME))
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        locked = lock.acquire(wait, waiting=lambda holder: print(
+            f"=> waiting for {holder}, which is building the data cache in {folder}",
+            flush=True))
     except OSError as e:
         raise DatasetError(f"cannot write the data cache folder {folder} ({e.strerror or e}); "
                            f"make it writable {_HINT}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            busy = False
-        except BlockingIOError:
-            busy = True
-        if busy and not wait:
-            yield False
-            return
-        if busy:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            print(f"=> waiting for {holder or 'another process'}, which is building the data "
-                  f"cache in {folder}", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        # the holder, for the message above (an empty file: released cleanly)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        try:
-            yield True
-        finally:
-            os.ftruncate(fd, 0)
+        yield locked
     finally:
-        os.close(fd)                         # closing releases the flock
-
-
-def _leftovers(folder):
-    """The temporary files of builds in `folder` (*.tmp-PID): a killed build leaves its
-    .npy.tmp-PID behind, at its full size, since _build reserves the blocks up front."""
-    return glob.glob(os.path.join(glob.escape(folder), "*.tmp-*"))
+        lock.release()
 
 
 def _remove_leftovers(folder):
-    """Delete the temporary files of earlier builds. Call it holding _build_lock: every
-    build holds it from its first byte written to its rename, so while we hold it no
-    temporary file belongs to a live build."""
-    for leftover in _leftovers(folder):
-        try:
-            size = os.path.getsize(leftover)
-            os.remove(leftover)
-        except OSError:           # gone already, or (without fcntl) still open elsewhere
-            continue
+    """Delete the temporary files of killed builds (safe_files.temp_path names them): a
+    killed build leaves its .npy's at full size, since _build reserves the blocks up
+    front. Only those of dead processes: a build at work keeps its own."""
+    for leftover, size in safe_files.remove_dead_temp_files(folder):
         print(f"=> removed {leftover} ({size / 1e9:.2f} GB), left by an interrupted build "
               f"of the data cache", flush=True)
 
 
 def _build(loader, path, meta_path, size, fingerprint, workers):
-    """Decode every image into path (via a temporary file and os.replace, so a crash
+    """Decode every image into path (via safe_files.replacing, so a crash
     leaves no half-written cache), then write the fingerprint the same way. The caller
     holds _build_lock and has created the folder."""
     n = len(loader)
@@ -217,44 +181,37 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
     print(f"=> decoding the {n} images of {loader.split} once into {path} "
           f"({nbytes / 1e9:.2f} GB); later runs read it", flush=True)
     start = time.time()
-    tmp, meta_tmp = f"{path}.tmp-{os.getpid()}", f"{meta_path}.tmp-{os.getpid()}"
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        if hasattr(os, "posix_fallocate"):
-            # reserve the blocks now: a disk that fills up while the memory map is written
-            # kills the process with SIGBUS instead of raising an error
-            with open(tmp, "rb+") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-        loader.transforms = functools.partial(cache_image, size=size)
-        batches = data.DataLoader(loader, batch_size=256, num_workers=workers,
-                                  collate_fn=_stack_images)
-        done = 0
-        for batch in batches:
-            out[done:done + len(batch)] = batch
-            done += len(batch)
-        out.flush()
-        del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())           # on disk before the rename makes it official
-        if os.path.exists(meta_path):      # an old fingerprint never vouches for new images
-            os.remove(meta_path)
-        os.replace(tmp, path)
+        with safe_files.replacing(path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(n, size, size, 3))
+            if hasattr(os, "posix_fallocate"):
+                # reserve the blocks now: a disk that fills up while the memory map is
+                # written kills the process with SIGBUS instead of raising an error
+                with open(tmp, "rb+") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+            loader.transforms = functools.partial(cache_image, size=size)
+            batches = data.DataLoader(loader, batch_size=256, num_workers=workers,
+                                      collate_fn=_stack_images)
+            done = 0
+            for batch in batches:
+                out[done:done + len(batch)] = batch
+                done += len(batch)
+            out.flush()
+            del out
+            if os.path.exists(meta_path):  # an old fingerprint never vouches for new images
+                os.remove(meta_path)
         st = os.stat(path)
         meta = dict(fingerprint, version=CACHE_VERSION, split=loader.split, size=size,
                     bytes=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino,
                     ctime_ns=st.st_ctime_ns,
                     labels=[int(x) for x in loader.label_list])
-        with open(meta_tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(meta_tmp, meta_path)
+        safe_files.atomic_write(meta_path, lambda f: json.dump(meta, f))
     except OSError as e:
         raise DatasetError(f"cannot write the data cache {path} ({e.strerror or e}); "
                            f"free some space or make {folder} writable {_HINT}") from None
     finally:
         loader.transforms = None
-        for leftover in (tmp, meta_tmp):
-            if os.path.exists(leftover):
-                os.remove(leftover)
     print(f"=> data cache {path} written in {time.time() - start:.0f} s", flush=True)
 
 
@@ -306,11 +263,8 @@ def load_or_build_cache(data_folder, split, size=CACHE_SIZE, workers=0, rebuild=
     requested = "a rebuild was asked for (--rebuild-cache)"
     reason = requested if rebuild else _stale_reason(path, meta_path, fingerprint, size)
     if reason is None:
-        if _leftovers(folder) and os.access(folder, os.W_OK):
-            # a fresh cache never waits: the clean-up is left for later if a build runs
-            with _build_lock(folder, wait=False) as locked:
-                if locked:
-                    _remove_leftovers(folder)
+        if os.access(folder, os.W_OK):  # a read-only data folder keeps what it holds
+            _remove_leftovers(folder)
         return ImageCache(path, loader.label_list, loader.file_list, size)
     _make_cache_folder(folder)
     with _build_lock(folder):

@@ -178,7 +178,8 @@ def main(argv=None):
     try:
         with contextlib.ExitStack() as run_folder_lock:  # held until the run ends
             check_args(args, given)
-            ckpt = run_folder.load_checkpoint(args.resume) if args.resume else None
+            ckpt, ckpt_file = (run_folder.read_checkpoint(args.resume) if args.resume
+                               else (None, None))
             # under torchrun: join the other processes, one GPU each (distributed.py)
             device = distributed.start(args.device, args.dist_backend, args.sync_bn) or \
                 select_device(args.device, args.gpu, args.use_mps)
@@ -186,7 +187,7 @@ def main(argv=None):
             if device.type == 'cuda':
                 torch.backends.cudnn.benchmark = True
             if args.evaluate or args.attack:
-                return evaluate_or_attack(args, given, ckpt, device)
+                return evaluate_or_attack(args, given, ckpt, ckpt_file, device)
             return train(args, given, ckpt, device, run_folder_lock.enter_context)
     except ToolkitError as exc:  # ours: bad flags, data, checkpoint, run folder, divergence
         if os.environ.get('MAIN_DEBUG'):
@@ -504,9 +505,11 @@ def print_run_end(run_dir, summary):
 ################################################################################
 # Evaluating (-e) and attacking (-a) a trained model
 ################################################################################
-def evaluate_or_attack(args, given, ckpt, device):
+def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     """-e or -a of the --resume checkpoint: a run folder of its own; the result also goes
-    into the summary of the training run the checkpoint comes from."""
+    into the summary of the training run the checkpoint comes from. The result names the
+    checkpoint's epoch and the fingerprint of the file read (ckpt_file), so that a file
+    rewritten since (model_best of a run still training) shows the result as stale."""
     source = adopt_evaluation_plan(args, given, ckpt)
     _, val_set = load_datasets(args, train=False)  # first: checks the data
     settle_num_classes(args, {'val': val_set}, source)
@@ -537,7 +540,8 @@ def evaluate_or_attack(args, given, ckpt, device):
         result = attack_validate(val_loader, model, build_attacker(criterion, args), args,
                                  device, writer)
     writer.close()
-    result = dict(checkpoint=os.path.abspath(args.resume), **result)
+    result = dict(checkpoint=os.path.abspath(args.resume), epoch=ckpt.get('epoch'),
+                  file=ckpt_file, **result)
     summary.update({key: result, 'wall_time_s': time.time() - start})
     run_folder.write_summary(run_dir, summary)
     trained_in = run_folder.run_dir_of_checkpoint(args.resume)

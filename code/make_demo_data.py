@@ -36,21 +36,26 @@ keep their files). A larger set gives every image a generator of its own, seeded
 (seed, split, number), so that --workers processes (default: one per core) write the
 same files as one.
 
-Safety: a set that would not fit on the disk is refused before anything is written
-(the estimate: about 0.6 bytes per pixel of JPEG, in whole 4 KB blocks). train.txt is
+Safety: every setting is checked, and a set that would not fit on the disk is refused
+(the estimate: about 0.6 bytes per pixel of JPEG, in whole 4 KB blocks), before a
+previous set is touched. Replacing one removes its train.txt first, and train.txt is
 written last, after every image: a folder without it is no complete set, whatever
-stopped the writing (a full disk, a kill). A progress line goes to stderr.
+stopped the writing (a full disk, a kill, Ctrl-C, which stops every writing process and
+says so in one line, exit status 130). A progress line goes to stderr.
 """
 import argparse
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+import safe_files
 
 # the first ten MiniPlaces categories (as in its categories.txt), then 90 scene names made
 # up in its style (<letter>/<name>, alphabetical), not MiniPlaces' own: 100 in all
@@ -178,25 +183,25 @@ def render_image(rng, label, size):
 def prepare_out_dir(out_dir, marker=MARKER, what="demo set",
                     files=("train.txt", "val.txt", "categories.txt")):
     """Refuse a non-empty folder unless it holds `marker` (the generator that writes
-    `what` wrote it); then clear images/ and `files`. Shared with make_real_data.py."""
+    `what` wrote it); then clear `files` (train.txt, the mark of a complete set, first)
+    and images/: a set cut short here never looks complete. Shared with make_real_data.py."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         if not os.path.isfile(os.path.join(out_dir, marker)):
             raise ValueError(f"{out_dir} is not empty and holds no {what} ({marker} "
                              f"missing); refusing to overwrite it")
-        shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)
         for name in files:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
+        shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)
+        safe_files.remove_dead_temp_files(out_dir)  # label files of a killed writer
     os.makedirs(out_dir, exist_ok=True)
 
 
 def write_text(path, lines):
-    # write to a temporary file and rename, so a crash never leaves half a label file
-    with open(path + ".tmp", "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(path + ".tmp", path)
+    # written atomically (safe_files.py), so a crash never leaves half a label file
+    safe_files.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines)))
 
 
 def estimated_image_bytes(size, block=4096):
@@ -264,21 +269,35 @@ def write_images(out_dir, jobs, size, bar, rng=None, seed=0, split=0, workers=1)
         for task in tasks:
             bar.update(write_chunk(task))
         return
-    with multiprocessing.Pool(workers) as pool:   # an error in a process is raised here
+    # Ctrl-C reaches every process of the terminal's group: the writers ignore it, and this
+    # process stops them (the pool's exit terminates them) and says so in one line
+    with multiprocessing.Pool(workers, initializer=signal.signal,
+                              initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        # an error in a writing process is raised here
         for done in pool.imap_unordered(write_chunk, tasks):
             bar.update(done)
+
+
+def check_settings(num_classes, train_per_class, val_per_class, size, seed, workers):
+    """Refuse (ValueError, one line naming the flag) a setting the writing would fail on,
+    before anything is deleted or written."""
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"--num-classes must be in [2, {MAX_CLASSES}], got {num_classes}")
+    for flag, value in (("--train-per-class", train_per_class),
+                        ("--val-per-class", val_per_class), ("--workers", workers)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if size < 16:
+        raise ValueError(f"--size must be at least 16 pixels, got {size}")
+    if seed < 0:  # numpy's generators take no negative seed
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
 
 
 def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_class=20,
                       size=128, seed=0, workers=1, progress=False):
     """Write the demo set to out_dir; deterministic given `seed` (whatever `workers`).
     `progress`: a progress line on stderr. Returns {"train": n_train, "val": n_val}."""
-    if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
-    if train_per_class < 1 or val_per_class < 1:
-        raise ValueError("train_per_class and val_per_class must be at least 1")
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    check_settings(num_classes, train_per_class, val_per_class, size, seed, workers)
     num_train, num_val = num_classes * train_per_class, num_classes * val_per_class
     check_disk_space(out_dir, num_train + num_val, size)
     prepare_out_dir(out_dir)
@@ -335,6 +354,13 @@ def main(argv=None):
                                    progress=True)
     except (ValueError, OSError) as e:
         sys.exit(f"make_demo_data.py: error: {e}")
+    except KeyboardInterrupt:  # train.txt comes last: what was written is no complete set
+        complete = os.path.isfile(os.path.join(args.out_dir, "train.txt"))
+        print(f"\nmake_demo_data.py: interrupted; " + (
+            f"{args.out_dir} still holds a complete set" if complete else
+            f"{args.out_dir} holds no complete set (no train.txt): run it again"),
+            file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {counts['train']} train + {counts['val']} val JPEG images "
           f"({args.size}x{args.size}, {args.num_classes} classes) to {args.out_dir}/images, "
           f"with train.txt, val.txt and categories.txt")

@@ -213,11 +213,24 @@ def load_run(run_dir, label, summary=None):
             what = 'plotting what summary.json holds' if run['series'] else 'nothing to plot'
             note(f'{run_dir} has {where}; {what}')
     run['ipe'] = iters_per_epoch(run)
+    unsaved = unsaved_epochs(run)
+    if unsaved:
+        note(f'{run_dir}: its event files log epoch(s) {", ".join(map(str, unsaved))} that '
+             f'summary.json does not hold (the run was killed before saving them); the '
+             f'tables leave them out')
     done, planned = len(run_records(run)), run['summary'].get('epochs_planned')
     if status in (rr.RUNNING, rr.STOPPED, rr.INTERRUPTED, rr.DIVERGED, rr.FAILED) or (
             status is None and planned and done < planned):
         note(f'{run_dir} is unfinished ({done} of {planned or "?"} epochs); plotting what exists')
     return run
+
+
+def unsaved_epochs(run):
+    """The epochs the event files log a validation for but summary.json does not hold."""
+    if 'epochs' not in run['summary']:
+        return []
+    saved = {record['epoch'] for record in summary_epochs(run['summary'])}
+    return sorted({step for step, _ in run['series'].get((rr.TAG_TOP1, 'val'), [])} - saved)
 
 
 def epoch_of(run, tag, step):
@@ -363,10 +376,11 @@ def write_csv(runs, path):
 
 
 def run_records(run):
-    """Per-epoch records: summary.json's, or (no summary) rebuilt from the event files."""
-    records = summary_epochs(run['summary'])
-    if records:
-        return records
+    """Per-epoch records: summary.json's, or, for a run without them (no summary.json),
+    rebuilt from the event files. summary.json names an epoch only once its checkpoint is
+    written; the event files also hold an epoch whose checkpoint a kill cut short."""
+    if 'epochs' in run['summary']:
+        return summary_epochs(run['summary'])
     by_epoch = {}
     for key, name in RECORD_KEY.items():
         for step, value in run['series'].get(key, []):
@@ -454,13 +468,44 @@ def results_markdown(runs, stats, command):
     return '\n'.join(lines)
 
 
+def checkpoint_state(result):
+    """Whether the file an -e/-a result was computed on is still that file: 'current', or
+    'changed' / 'gone' (the result is stale: model_best.pth.tar of a run that went on
+    training holds another epoch now); '–' for a result recorded without a fingerprint."""
+    fingerprint = result.get('file')
+    if not (isinstance(fingerprint, dict) and {'bytes', 'mtime_ns', 'sha256'} <= set(fingerprint)):
+        return '–'
+    return run_folder.file_changed(result.get('checkpoint', ''), fingerprint) or 'current'
+
+
+def checkpoint_cells(result):
+    """The Checkpoint, Epoch and File cells of an -e/-a result."""
+    state = checkpoint_state(result)
+    epoch = result.get('epoch')
+    return [f"`{result.get('checkpoint', '–')}`", '–' if epoch is None else epoch,
+            state if state in ('current', '–') else f'**stale**: {state}']
+
+
+def note_stale_results(runs):
+    """One line for each -e/-a result whose checkpoint file has changed since."""
+    for run in runs:
+        for key in rr.RESULT_KEYS:
+            result = run['summary'].get(key)
+            state = checkpoint_state(result) if isinstance(result, dict) else '–'
+            if state not in ('current', '–'):
+                why = 'has changed since' if state == 'changed' else 'is gone'
+                epoch = '?' if result.get('epoch') is None else result['epoch']
+                note(f"{run['dir']}: its {key} result is stale: {result.get('checkpoint')} "
+                     f"(epoch {epoch} when evaluated) {why}")
+
+
 def evaluation_markdown(runs):
-    rows = [[r['label'], f"`{e.get('checkpoint', '–')}`", fmt(e.get('top1')), fmt(e.get('top5')),
-             fmt(e.get('loss'), 4)]
+    rows = [[r['label']] + checkpoint_cells(e) + [fmt(e.get('top1')), fmt(e.get('top5')),
+                                                  fmt(e.get('loss'), 4)]
             for r in runs for e in [r['summary'].get(rr.EVALUATION)] if isinstance(e, dict)]
     if not rows:
         return []
-    header = ['Run', 'Checkpoint', 'Top-1', 'Top-5', 'Loss']
+    header = ['Run', 'Checkpoint', 'Epoch', 'File', 'Top-1', 'Top-5', 'Loss']
     return ['', '## Evaluation (`-e`)', ''] + table(header, rows)
 
 
@@ -472,7 +517,7 @@ def attack_markdown(runs):
             continue
         drop = (a['clean_top1'] - a['adv_top1']
                 if a.get('clean_top1') is not None and a.get('adv_top1') is not None else None)
-        rows.append([run['label'], f"`{a.get('checkpoint', '–')}`",
+        rows.append([run['label']] + checkpoint_cells(a) + [
                      fmt(a.get('clean_top1')), fmt(a.get('adv_top1')), fmt(drop),
                      fmt(a.get('clean_top5')), fmt(a.get('adv_top5')),
                      fmt(a.get('clean_top1_noflip')), fmt(a.get('adv_top1_noflip')),
@@ -484,9 +529,9 @@ def attack_markdown(runs):
     # (schema 2): an attack crafted on the plain image can lose part of its effect
     # on the mirrored one, so the flip-averaged figure is the kinder of the two
     return ['', '## Adversarial attack (`-a`): clean vs adversarial', ''] + table(
-        ['Run', 'Checkpoint', 'Clean top-1', 'Adv top-1', 'Top-1 drop', 'Clean top-5', 'Adv top-5',
-         'Clean top-1 (no flip)', 'Adv top-1 (no flip)', 'Success rate', 'Steps', 'Step size',
-         'Epsilon'], rows)
+        ['Run', 'Checkpoint', 'Epoch', 'File', 'Clean top-1', 'Adv top-1', 'Top-1 drop',
+         'Clean top-5', 'Adv top-5', 'Clean top-1 (no flip)', 'Adv top-1 (no flip)',
+         'Success rate', 'Steps', 'Step size', 'Epsilon'], rows)
 
 
 # ----------------------------------------------------------------------------- main
@@ -499,6 +544,11 @@ def default_labels(run_dirs, summaries=None):
             for n, d in zip(names, run_dirs)]
 
 
+def out_error(out, e):
+    """The one line for an --out folder that cannot be written."""
+    return f'report.py: --out {out}: cannot write there ({e.strerror or e})'
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -509,6 +559,8 @@ def main(argv=None):
     if not args.runs:
         raise SystemExit('report.py: no run given: '
                          'python code/report.py RUN [RUN ...] --out results/NAME')
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any work
+        raise SystemExit(f'report.py: --out {args.out} is a file, not a folder')
     run_dirs = find_runs(args.runs)
     close_dead_runs(run_dirs)
     summaries = [read_summary(d) for d in run_dirs]  # once: a damaged one gets one note
@@ -520,14 +572,18 @@ def main(argv=None):
     if not runs:
         raise SystemExit('report.py: nothing to report: no event files or summary.json in '
                          + ', '.join(run_dirs))
+    note_stale_results(runs)
     assign_styles(runs)
-    os.makedirs(args.out, exist_ok=True)
-    save_figures(runs, args.out)
-    write_csv(runs, os.path.join(args.out, 'curves.csv'))
     stats = [run_stats(run) for run in runs]
     command = 'python code/report.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    with open(os.path.join(args.out, 'results.md'), 'w') as f:
-        f.write(results_markdown(runs, stats, command))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        save_figures(runs, args.out)
+        write_csv(runs, os.path.join(args.out, 'curves.csv'))
+        with open(os.path.join(args.out, 'results.md'), 'w') as f:
+            f.write(results_markdown(runs, stats, command))
+    except OSError as e:  # read-only, a file in the way, /proc, a full disk ...
+        raise SystemExit(out_error(args.out, e))
     print('\n'.join(comparison_table(runs, stats)))
     print(f'Figures and tables of {len(runs)} run(s) are in {args.out}/: {" ".join(OUTPUTS)}')
     return 0

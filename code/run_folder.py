@@ -1,7 +1,8 @@
 """The run folder, written so that no kill loses or corrupts a run: every file is
 written atomically (a temporary file renamed over the old one), a training run holds
 the folder's lock from start to end, and every writer of summary.json holds its short
-lock. What the files hold is defined in run_record.py.
+lock (the lock and the atomic write are safe_files.py's). What the files hold is
+defined in run_record.py.
 
 checkpoint.pth.tar is the commit point of an epoch (commit_epoch). It holds everything
 (weights, optimizer, schedule, the epoch history, the best model's weights) and is
@@ -10,24 +11,21 @@ it, and rewritten from it when the run is resumed (restore_run_files).
 """
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
 import pickle
-import secrets
 import socket
 
 import torch
 
 import distributed
 import run_record as rr
+import safe_files
 from distributed import is_main
+from safe_files import FileLock
 from utils import CheckpointError, RunFolderError
-
-try:
-    import fcntl  # POSIX (Linux, macOS); absent on native Windows
-except ImportError:
-    fcntl = None
 
 
 ################################################################################
@@ -54,59 +52,28 @@ def make_run_dir(log_dir, name=None):
     raise RunFolderError(f'could not create a new run folder next to {base}')
 
 
-TMP_PREFIX = '.tmp_'
-
-
-def _new_temp_file(folder, name):
-    """Create TMP_PREFIX<random><name> in `folder`, open for writing: (fd, path). Its mode
-    is what open() gives a new file, 0o666 less the process's umask (as the event files
-    get), so that a group may read summary.json and the checkpoints where the umask lets
-    it; tempfile.mkstemp would make it 0o600, for its owner alone, and the rename keeps that."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
-    while True:
-        path = os.path.join(folder, TMP_PREFIX + secrets.token_hex(4) + name)
-        try:
-            return os.open(path, flags, 0o666), path  # the OS takes the umask off
-        except FileExistsError:  # a name drawn twice: draw another
-            continue
-
-
 def _atomic_write(path, write_fn, binary):
-    """Write to a temporary file in the same folder, then rename over `path`:
-    a crash leaves either the old file or the new one, never half of one.
-    A failed write (disk full, ...) raises RunFolderError and keeps the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    """safe_files.atomic_write: a crash leaves either the old file or the new one, never
+    half of one. A failed write (disk full, ...) raises RunFolderError and keeps the old
+    file."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = _new_temp_file(folder, os.path.basename(path))
-        with os.fdopen(fd, 'wb' if binary else 'w') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        safe_files.atomic_write(path, write_fn, binary)
     except OSError as exc:
         raise RunFolderError(f"cannot write {path} ({exc.strerror or exc}); the previous "
                              f"version of the file, if any, is intact") from exc
     except RuntimeError as exc:  # torch.save reports a full disk as RuntimeError
         raise RunFolderError(f"cannot write {path} ({str(exc).splitlines()[0][:200]}); the "
                              f"previous version of the file, if any, is intact") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_temp_files(run_dir):
     """Remove what _atomic_write leaves behind in a run folder (RUN/ and RUN/models/) when
-    the process is killed mid-write; returns their names. Only call it holding the run
-    folder's lock (no other writer is then at work)."""
-    removed = []
-    for folder in (run_dir, os.path.join(run_dir, rr.MODELS)):
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-    return removed
+    its process is killed mid-write; returns their names. The temporary files of a live
+    writer (an -e of the run writing its summary) stay."""
+    return [os.path.basename(path)
+            for folder in (run_dir, os.path.join(run_dir, rr.MODELS))
+            for path, _ in safe_files.remove_dead_temp_files(folder)]
 
 
 def finite_or_none(obj):
@@ -126,53 +93,24 @@ def write_json_atomic(path, obj):
                   binary=False)
 
 
-class FolderLock(object):
-    """An exclusive lock on a file in a run folder, held while the `with` block runs.
-
-    It is fcntl.flock: the operating system releases it when the process ends, however
-    it ends (kill -9 included), so a crashed run never blocks the folder. The file
-    keeps "pid N on HOST" of its holder while held: for the messages only.
-    wait=False refuses at once (RunFolderError) when another process holds it.
-    Where fcntl does not exist (native Windows) it does nothing."""
-
-    def __init__(self, path, wait=False, what='run folder'):
-        self.path, self.wait, self.what = path, wait, what
-        self.fd, self.previous_holder = None, ''
-
-    def __enter__(self):
-        if fcntl is None:
-            return self
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors='replace').strip()
-            os.close(self.fd)
-            raise RunFolderError(f"{os.path.dirname(self.path)} is in use by "
-                                 f"{holder or 'another process'}: one training per {self.what} "
-                                 f"(wait for it to end, or stop it)")
-        # a holder written but no lock held: that process died without releasing it
-        self.previous_holder = os.pread(self.fd, 200, 0).decode(errors='replace').strip()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # an empty file: released cleanly
-            os.close(self.fd)         # closing releases the flock
-            self.fd = None
-        return False
-
-
 def summary_lock(run_dir):
     """The short lock every writer of RUN/summary.json holds for its read-modify-write."""
-    return FolderLock(os.path.join(run_dir, '.summary.lock'), wait=True)
+    return FileLock(os.path.join(run_dir, '.summary.lock'))
+
+
+def run_lock_path(run_dir):
+    return os.path.join(run_dir, '.lock')
 
 
 def run_lock(run_dir):
-    """The lock a training run holds on its folder from start to end."""
-    return FolderLock(os.path.join(run_dir, '.lock'), wait=False)
+    """The lock a training run holds on its folder from start to end, taken now (a `with`
+    block releases it); RunFolderError at once when another process holds it. The kernel
+    releases it when the run ends, however it ends: a killed run never blocks its folder."""
+    lock = FileLock(run_lock_path(run_dir))
+    if not lock.acquire(wait=False):
+        raise RunFolderError(f"{run_dir} is in use by {lock.holder or 'another process'}: "
+                             f"one training per run folder (wait for it to end, or stop it)")
+    return lock
 
 
 ################################################################################
@@ -244,7 +182,7 @@ def close_dead_run(run_dir):
     try:
         if rr.read_summary(run_dir).get('status') != rr.RUNNING:
             return None
-        with open(run_lock(run_dir).path) as f:  # "pid N on HOST" of its last holder
+        with open(run_lock_path(run_dir)) as f:  # "pid N on HOST" of its last holder
             holder = f.read(200).strip()
     except (OSError, ValueError):  # no lock file: not a training run's folder
         return None
@@ -304,10 +242,18 @@ def save_best_model(state, run_dir):
 
 def load_checkpoint(path):
     """Load a checkpoint safely (weights_only) onto the CPU, or explain in one line."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path):
+    """load_checkpoint, and the fingerprint of the very file it read (file_fingerprint):
+    what an -e or -a records of the checkpoint it evaluated."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint found at '{path}'")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with open(path, 'rb') as f:
+            ckpt = torch.load(f, map_location='cpu', weights_only=True)
+            fingerprint = file_fingerprint(f)
     except pickle.UnpicklingError:
         # weights_only refused a Python object: loading it could run arbitrary code
         raise CheckpointError(f"'{path}' holds Python objects that no checkpoint of this "
@@ -325,7 +271,36 @@ def load_checkpoint(path):
         raise CheckpointError(f"'{path}' holds non-finite {what} (NaN or inf) in '{key}': "
                               f"the run diverged before it was saved; use an earlier "
                               f"checkpoint or train again with a lower --lr")
-    return ckpt
+    return ckpt, fingerprint
+
+
+def file_fingerprint(f):
+    """{'bytes', 'mtime_ns', 'sha256'} of an open file. The hash of the whole file: a
+    checkpoint of this toolkit is at most about 100 MB, which sha256 reads in about 0.1 s
+    (nothing next to an evaluation), and only a hash tells a file rewritten with the
+    same size (every epoch's checkpoint of one model has the same size) within the
+    resolution of its modification time, or a copy that kept the old time (cp -p)."""
+    st = os.fstat(f.fileno())
+    f.seek(0)
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'sha256': digest.hexdigest()}
+
+
+def file_changed(path, fingerprint):
+    """Why the file at `path` is no longer the one of `fingerprint` ('changed', 'gone'),
+    or None while it is. Size and time unchanged: the same file, without reading
+    it; else its hash decides (a copy of the same bytes is the same checkpoint)."""
+    try:
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) == (fingerprint['bytes'], fingerprint['mtime_ns']):
+            return None
+        with open(path, 'rb') as f:
+            same = file_fingerprint(f)['sha256'] == fingerprint['sha256']
+    except OSError:
+        return 'gone'
+    return None if same else 'changed'
 
 
 # the parts of a checkpoint that a resumed run trains on or writes out again (the best
@@ -394,9 +369,7 @@ def open_run_folder(args, ckpt, hold):
     if lock.previous_holder:
         print(f'note: took over the lock of {run_dir} from {lock.previous_holder}, which '
               f'is no longer running')
-    # the summary lock too: an -e/-a of this run may be writing its summary right now
-    with summary_lock(run_dir):
-        removed = remove_temp_files(run_dir)
+    removed = remove_temp_files(run_dir)
     if removed:
         print(f'note: removed {len(removed)} temporary file(s) left by a killed run')
     return run_dir

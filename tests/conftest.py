@@ -30,6 +30,16 @@ def run_main(argv, capsys):
     return code, out, err
 
 
+NO_SUCH_PID = 1 << 30  # above any pid a Linux system gives (its pid_max is at most 2**22)
+
+
+def temp_file_of_a_dead_writer(path):
+    """The temporary file a writer of `path` leaves when killed mid-write
+    (safe_files.temp_path, written by a process that no longer exists)."""
+    import safe_files
+    return safe_files.temp_path(path).rsplit('-', 1)[0] + f'-{NO_SUCH_PID}'
+
+
 def checkpoint_of(run_dir, name='checkpoint.pth.tar'):
     return os.path.join(run_dir, 'models', name)
 

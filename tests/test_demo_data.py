@@ -6,8 +6,10 @@ import filecmp
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -49,7 +51,7 @@ def test_layout_is_miniplaces(tmp_path):
 
 
 def test_class_count_is_checked(tmp_path):
-    with pytest.raises(ValueError, match=f"num_classes must be in \\[2, {len(CLASS_NAMES)}\\]"):
+    with pytest.raises(ValueError, match=f"--num-classes must be in \\[2, {len(CLASS_NAMES)}\\]"):
         make_demo_dataset(str(tmp_path / "more"), num_classes=len(CLASS_NAMES) + 1)
     assert not os.path.exists(tmp_path / "more")
 
@@ -249,3 +251,41 @@ def test_a_failed_write_leaves_no_label_file_and_is_replaced(tmp_path, monkeypat
     monkeypatch.setattr(make_demo_data, "save_image", save)
     make_demo_dataset(out, num_classes=20, train_per_class=2, val_per_class=1, size=16)
     assert len(read_lines(os.path.join(out, "train.txt"))) == 40
+
+
+def test_a_bad_setting_is_refused_before_a_set_is_replaced(tmp_path):
+    out = str(tmp_path / "demo")
+    make_demo_dataset(out, num_classes=2, train_per_class=1, val_per_class=1, size=16)
+    before = sorted(os.path.relpath(os.path.join(root, n), out)
+                    for root, _, names in os.walk(out) for n in names)
+    for flag, value in (("--seed", "-1"), ("--workers", "0"), ("--size", "8")):
+        done = subprocess.run([sys.executable, SCRIPT, out, flag, value],
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"make_demo_data.py: error: {flag} must be"), done.stderr
+        after = sorted(os.path.relpath(os.path.join(root, n), out)
+                       for root, _, names in os.walk(out) for n in names)
+        assert after == before  # the complete set is untouched
+
+
+def test_ctrl_c_while_several_processes_write_is_one_line(tmp_path):
+    """Ctrl-C in the terminal reaches the whole process group, the writing processes too."""
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, SCRIPT, str(out), "--num-classes", "20",
+                             "--train-per-class", "1000", "--size", "32", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "images" / "train" / "a" / "abbey").is_dir() or \
+            not os.listdir(out / "images" / "train" / "a" / "abbey"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)  # both writing processes at work
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    lines = err.replace("\r", "\n").strip().splitlines()  # the progress line, then ours
+    assert lines[-1].startswith("make_demo_data.py: interrupted; ") and \
+        "holds no complete set (no train.txt)" in lines[-1], err
+    assert not any(line.startswith("make_demo_data.py") for line in lines[:-1]), err
+    assert not (out / "train.txt").exists()

@@ -549,7 +549,7 @@ def start_slow_build(data_folder, how='build'):
     holds the lock until its end)."""
     proc = subprocess.Popen([sys.executable, '-c', SLOW_BUILD, data_folder, how], cwd=CODE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pattern = os.path.join(data_folder, 'cache', f'*.tmp-{proc.pid}')
+    pattern = os.path.join(data_folder, 'cache', f'.*.tmp-*-{proc.pid}')
     deadline = time.time() + 120
     while not glob.glob(pattern):
         if proc.poll() is not None or time.time() > deadline:
@@ -576,7 +576,7 @@ def test_a_second_build_waits_for_the_first_then_reads_its_cache(data_copy, caps
 
 
 def leftovers(folder):
-    return glob.glob(os.path.join(folder, '*.tmp-*'))
+    return glob.glob(os.path.join(folder, '.*.tmp-*'))
 
 
 def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, capsys):

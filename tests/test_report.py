@@ -2,6 +2,7 @@
 and the figures, the CSV of curves and the results table must hold what was written."""
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from conftest import temp_file_of_a_dead_writer
 import fake_runs
 import report
 import run_folder
@@ -199,9 +201,10 @@ def test_run_without_event_files_is_plotted_from_its_summary(odd_runs):
 
 def test_evaluation_and_attack_results(odd_runs):
     md = (odd_runs[0] / 'results.md').read_text()
-    assert '| attacked | `m.pth.tar` | 41.50 | 70.25 | – |' in md
-    assert '| eval | `best.pth.tar` | 45.00 | 75.50 | 2.2500 |' in md
-    assert ('| attacked | `m.pth.tar` | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | – | – | 91.50 | 10 | 0.01 | 0.1 |'
+    # results recorded without the epoch and the file's fingerprint: '–' in both
+    assert '| attacked | `m.pth.tar` | – | – | 41.50 | 70.25 | – |' in md
+    assert '| eval | `best.pth.tar` | – | – | 45.00 | 75.50 | 2.2500 |' in md
+    assert ('| attacked | `m.pth.tar` | – | – | 41.50 | 3.50 | 38.00 | 70.25 | 20.00 | – | – | 91.50 | 10 | 0.01 | 0.1 |'
             in md)
 
 
@@ -353,7 +356,8 @@ def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
     for run in (killed, alive):
         fake_runs.make_run(run, 2, IPE, status='running', epochs_planned=10)
         os.makedirs(os.path.join(run, 'models'))
-        with open(os.path.join(run, 'models', '.tmp_1234checkpoint.pth.tar'), 'wb') as f:
+        with open(temp_file_of_a_dead_writer(os.path.join(run, 'models', 'checkpoint.pth.tar')),
+                  'wb') as f:
             f.write(b'\0' * 100)  # the write that the kill cut short
     fake_runs.make_run(failed, 2, IPE, status='failed', epochs_planned=10)
     holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, os.path.join(REPO, 'code'),
@@ -373,4 +377,65 @@ def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
               for run in (killed, alive, failed)}
     assert status == {killed: 'interrupted', alive: 'running', failed: 'failed'}
     assert os.listdir(os.path.join(killed, 'models')) == []
-    assert os.listdir(os.path.join(alive, 'models')) == ['.tmp_1234checkpoint.pth.tar']
+    assert os.listdir(os.path.join(alive, 'models')) == [os.path.basename(
+        temp_file_of_a_dead_writer(os.path.join(alive, 'models', 'checkpoint.pth.tar')))]
+
+
+def test_an_epoch_killed_while_being_saved_is_not_claimed(tmp_path):
+    """kill -9 during the first checkpoint write: the event files log epoch 1, summary.json
+    holds no epoch and no checkpoint exists. The table says 0 of 2 epochs, no best."""
+    run = str(tmp_path / 'killed')
+    os.makedirs(run)
+    fake_runs.write_events(run, 0, 1, IPE)
+    fake_runs.write_summary(run, [], IPE, planned=2, status='interrupted')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert report.main([run, '--out', str(tmp_path / 'out')]) == 0
+    row = table_rows(tmp_path / 'out' / 'results.md')['killed']
+    assert (row['Epochs'], row['Best top-1'], row['Final top-1']) == ('0/2', '–', '–'), row
+    assert 'its event files log epoch(s) 1 that summary.json does not hold' in err.getvalue()
+
+
+@pytest.mark.parametrize('out', ['/etc/passwd', 'FILE/sub', '/proc/x'])
+def test_an_unusable_out_folder_is_one_line(logs, tmp_path, out):
+    (tmp_path / 'FILE').write_text('a file')
+    out = out if out.startswith('/') else str(tmp_path / out)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'report.py'), str(logs),
+                           '--out', out], capture_output=True, text=True)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith('report.py: --out')]
+    assert out in line, line
+
+
+def test_a_result_on_a_checkpoint_changed_since_is_shown_stale(tmp_path):
+    """An -e of model_best.pth.tar while the run trains on: the run then saves a better
+    epoch into the same file. The result names the epoch it evaluated and is marked stale."""
+    run = str(tmp_path / 'run')
+    best = os.path.join(run, 'models', 'model_best.pth.tar')
+    os.makedirs(os.path.dirname(best))
+    with open(best, 'wb') as f:
+        f.write(b'epoch 1 weights')
+    with open(best, 'rb') as f:
+        fingerprint = run_folder.file_fingerprint(f)
+    assert fingerprint['sha256'] == hashlib.sha256(b'epoch 1 weights').hexdigest()
+    fake_runs.make_run(run, 2, IPE, evaluation={'checkpoint': best, 'epoch': 1, 'top1': 10.0,
+                                                'file': fingerprint})
+    out = tmp_path / 'out'
+
+    def evaluation_row():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert report.main([run, '--out', str(out)]) == 0
+        md = (out / 'results.md').read_text()
+        return md[md.index('## Evaluation'):].splitlines()[4], err.getvalue()
+    row, err = evaluation_row()
+    assert f'| run | `{best}` | 1 | current | 10.00 |' in row and 'stale' not in err
+    os.utime(best, ns=(1, 1))  # touched, same bytes: still the file evaluated
+    assert '| 1 | current |' in evaluation_row()[0]
+    with open(best, 'wb') as f:
+        f.write(b'epoch 2 weights')  # the same size: only the bytes tell
+    row, err = evaluation_row()
+    assert '| 1 | **stale**: changed | 10.00 |' in row, row
+    assert f'its evaluation result is stale: {best} (epoch 1 when evaluated) has changed' in err
+    os.remove(best)
+    assert '| 1 | **stale**: gone |' in evaluation_row()[0]

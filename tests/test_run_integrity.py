@@ -2,9 +2,11 @@
 run folder, consistent files after a kill at any write, strict JSON, one-line errors."""
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,8 +15,10 @@ import time
 import pytest
 import torch
 
-from conftest import CODE, FAST, run_main, checkpoint_of, only_run, expect_error, strict_json
+from conftest import (CODE, FAST, run_main, checkpoint_of, only_run, expect_error, strict_json,
+                      temp_file_of_a_dead_writer)
 import main as driver
+import report
 import run_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -111,16 +115,56 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo, stopped_ru
     assert summary_of(run)['status'] == 'finished'
 
 
+LOCK_WITH_WORKERS = '''import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import run_folder
+run_folder.run_lock(sys.argv[2]).__enter__()
+batches = iter(torch.utils.data.DataLoader(range(100), num_workers=2))  # forks 2 workers
+next(batches)
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_killed_run_frees_its_folder_at_once_though_its_workers_live_on(tmp_path):
+    """kill -9 of a training with DataLoader workers: the workers outlive it by seconds
+    (until they notice), but they never held its lock: a --resume right after is let in."""
+    run = str(tmp_path / 'run')
+    os.makedirs(run)
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_WITH_WORKERS, CODE, run],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'locked'
+    holder.kill()
+    holder.wait(timeout=60)
+    with run_folder.run_lock(run) as lock:  # no "in use by pid N" for the dead pid
+        assert lock.previous_holder == f'pid {holder.pid} on {socket.gethostname()}'
+
+
 def test_evaluation_results_survive_later_epochs(demo, stopped_run, tmp_path, capsys):
     run = copy_run(stopped_run[1], tmp_path)
     code, _, err = run_main([demo, '-e', '--resume', checkpoint_of(run, 'model_best.pth.tar'),
                              '-j', '0', '--log-dir', str(tmp_path / 'eval')], capsys)
     assert code == 0, err
-    top1 = summary_of(run)['evaluation']['top1']
+    evaluated = summary_of(run)['evaluation']
+    best = checkpoint_of(run, 'model_best.pth.tar')
+    with open(best, 'rb') as f:
+        data = f.read()
+    # the record names the epoch and the very file evaluated
+    assert evaluated['epoch'] == torch.load(best, weights_only=True)['epoch'] == 1
+    assert evaluated['file']['sha256'] == hashlib.sha256(data).hexdigest()
+    assert evaluated['file']['bytes'] == len(data)
     code, _, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
     assert code == 0, err
     summary = summary_of(run)
-    assert summary['status'] == 'finished' and summary['evaluation']['top1'] == top1
+    assert summary['status'] == 'finished' and summary['evaluation'] == evaluated
+    # report.py tells whether model_best.pth.tar is still the file evaluated
+    with open(best, 'rb') as f:
+        changed = f.read() != data
+    assert summary['best_epoch'] != 1 or not changed
+    report.main([run, '--out', str(tmp_path / 'out')])
+    md = (tmp_path / 'out' / 'results.md').read_text()
+    assert ('**stale**: changed' if changed else '| 1 | current |') in md, md
 
 
 # ------------------------------------------------------------------ kill at every write
@@ -180,13 +224,14 @@ def test_leftover_temporary_files_are_removed_and_a_run_without_summary_resumes_
     run = copy_run(stopped_run[1], tmp_path)
     os.remove(os.path.join(run, 'summary.json'))  # killed before its first summary
     for folder in (run, os.path.join(run, 'models')):
-        with open(os.path.join(folder, '.tmp_xyzcheckpoint.pth.tar'), 'wb') as f:
+        with open(temp_file_of_a_dead_writer(os.path.join(folder, 'checkpoint.pth.tar')),
+                  'wb') as f:
             f.write(b'\0' * 1000)  # what a kill in the middle of a write leaves
     code, out, err = run_main([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys)
     assert code == 0, err
     assert only_run(str(tmp_path)) == run and 'removed 2 temporary file' in out
     assert [e['epoch'] for e in summary_of(run)['epochs']] == [1, 2, 3]
-    leftovers = [n for _, _, names in os.walk(run) for n in names if n.startswith('.tmp_')]
+    leftovers = [n for _, _, names in os.walk(run) for n in names if '.tmp-' in n]
     assert leftovers == []
 
 
@@ -288,7 +333,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_marked_by_the_next_run(
     assert summary_of(killed)['status'] == 'running'
     assert not os.path.exists(checkpoint_of(killed))
     os.makedirs(os.path.join(killed, 'models'), exist_ok=True)
-    partial = os.path.join(killed, 'models', '.tmp_abcdcheckpoint.pth.tar')
+    partial = temp_file_of_a_dead_writer(os.path.join(killed, 'models', 'checkpoint.pth.tar'))
     with open(partial, 'wb') as f:
         f.write(b'\0' * 1000)  # what a kill in the middle of a write leaves
     alive = os.path.join(logs, 'exp_alive')  # a run training right now, beside them

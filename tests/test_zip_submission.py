@@ -3,14 +3,16 @@ what goes into submission.zip, what stays out, and that no half-written zip surv
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKED = {'code/main.py', 'code/student_code.py', 'code/sub/helper.py', 'writeup/report.pdf',
+PACKED = {'code/main.py', 'code/safe_files.py', 'code/student_code.py', 'code/sub/helper.py', 'writeup/report.pdf',
           'writeup/README.md', 'results/demo/top1.png', 'results/demo/results.md',
           'results/link_to_code.py'}
 
@@ -25,7 +27,7 @@ def write(path, data=b'x'):
 def assignment(tmp_path):
     """An assignment folder with everything a student's might hold."""
     root = tmp_path / 'hw2'
-    for name in PACKED - {'results/link_to_code.py'}:
+    for name in PACKED - {'results/link_to_code.py', 'code/safe_files.py'}:
         write(str(root / name), os.urandom(64))
     left_out = ['code/__pycache__/main.cpython-311.pyc', 'code/old.pyc', 'code/models/net.py',
                 'code/data/images/a.jpg', 'code/logs/exp_1/events.out.tfevents.1',
@@ -43,6 +45,7 @@ def assignment(tmp_path):
     os.symlink('../logs/exp_1/models/checkpoint.pth.tar', root / 'results' / 'best_model')
     os.symlink('../nowhere', root / 'results' / 'broken')
     shutil.copy(os.path.join(REPO, 'zip_submission.py'), root)
+    shutil.copy(os.path.join(REPO, 'code', 'safe_files.py'), root / 'code')  # it imports it
     return root
 
 
@@ -148,13 +151,52 @@ def test_names_with_control_characters_are_refused(assignment):
     assert not [f for f in os.listdir(assignment) if f.startswith('.submission')]
 
 
+def start_slow_zip(assignment):
+    """A zip_submission.py run packing 48 MB of random bytes (a second or more of
+    deflate), returned with its temporary zip's name once it is writing that file."""
+    write(str(assignment / 'results' / 'big.bin'), os.urandom(48 << 20))
+    proc = subprocess.Popen([sys.executable, str(assignment / 'zip_submission.py')],
+                            cwd=assignment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while True:
+        temps = [f for f in os.listdir(assignment) if f.startswith('.submission')]
+        if temps:
+            return proc, temps[0]
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f'no temporary zip seen: {proc.communicate()}')
+        time.sleep(0.001)
+
+
 def test_leftover_temporary_zip_of_a_killed_run_is_removed(assignment):
-    write(str(assignment / '.submission-k1ll3d.zip.part'), os.urandom(1 << 20))
+    proc, temp = start_slow_zip(assignment)
+    proc.kill()  # SIGKILL: it cannot clean up
+    proc.communicate(timeout=60)
+    assert os.path.exists(assignment / temp)
     write(str(assignment / '.submission-notes.txt'))           # not ours: kept
     proc = run(assignment, cwd=assignment)
     assert proc.returncode == 0, proc.stderr
-    assert 'removed  .submission-k1ll3d.zip.part  (left by an interrupted run)' in proc.stdout
+    assert f'removed  {temp}  (left by an interrupted run)' in proc.stdout
     left = [f for f in os.listdir(assignment) if f.startswith('.submission')]
     assert left == ['.submission-notes.txt']
     with zipfile.ZipFile(assignment / 'submission.zip') as zf:
-        assert set(zf.namelist()) == PACKED
+        assert set(zf.namelist()) == PACKED | {'results/big.bin'}
+
+
+def test_two_runs_at_once_each_write_their_own_temporary_zip(assignment):
+    """A second run while the first is writing: it neither removes nor shares the first's
+    temporary zip, and both end with a whole submission.zip."""
+    first, temp = start_slow_zip(assignment)
+    os.kill(first.pid, signal.SIGSTOP)  # held in the middle of its write
+    try:
+        second = run(assignment, cwd=assignment)
+        assert second.returncode == 0, second.stderr
+        assert 'removed' not in second.stdout and os.path.exists(assignment / temp)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and err == '', err
+    with zipfile.ZipFile(assignment / 'submission.zip') as zf:
+        assert set(zf.namelist()) == PACKED | {'results/big.bin'} and zf.testzip() is None
+    assert not [f for f in os.listdir(assignment) if f.startswith('.submission')]
