@@ -28,6 +28,8 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
 def test_every_planned_command_parses(tmp_path):
     """The flags of each main.py and benchmark.py command are the programs' own: a renamed
     flag would otherwise surface only on the day a GPU is at hand."""
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'train.txt').write_text('')   # benchmark.py checks --data exists
     checks = gpu_check.plan(sys.executable, str(tmp_path / 'data'), str(tmp_path / 'logs'),
                             'cuda')
     programs = set()
