@@ -167,6 +167,17 @@ def test_train_checks_name_only_the_issues_targets():
     assert bench_runs.train_speed(summary(1.0)) == (10.0, 100.0)
 
 
+def test_pipeline_runs_on_a_set_smaller_than_its_device_batch(tmp_path, capsys):
+    """The device path takes batches of 256: a set of 40 training images repeats them."""
+    import benchmark
+    from make_demo_data import make_demo_dataset
+    data = str(tmp_path / 'tiny')
+    make_demo_dataset(data, num_classes=10, train_per_class=4, val_per_class=1, size=32)
+    benchmark.main(['pipeline', '--data', data, '--repeats', '1', '--images', '8'])
+    out = capsys.readouterr().out
+    assert 'ratio cached/per-image' in out and 'normalize_on_device on cpu' in out, out
+
+
 @pytest.fixture
 def own_tempdir(tmp_path, monkeypatch):
     """tempfile's folder for this test alone, to see what a benchmark leaves there."""
