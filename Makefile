@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # every GPU check in one run (at most 8 minutes); the report goes to results/gpu-check/.
-# Without CUDA it says so and exits 0.
+# Without CUDA it says so and exits 0; `code/gpu_check.py --rehearse` runs it on the CPU.
 gpu-check: $(STAMP)
 	$(PY) code/gpu_check.py
 
