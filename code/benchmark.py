@@ -155,7 +155,7 @@ def build_parser():
                        help='training batch size')
     scale.add_argument('--classes', type=bounded_int(2, MAX_CLASSES), default=100,
                        help='classes of a set made in --data (MiniPlaces: 100)')
-    scale.add_argument('--image-size', type=bounded_int(16), default=128,
+    scale.add_argument('--image-size', type=bounded_int(16), default=128,   # as make_demo_data
                        help='image side of a set made in --data (MiniPlaces: 128)')
     scale.add_argument('--gpu-step-ms', type=positive_float, default=GPU_STEP_MS,
                        help='training step on one GPU at batch 256, for the projection on '

@@ -281,6 +281,7 @@ def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     (['conv', '--repeats', '0'], '--repeats'),
     (['conv', '--batch-size', '0'], '--batch-size'),
     (['attack', '--batch-size', '-3'], '--batch-size'),
+    (['attention', '--batch-size', '0'], '--batch-size'),
     (['step', '--threads', '-1'], '--threads'),
     (['pipeline', '--images', '0'], '--images'),
     (['ddp', '--processes', '0', '--quick'], '--processes'),
