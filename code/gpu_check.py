@@ -253,7 +253,8 @@ def make_data(data, rehearse):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda', help='the GPU to check (default: cuda)')
+    parser.add_argument('--device', default='cuda',
+                        help='the GPU to check (default: cuda; --rehearse takes the CPU)')
     parser.add_argument('--out', default=DEFAULT_OUT, help='where the report goes')
     parser.add_argument('--budget', type=positive_float, default=None,
                         help=f'seconds for all the checks together (default: {BUDGET}; '
