@@ -58,12 +58,12 @@ demo: $(SETUP) $(DEMO)/train.txt
 test: $(SETUP)
 	$(PY) -m pytest -q tests
 
-# the quick part of the suite while editing (tests marked slow left out; docs/testing.md)
+# the quick part of the suite while editing (tests marked slow left out)
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 # every GPU check in one run (at most 8 minutes); the report goes to results/gpu-check/.
-# Without CUDA it says so and exits 0.
+# Without CUDA it says so and exits 0; `code/gpu_check.py --rehearse` runs it on the CPU.
 gpu-check: $(SETUP)
 	$(PY) code/gpu_check.py
 

@@ -9,10 +9,8 @@ summary.json. Training seconds are the epochs' own (epoch_time_s: data and steps
 validation); wall seconds are the whole run's (start-up, cache build and validation too).
 """
 import os
-import shutil
-import tempfile
 
-from bench_recipe import RecipeError, build_recipe_data, run_recipe_cell
+from bench_recipe import build_recipe_data, run_recipe_cell, where, work_folder
 from bench_timing import cpu_name
 
 
@@ -51,30 +49,27 @@ def accuracy_time_lines(summary, targets):
 def bench_accuracy_time(args):
     """The default CNN with the automatic speed settings on Fashion-MNIST (or --data):
     training seconds to reach each --targets top-1, and the best top-1 after --epochs."""
+    with work_folder('accuracy-time', args.keep) as work:
+        timed_run(args, work)
+
+
+def timed_run(args, work):
     import torch
-    work = tempfile.mkdtemp(prefix='bench_accuracy_time_')
     data = args.data
-    try:
-        if data is None:
-            data = os.path.join(work, 'fashion')
-            size = ['--max-train', str(args.max_train)] if args.max_train else []
-            build_recipe_data('fashion', data, args.quick, size)   # all 60,000 by default
-        # --quick: 1 epoch of 2 batches of the tiny set, to see that it runs
-        epochs, warmup, batch = (1, 0, 10) if args.quick else (args.epochs, 1, args.batch_size)
-        flags = ['--epochs', str(epochs), '--warmup', str(warmup), '-b', str(batch),
-                 '--seed', str(args.seed), '--num-classes', '10', '-p', '1000'] + \
-            (['-j', '0'] if args.quick else [])
-        print(f"accuracy-time: torch {torch.__version__}, CPU {cpu_name()} "
-              f"({os.cpu_count()} cores); main.py {data} {' '.join(flags)}", flush=True)
-        summary = run_recipe_cell(data, flags, os.path.join(work, 'logs'))
-        speed = summary['args']
-        print(f"auto settings: amp {speed.get('amp')}, channels-last "
-              f"{speed.get('channels_last')}, data cache {speed.get('data_cache')}\n")
-        print('\n'.join(accuracy_time_lines(summary, args.targets)))
-    except RecipeError:
-        print(f"(work folder kept: {work})")
-        raise
-    if args.keep:
-        print(f"work folder kept: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    if data is None:
+        data = os.path.join(work, 'fashion')
+        size = ['--max-train', str(args.max_train)] if args.max_train else []
+        build_recipe_data('fashion', data, args.quick, size)   # all 60,000 by default
+    # --quick: 1 epoch of 2 batches of the tiny set, to see that it runs
+    epochs, warmup, batch = (1, 0, 10) if args.quick else (args.epochs, 1, args.batch_size)
+    flags = ['--epochs', str(epochs), '--warmup', str(warmup), '-b', str(batch),
+             '--seed', str(args.seed), '--num-classes', '10', '-p', '1000'] + \
+        (['-j', '0'] if args.quick else [])
+    print(f"accuracy-time: torch {torch.__version__}, CPU {cpu_name()} "
+          f"({os.cpu_count()} cores); main.py {data} {' '.join(flags)}; "
+          f"{where(work, args.keep)}", flush=True)
+    summary = run_recipe_cell(data, flags, os.path.join(work, 'logs'))
+    speed = summary['args']
+    print(f"auto settings: amp {speed.get('amp')}, channels-last "
+          f"{speed.get('channels_last')}, data cache {speed.get('data_cache')}\n")
+    print('\n'.join(accuracy_time_lines(summary, args.targets)))

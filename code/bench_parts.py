@@ -112,8 +112,9 @@ def bench_conv(args):
 
 
 # ---------------------------------------------------------------- attention
-# the default ViT's attention shapes: batch 64, 8x8 tokens, dim 192, 4 heads, windows 4x4
-ATTN_BATCH, ATTN_GRID, ATTN_DIM, ATTN_HEADS, ATTN_WINDOW = 64, 8, 192, 4, 4
+# the default ViT's attention shapes: 8x8 tokens, dim 192, 4 heads, windows 4x4 (the batch
+# is --batch-size: 64, the ViT's training batch, unless given)
+ATTN_GRID, ATTN_DIM, ATTN_HEADS, ATTN_WINDOW = 8, 192, 4, 4
 
 
 def _best_ms(times):
@@ -127,7 +128,7 @@ def bench_attention_time(args, device):
     import torch
     from custom_blocks import window_partition
     from student_code import Attention
-    B, win = ATTN_BATCH, ATTN_WINDOW
+    B, win = args.batch_size, ATTN_WINDOW
     x = torch.randn(B, ATTN_GRID, ATTN_GRID, ATTN_DIM, device=device, requires_grad=True)
     cases = {'global 8x8': x,
              f'window {win}x{win}': window_partition(x.detach(), win)[0].requires_grad_()}
@@ -160,7 +161,7 @@ def bench_attention_core(args, device):
     around it: softmax(QK^T/sqrt(d))V written out vs F.scaled_dot_product_attention."""
     import torch
     import torch.nn.functional as F
-    B, heads, win = ATTN_BATCH, ATTN_HEADS, ATTN_WINDOW
+    B, heads, win = args.batch_size, ATTN_HEADS, ATTN_WINDOW
     hd = ATTN_DIM // heads
     print("  core softmax(QK^T/sqrt(d))V only, forward+backward:")
     for case, (b, n) in {'global 8x8': (B, 64), f'window {win}x{win}': (B * 4, 16)}.items():
@@ -204,7 +205,7 @@ def bench_attention_memory(args, device):
     (patch size 8), where the N^2 attention matrix starts to dominate."""
     import torch
     from student_code import Attention
-    B, win, MiB = ATTN_BATCH, ATTN_WINDOW, 2 ** 20
+    B, win, MiB = args.batch_size, ATTN_WINDOW, 2 ** 20
     attn = Attention(ATTN_DIM, ATTN_HEADS).to(device)
     print(f"\n[attention memory] batch {B}, dim {ATTN_DIM}, {ATTN_HEADS} heads, "
           f"window {win}x{win}, float32")
@@ -227,7 +228,7 @@ def bench_vit_step(args, device):
     import torch
     import torch.nn.functional as F
     from student_code import Attention, default_vit_model
-    batch = 64
+    batch = args.batch_size
     images = torch.randn(batch, 3, 128, 128, device=device)
     labels = torch.randint(0, 100, (batch,), device=device)
     model = default_vit_model(num_classes=100).to(device).train()

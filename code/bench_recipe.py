@@ -4,8 +4,10 @@ Also the cells that train and ddp run: a cell trains one model on one data set (
 textures or real digit scans, written by their generator scripts) with main.py in a
 subprocess, as a user would, and is read back from its summary.json.
 """
+import contextlib
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,26 @@ def recipe_flags(model, config, seed, quick=False, epochs=None):
         flags[flags.index(name) + 1] = value
     return flags + RECIPE_MODELS[model][1] + ['--num-classes', '10', '--seed', str(seed),
                                               '-p', '1000']
+
+
+@contextlib.contextmanager
+def work_folder(which, keep):
+    """A temporary folder for a benchmark's data and logs (tens of MB), removed at the end,
+    also after an error or Ctrl-C, unless `keep` (--keep): then its path is printed."""
+    work = tempfile.mkdtemp(prefix=f'bench_{which}_')
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"{which}: its data and logs are kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def where(work, keep):
+    """The start line's words for the work folder."""
+    kept = "" if keep else " (removed at the end; --keep keeps them)"
+    return f"data and logs in {work}{kept}"
 
 
 def _last_line(text):
@@ -193,13 +215,18 @@ def decision(results, dataset, model, a, b):
 def bench_recipe(args):
     """dataset (demo, real) x model (SimpleNet, default CNN, ViT) x config (8 epochs at
     batch 64, the Makefile's demo command) x seed -> best and final val top-1."""
-    import torch
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     seeds = list(dict.fromkeys(seeds))          # a seed twice would only repeat a run
-    work = tempfile.mkdtemp(prefix='bench_recipe_')
+    with work_folder('recipe', args.keep) as work:
+        recipe_cells(args, seeds, work)
+
+
+def recipe_cells(args, seeds, work):
+    """Every cell of the recipe, its data and logs in `work`."""
+    import torch
     print(f"recipe: torch {torch.__version__}, CPU {cpu_name()} ({os.cpu_count()} cores), "
           f"main.py per cell{', QUICK (tiny sets, 1 epoch)' if args.quick else ''}; "
-          f"data and logs in {work}\n", flush=True)
+          f"{where(work, args.keep)}\n", flush=True)
     for name in args.datasets:
         build_recipe_data(name, os.path.join(work, 'data', name), args.quick)
     print(RECIPE_HEADER, flush=True)
@@ -223,4 +250,5 @@ def bench_recipe(args):
                  for dataset, model in itertools.product(args.datasets, args.models)]
         print('\n'.join([''] + [line for line in lines if line]))
     if failed:
-        raise RecipeError(f"{failed} of {failed + len(results)} runs failed (logs in {work})")
+        logs = f"logs in {work}" if args.keep else "rerun with --keep to keep their logs"
+        raise RecipeError(f"{failed} of {failed + len(results)} runs failed ({logs})")

@@ -5,13 +5,18 @@ validation accuracy; train and ddp run every cell in a subprocess of its own.
 """
 import itertools
 import os
-import tempfile
 from statistics import mean
 
 import run_record as rr
 from bench_recipe import (REPO, RECIPE_MODELS, VIT_FLAGS, RecipeError, best_and_final,
-                          build_recipe_data, model_label, run_recipe_cell)
+                          build_recipe_data, model_label, run_recipe_cell, where, work_folder)
 from bench_timing import machine
+
+
+def warmup_epochs(epochs):
+    """The runs' warm-up: one epoch, none in a run of one epoch (main.py refuses a warm-up
+    as long as the run)."""
+    return 1 if epochs > 1 else 0
 
 
 # ---------------------------------------------------------------- models
@@ -25,21 +30,23 @@ def bench_models(args):
     data = args.data or os.path.join(REPO, 'data', 'demo')
     if not os.path.isfile(os.path.join(data, 'train.txt')):
         make_demo_dataset(data)
-    logs = tempfile.mkdtemp(prefix='bench_models_')
-    common = [data, '--num-classes', '10', '--epochs', str(args.epochs), '--warmup', '1',
-              '-b', '32', '--lr', str(args.lr), '-j', '2', '--device', args.device,
-              '--seed', '0', '--log-dir', logs, '-p', '1000']
     runs = [('SimpleNet, nn.Conv2d', ['--arch', 'simplenet']),
             ('default CNN, nn.Conv2d', []),
             ('default CNN, CustomConv2d', ['--use-custom-conv'])]
-    print(f'models benchmark: demo set {data}, {args.epochs} epochs, lr {args.lr}, '
-          f'batch 32, seed 0, device {args.device} (logs of main.py in {logs})')
     rows = []
-    for label, extra in runs:
-        with open(os.path.join(logs, 'console.log'), 'a') as log, \
-                contextlib.redirect_stdout(log):
-            summary = driver.main(common + extra)
-        rows.append((label, summary))
+    with work_folder('models', args.keep) as logs:
+        common = [data, '--num-classes', '10', '--epochs', str(args.epochs),
+                  '--warmup', str(warmup_epochs(args.epochs)), '-b', '32', '--lr', str(args.lr),
+                  '-j', '2', '--device', args.device, '--seed', '0', '--log-dir', logs,
+                  '-p', '1000']
+        print(f'models benchmark: demo set {data}, {args.epochs} epochs, lr {args.lr}, '
+              f'batch 32, seed 0, device {args.device}; {where(logs, args.keep)}',
+              flush=True)
+        for label, extra in runs:
+            with open(os.path.join(logs, 'console.log'), 'a') as log, \
+                    contextlib.redirect_stdout(log):
+                summary = driver.main(common + extra)
+            rows.append((label, summary))
     print(f"{'model':<28}{'arch':<11}{'params':>10}{'best val top-1':>16}"
           f"{'final val top-1':>17}{'images/s':>10}")
     for label, summary in rows:
@@ -47,6 +54,7 @@ def bench_models(args):
         speed = sum(e['images_per_s'] for e in summary['epochs']) / len(summary['epochs'])
         print(f"{label:<28}{summary['arch']:<11}{summary['num_params']:>10,}"
               f"{summary['best_acc1']:>16.2f}{final['val_top1']:>17.2f}{speed:>10.1f}")
+    return rows
 
 
 # ---------------------------------------------------------------- train
@@ -68,7 +76,7 @@ SMALL_DATA = {'demo': ['--train-per-class', '40'], 'real': ['--max-train', '400'
 def cell_flags(args, model, workers):
     """The main.py flags a `train` or `ddp` cell shares: the schedule, -b, seed 0, 10
     classes, the model (and the ViT's own lr and weight decay)."""
-    return (['--epochs', str(args.epochs), '--warmup', '1' if args.epochs > 1 else '0',
+    return (['--epochs', str(args.epochs), '--warmup', str(warmup_epochs(args.epochs)),
              '-b', str(args.batch_size), '--lr', str(args.lr), '-j', str(workers),
              '--device', args.device, '--num-classes', '10', '--seed', '0', '-p', '1000']
             + (VIT_FLAGS if model == 'vit' else []) + RECIPE_MODELS[model][1])
@@ -110,14 +118,19 @@ def bench_train(args):
     """dataset x model x speed setting x input path: main.py trains each cell for --epochs
     in a subprocess of its own (its own peak memory), same seed, data and schedule.
     Prints images/s, peak memory, best and final val top-1, then the PASS/FAIL lines."""
+    with work_folder('train', args.keep) as work:
+        return train_cells(args, work)
+
+
+def train_cells(args, work):
+    """Every cell of the train benchmark, its data and logs in `work`."""
     import torch
-    work = tempfile.mkdtemp(prefix='bench_train_')
     device = torch.device(args.device)
     if args.quick:  # tiny sets: every cell runs, nothing is measured
         args.epochs, args.batch_size = 1, 10
     print(f"train: torch {torch.__version__}, {machine(device)}, {args.epochs} epochs per cell, "
-          f"batch {args.batch_size}, seed 0{', SMALL sets' if args.small else ''}; data and "
-          f"logs in {work}\n", flush=True)
+          f"batch {args.batch_size}, seed 0{', SMALL sets' if args.small else ''}; "
+          f"{where(work, args.keep)}\n", flush=True)
     for name in args.datasets:
         build_recipe_data(name, os.path.join(work, 'data', name), args.quick,
                           SMALL_DATA[name] if args.small else None)
@@ -167,15 +180,20 @@ def bench_ddp(args):
     global batch, seed and data: images/s, best and final val top-1, and how far the final
     weights are from the 1-process run's. On a CPU the processes share its cores (torchrun
     gives each one thread; the single process uses torch's default threads)."""
+    with work_folder('ddp', args.keep) as work:
+        return ddp_runs(args, work)
+
+
+def ddp_runs(args, work):
+    """The ddp benchmark's runs, their data and logs in `work`."""
     import torch
     device = torch.device(args.device)
-    work = tempfile.mkdtemp(prefix='bench_ddp_')
-    where = (f"{torch.cuda.device_count()} x {machine(device)}" if device.type == 'cuda'
-             else machine(device))
+    gpus = (f"{torch.cuda.device_count()} x {machine(device)}" if device.type == 'cuda'
+            else machine(device))
     if args.quick:
         args.epochs, args.batch_size = 1, 10
-    print(f"ddp: torch {torch.__version__}, {where}, {args.epochs} epochs of {args.model} at "
-          f"global batch {args.batch_size}, seed 0; data and logs in {work}\n", flush=True)
+    print(f"ddp: torch {torch.__version__}, {gpus}, {args.epochs} epochs of {args.model} at "
+          f"global batch {args.batch_size}, seed 0; {where(work, args.keep)}\n", flush=True)
     build_recipe_data('real', os.path.join(work, 'data'), args.quick,
                       SMALL_DATA['real'] if args.small else None)
     print("| processes | backend | images/s | speed-up | best val top-1 | final val top-1 "

@@ -117,7 +117,8 @@ def bench_pipeline(args):
         fast_data.augment_on_device(images.index_select(0, idx),
                                     fast_data.draw_params(plan, batch), plan)
 
-    uint8_batch = default_collate(cached.__getitems__(list(range(batch))))
+    # a set smaller than a batch repeats its images, as device_batch() does
+    uint8_batch = default_collate(cached.__getitems__([k % total for k in range(batch)]))
     uint8_batch = uint8_batch[0].to(device)
     mean, std = cached.normalization
     t = {k: min(v) for k, v in interleaved_times(

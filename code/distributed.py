@@ -15,6 +15,8 @@ What a student can count on (docs/training.md):
   model saved: `-e` of a checkpoint on one process gives the run's figure.
 - Rank 0 alone prints, writes TensorBoard events, checkpoints and summary.json.
 A plain `python main.py` is a world of one process: the same code, no process group.
+torchrun with one process starts a group of one and trains through DDP all the same, so
+one GPU runs the NCCL path (make gpu-check) and one CPU the gloo path.
 """
 import os
 import signal
@@ -50,7 +52,8 @@ def is_main():
 
 
 def launched_by_torchrun():
-    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+    """torchrun sets these in every process it starts, one process included."""
+    return 'WORLD_SIZE' in os.environ and 'LOCAL_RANK' in os.environ
 
 
 def launch_rank():
@@ -176,8 +179,8 @@ def let_rank0_say_it(seconds=10):
 
 def wrap(model):
     """The model as this process trains it: DistributedDataParallel over the world
-    (gradients averaged in backward), or the model itself for one process."""
-    if WORLD.size == 1:
+    (gradients averaged in backward), or the model itself without a process group."""
+    if WORLD.backend is None:
         return model
     from torch.nn.parallel import DistributedDataParallel
     ids = [WORLD.device.index] if WORLD.device.type == 'cuda' else None

@@ -9,6 +9,7 @@ if CODE not in sys.path:
 
 import pytest  # noqa: E402
 
+
 # small-and-fast training flags shared by the driver's tests
 FAST = ['--arch', 'simplenet', '-j', '0', '-b', '8', '--lr', '0.02', '-p', '1',
         '--device', 'cpu', '--seed', '3', '--warmup', '1', '--num-classes', '4']

@@ -33,4 +33,4 @@ def test_a_quick_run_converts_trains_and_reports(capsys):
     out = capsys.readouterr().out
     assert 'auto settings: amp ' in out and 'channels-last True, data cache True' in out
     assert '| 1 |' in out and 'best top-1 after 1 epochs' in out
-    assert 'work folder kept' not in out          # removed without --keep
+    assert 'removed at the end' in out          # without --keep

@@ -183,14 +183,42 @@ def test_train_checks_name_only_the_issues_targets():
     assert bench_runs.train_speed(summary(1.0)) == (10.0, 100.0)
 
 
-def test_ddp_compares_one_and_two_processes(monkeypatch, capsys):
+def test_pipeline_runs_on_a_set_smaller_than_its_device_batch(tmp_path, capsys):
+    """The device path takes batches of 256: a set of 40 training images repeats them."""
+    import benchmark
+    from make_demo_data import make_demo_dataset
+    data = str(tmp_path / 'tiny')
+    make_demo_dataset(data, num_classes=10, train_per_class=4, val_per_class=1, size=32)
+    benchmark.main(['pipeline', '--data', data, '--repeats', '1', '--images', '8'])
+    out = capsys.readouterr().out
+    assert 'ratio cached/per-image' in out and 'normalize_on_device on cpu' in out, out
+
+
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """tempfile's folder for this test alone, to see what a benchmark leaves there."""
+    import tempfile
+    folder = tmp_path / 'tmp'
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(folder))
+    return folder
+
+
+def work_folders(folder):
+    """The benchmarks' work folders in `folder` (torch keeps caches of its own there)."""
+    return [name for name in os.listdir(folder) if name.startswith('bench_')]
+
+
+def test_ddp_compares_one_and_two_processes(own_tempdir, capsys):
     """`benchmark.py ddp --quick`: a row per process count, the 2-process row with its
-    speed-up and its distance from the 1-process weights (tiny: nothing is measured)."""
+    speed-up and its distance from the 1-process weights (tiny: nothing is measured); its
+    data and logs removed at the end."""
     import argparse
     args = argparse.Namespace(device='cpu', quick=True, small=False, epochs=1, batch_size=10,
-                              lr=0.02, processes=[1, 2], model='simplenet')
+                              lr=0.02, processes=[1, 2], model='simplenet', keep=False)
     runs = bench_runs.bench_ddp(args)
     out = capsys.readouterr().out
+    assert not work_folders(own_tempdir), out
     assert sorted(runs) == [1, 2] and runs[2]['world_size'] == 2
     rows = [line for line in out.splitlines() if line.startswith('| 2 | gloo |')]
     assert len(rows) == 1 and 'x |' in rows[0], out
@@ -262,3 +290,91 @@ def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     assert sorted(os.listdir(data / 'subsets')) == ['120', '60']
     assert not [name for name in os.listdir(data / 'subsets' / '120' / 'cache')
                 if name.endswith('.npy')]
+
+
+# ---------------------------------------------------------------- options
+@pytest.mark.parametrize('argv, flag', [
+    (['conv', '--repeats', '0'], '--repeats'),
+    (['conv', '--batch-size', '0'], '--batch-size'),
+    (['attack', '--batch-size', '-3'], '--batch-size'),
+    (['attention', '--batch-size', '0'], '--batch-size'),
+    (['step', '--threads', '-1'], '--threads'),
+    (['pipeline', '--images', '0'], '--images'),
+    (['ddp', '--processes', '0', '--quick'], '--processes'),
+    (['ddp', '--processes', '1', '-2'], '--processes'),
+    (['models', '--epochs', '0'], '--epochs'),
+    (['models', '--lr', 'nan'], '--lr'),
+    (['train', '--lr', '-0.1'], '--lr'),
+    (['recipe', '--seeds', '0', '-1'], '--seeds'),
+    (['scale', '--sizes', '0'], '--sizes'),
+    (['scale', '-j', '-1'], '--workers'),
+    (['scale', '--classes', '1'], '--classes'),
+    (['scale', '--image-size', '8'], '--image-size'),
+    (['scale', '--gpu-step-ms', 'inf'], '--gpu-step-ms'),
+])
+def test_every_option_is_range_checked_by_its_parser(argv, flag, capsys):
+    """A value out of range stops in the parser with argparse's usage error naming the
+    flag (exit 2), before anything runs."""
+    import benchmark
+    with pytest.raises(SystemExit) as info:
+        benchmark.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f'benchmark.py {argv[0]}: error: argument') and flag in line, err
+
+
+def benchmark_error(argv, capsys):
+    """The one error line of benchmark.main(argv), which must stop with exit 2."""
+    import benchmark
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and 'Traceback' not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_an_unknown_device_is_a_usage_error(capsys):
+    line = benchmark_error(['conv', '--device', 'foo', '--repeats', '1'], capsys)
+    assert line.startswith('benchmark.py conv: error:') and "--device 'foo'" in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+@pytest.mark.parametrize('which', ['conv', 'step'])
+def test_cuda_without_a_gpu_is_a_usage_error(which, capsys):
+    line = benchmark_error([which, '--device', 'cuda', '--repeats', '1'], capsys)
+    assert '--device cuda: CUDA is not available' in line, line
+
+
+def test_a_missing_data_folder_is_an_error_not_a_new_set(tmp_path, capsys):
+    missing = tmp_path / 'nonexistent'
+    for which in ('pipeline', 'models'):
+        line = benchmark_error([which, '--data', str(missing)], capsys)
+        assert f"argument --data: '{missing}' holds no train.txt" in line, line
+    assert not missing.exists()
+
+
+def test_models_trains_one_epoch_and_leaves_no_folder(tmp_path, own_tempdir, capsys):
+    """`models --epochs 1`: no warm-up epoch in a run of one, three rows, and main.py's
+    logs removed at the end."""
+    import benchmark
+    from make_demo_data import make_demo_dataset
+    data = str(tmp_path / 'demo')
+    make_demo_dataset(data, num_classes=10, train_per_class=4, val_per_class=2, size=32)
+    rows = benchmark.main(['models', '--epochs', '1', '--data', data, '--device', 'cpu'])
+    out = capsys.readouterr().out
+    assert [label for label, _ in rows] == ['SimpleNet, nn.Conv2d', 'default CNN, nn.Conv2d',
+                                           'default CNN, CustomConv2d'], out
+    assert all(len(summary['epochs']) == 1 for _, summary in rows)
+    assert 'removed at the end' in out and not work_folders(own_tempdir), out
+
+
+def test_keep_keeps_the_work_folder_and_says_where(own_tempdir, capsys):
+    import benchmark
+    results = benchmark.main(['train', '--quick', '--keep', '--datasets', 'demo', '--models',
+                              'simplenet', '--train-configs', 'fp32', '--paths', 'per-image'])
+    out = capsys.readouterr().out
+    assert list(results) == [('demo', 'simplenet', 'per-image', 'fp32')], out
+    (kept,) = work_folders(own_tempdir)
+    assert f'train: its data and logs are kept in {own_tempdir / kept}' in out
+    assert os.path.isdir(own_tempdir / kept / 'logs')

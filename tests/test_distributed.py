@@ -127,6 +127,25 @@ def test_two_processes_train_like_one(two_process_run, demo, tmp_path, capsys):
     assert 'x 2 processes (gloo)' in done.stdout
 
 
+def test_one_process_under_torchrun_trains_through_a_process_group(demo, tmp_path, capsys):
+    """torchrun with one process starts a process group of one (gloo here, NCCL on a GPU)
+    and trains through DDP: its summary names the backend, and its weights are those of a
+    plain run (gradients averaged over one process)."""
+    import json
+    flags = FAST + ['--epochs', '2', '--no-compile', '--no-amp']
+    done = torchrun([demo, '--log-dir', str(tmp_path / 'torchrun')] + flags, nproc=1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = only_run(str(tmp_path / 'torchrun'))
+    with open(os.path.join(run, 'summary.json')) as f:
+        summary = json.load(f)
+    assert summary['world_size'] == 1 and summary['dist_backend'] == 'gloo'
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'plain')] + flags, capsys)
+    assert code == 0, err
+    plain = weights(checkpoint_of(only_run(str(tmp_path / 'plain'))))
+    for key, value in weights(checkpoint_of(run)).items():
+        torch.testing.assert_close(value, plain[key], rtol=0, atol=1e-4)
+
+
 def test_one_run_folder_written_by_rank_0(two_process_run):
     import json
     run, done = two_process_run
