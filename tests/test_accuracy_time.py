@@ -28,6 +28,7 @@ def test_the_first_epoch_at_the_target_counts_the_training_seconds_before_it():
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"Fashion-MNIST is not installed "
                     f"in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+@pytest.mark.slow
 def test_a_quick_run_converts_trains_and_reports(capsys):
     benchmark.main(['accuracy-time', '--quick'])
     out = capsys.readouterr().out

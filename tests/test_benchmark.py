@@ -209,6 +209,7 @@ def work_folders(folder):
     return [name for name in os.listdir(folder) if name.startswith('bench_')]
 
 
+@pytest.mark.slow
 def test_ddp_compares_one_and_two_processes(own_tempdir, capsys):
     """`benchmark.py ddp --quick`: a row per process count, the 2-process row with its
     speed-up and its distance from the 1-process weights (tiny: nothing is measured); its
@@ -226,6 +227,7 @@ def test_ddp_compares_one_and_two_processes(own_tempdir, capsys):
     assert difference < 1e-3  # SimpleNet: no BatchNorm, the same global batches
 
 
+@pytest.mark.slow
 def test_attack_benchmark_runs_a_pgd_step(capsys):
     """benchmark.py attack times one PGD step as perturb() takes it (the box included)."""
     import argparse
@@ -248,6 +250,7 @@ def table_after(out, first_cell):
     return rows
 
 
+@pytest.mark.slow
 def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     """`benchmark.py scale` on 60 and 120 images of 4 classes: it writes the set, measures
     both paths at both sizes with one worker, reads PSS from /proc, prints the tables and
@@ -354,6 +357,7 @@ def test_a_missing_data_folder_is_an_error_not_a_new_set(tmp_path, capsys):
     assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_models_trains_one_epoch_and_leaves_no_folder(tmp_path, own_tempdir, capsys):
     """`models --epochs 1`: no warm-up epoch in a run of one, three rows, and main.py's
     logs removed at the end."""
@@ -369,6 +373,7 @@ def test_models_trains_one_epoch_and_leaves_no_folder(tmp_path, own_tempdir, cap
     assert 'removed at the end' in out and not work_folders(own_tempdir), out
 
 
+@pytest.mark.slow
 def test_keep_keeps_the_work_folder_and_says_where(own_tempdir, capsys):
     import benchmark
     results = benchmark.main(['train', '--quick', '--keep', '--datasets', 'demo', '--models',

@@ -257,6 +257,7 @@ def test_module_wrapper_rejects_what_it_cannot_compute(call, message):
         CustomConv2d(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_module_wrapper_checks_survive_python_O():
     """The checks are not asserts: under python -O they still raise ValueError."""
     script = textwrap.dedent(f"""
@@ -355,6 +356,7 @@ def test_custom_conv_network_equals_native_network(arch):
 
 
 # ---------------------------------------------------------------- test_conv.py
+@pytest.mark.slow
 def test_test_conv_script_passes_from_repo_root():
     result = subprocess.run([sys.executable, os.path.join("code", "test_conv.py")], cwd=REPO,
                             capture_output=True, text=True, timeout=300,

@@ -181,6 +181,7 @@ def test_padding_after_jpeg_end_marker_is_accepted(tmp_path):
     assert np.array_equal(ds[0][0], reference) and np.array_equal(ds[1][0], reference)
 
 
+@pytest.mark.slow
 def test_empty_image_file_is_named(tmp_path):
     write_set(tmp_path, [("empty.png", 0, b"")])
     msg = one_line_error(MiniPlacesLoader(str(tmp_path), num_classes=1).__getitem__, 0)
@@ -196,6 +197,7 @@ def test_label_file_with_bom_is_read(tmp_path):
     assert ds[0][0].shape == (4, 4, 3)
 
 
+@pytest.mark.slow
 def test_non_utf8_label_file_names_file_and_line(tmp_path):
     write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
     with open(tmp_path / "train.txt", "ab") as f:
@@ -268,6 +270,7 @@ def test_seed_worker_seeds_random_and_numpy_from_torch():
     assert got == (random.random(), np.random.rand())
 
 
+@pytest.mark.slow
 def test_opencv_runs_without_its_thread_pool_before_workers_fork():
     """A DataLoader worker forked while an OpenCV pool thread held a lock hung forever in a
     cv2 call (seen in this suite). Importing the data loader turns OpenCV's pool off; the

@@ -107,6 +107,7 @@ def two_process_run(demo, tmp_path_factory):
     return only_run(logs), done
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(two_process_run, demo, tmp_path, capsys):
     """Same global batch, seed and data: the same weights, up to float rounding. Each
     process averages the loss of its half of a global batch and DDP averages the two
@@ -127,6 +128,7 @@ def test_two_processes_train_like_one(two_process_run, demo, tmp_path, capsys):
     assert 'x 2 processes (gloo)' in done.stdout
 
 
+@pytest.mark.slow
 def test_one_process_under_torchrun_trains_through_a_process_group(demo, tmp_path, capsys):
     """torchrun with one process starts a process group of one (gloo here, NCCL on a GPU)
     and trains through DDP: its summary names the backend, and its weights are those of a
@@ -146,6 +148,7 @@ def test_one_process_under_torchrun_trains_through_a_process_group(demo, tmp_pat
         torch.testing.assert_close(value, plain[key], rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_run_folder_written_by_rank_0(two_process_run):
     import json
     run, done = two_process_run
@@ -160,6 +163,7 @@ def test_one_run_folder_written_by_rank_0(two_process_run):
     assert done.stdout.count('Epoch: [1][0/') == 1  # rank 1 prints nothing
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run, demo, tmp_path):
     run, _ = two_process_run
     logs = str(tmp_path)
@@ -172,6 +176,7 @@ def test_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run, de
         assert torch.equal(got[key], want[key]), key
 
 
+@pytest.mark.slow
 def test_its_checkpoint_evaluates_with_one_process_and_with_two(two_process_run, demo, capsys):
     import json
     run, _ = two_process_run
@@ -201,6 +206,7 @@ def test_its_checkpoint_evaluates_with_one_process_and_with_two(two_process_run,
     (['-b', '7'], 'divide evenly over the 2 processes'),
     (['--sync-bn'], '--sync-bn needs CUDA'),
 ])
+@pytest.mark.slow
 def test_bad_launches_stop_every_process_with_one_line(demo, tmp_path, flags, words):
     argv = [demo, '--log-dir', str(tmp_path)] + FAST + ['--epochs', '2'] + flags
     start = time.time()
@@ -220,6 +226,7 @@ def rank_of(pid):
     return int(env[b'RANK'])
 
 
+@pytest.mark.slow
 def test_rank_0_says_an_early_refusal_even_when_it_starts_last(tmp_path):
     """-b 7 over 2 processes is refused by every process before any loads anything (here
     the data folder does not even exist), and by rank 0 in one line even when rank 1 gets
@@ -245,6 +252,7 @@ def test_rank_0_says_an_early_refusal_even_when_it_starts_last(tmp_path):
     assert 'main.py", line' not in done.stderr and not logs.exists()
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_stops_the_others(demo, tmp_path):
     """SIGKILL rank 1 in its second epoch: torchrun stops the other within seconds, rank 0
     says so in one line (not gloo's traceback) and leaves status 'failed', and the
@@ -285,6 +293,7 @@ def weights_like_simplenet():
     return student_code.SimpleNet(num_classes=4).state_dict()
 
 
+@pytest.mark.slow
 def test_fast_paths_adversarial_training_and_saliency_under_torchrun(two_process_run, demo,
                                                                      tmp_path):
     """bf16 autocast + channels-last + the data cache (the CPU defaults add the last two)
@@ -314,6 +323,7 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     assert distributed.check_launch('auto', 'auto', False) == ('nccl', True)
 
 
+@pytest.mark.slow
 def test_a_batchnorm_runs_figure_is_its_checkpoints_figure(real600, tmp_path, capsys):
     """Each process normalises its half of every batch, so their BatchNorm statistics
     differ after training; they are averaged before each validation, and the model

@@ -161,6 +161,7 @@ def test_missing_gdown_says_how_to_install_it(sandbox):
     assert [c.split()[0] for c in calls(tmp)] == ['curl', 'curl', 'gdown']
 
 
+@pytest.mark.slow
 def test_missing_image_fails_verification(sandbox):
     run, tmp = sandbox
     make_archive(str(tmp / 'short.tar.gz'), TRAIN + VAL[:1])
@@ -306,6 +307,7 @@ def slow_server(lists):
 FAST_LIMITS = {'CONNECT_TIMEOUT': '2', 'STALL_TIMEOUT': '2'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('downloader', ['curl', 'wget'])
 def test_a_stalled_download_stops_with_advice(sandbox, downloader):
     if shutil.which(downloader) is None:
@@ -325,6 +327,7 @@ def test_a_stalled_download_stops_with_advice(sandbox, downloader):
     assert not (tmp / 'data' / 'train.txt.part').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('downloader', ['curl', 'wget'])
 def test_a_slow_download_that_moves_goes_on(sandbox, downloader):
     if shutil.which(downloader) is None:
@@ -340,6 +343,7 @@ def test_a_slow_download_that_moves_goes_on(sandbox, downloader):
         assert (tmp / 'data' / name).read_text() == (tmp / 'lists' / name).read_text()
 
 
+@pytest.mark.slow
 def test_a_stalled_gdown_is_stopped_and_a_slow_one_goes_on(sandbox):
     run, tmp = sandbox
     start = time.monotonic()

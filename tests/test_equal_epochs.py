@@ -51,6 +51,7 @@ def real_run(real600, tmp_path, capsys, *flags):
                      '--epochs', '4', '--warmup', '1', '-b', '32', *flags)
 
 
+@pytest.mark.slow
 def test_cached_path_trains_like_the_per_image_path_on_the_demo_set(demo200, tmp_path,
                                                                      capsys):
     common = ['--epochs', '6', '--warmup', '1', '-b', '32', '--lr', '0.05'] + FP32
@@ -60,6 +61,7 @@ def test_cached_path_trains_like_the_per_image_path_on_the_demo_set(demo200, tmp
     assert cached[0] >= per_image[0] - TOLERANCE, (cached, per_image)
 
 
+@pytest.mark.slow
 def test_cached_path_and_amp_train_like_fp32_per_image_on_real_images(real600, tmp_path,
                                                                      capsys):
     plain = real_run(real600, tmp_path / 'plain', capsys, *FP32, *PER_IMAGE)

@@ -42,6 +42,7 @@ def fashion_subset(tmp_path_factory):
     return out, counts
 
 
+@pytest.mark.slow
 @needs_package
 def test_the_whole_set_converts_with_its_counts(tmp_path):
     out = str(tmp_path / "fashion")

@@ -559,6 +559,7 @@ def start_slow_build(data_folder, how='build'):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_build_waits_for_the_first_then_reads_its_cache(data_copy, capsys):
     builder = start_slow_build(data_copy)
     try:
@@ -579,6 +580,7 @@ def leftovers(folder):
     return glob.glob(os.path.join(folder, '.*.tmp-*'))
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, capsys):
     folder = os.path.join(data_copy, 'cache')
     # killed while building a missing cache: the next start removes it, then builds
@@ -642,6 +644,7 @@ def settle_read_only(data_folder, how='-'):
     return json.loads(last), '\n'.join(lines)
 
 
+@pytest.mark.slow
 def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
     # a folder of its own that the user nobody can reach (pytest's are private to root)
     top = tempfile.mkdtemp(prefix='read_only_')

@@ -16,6 +16,7 @@ import main as driver
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'gpu_check.py'),
@@ -59,6 +60,7 @@ def test_every_planned_command_parses(tmp_path, device, rehearse):
     assert (auto.epochs, auto.seed, auto.batch_size) == (fp32.epochs, fp32.seed, fp32.batch_size)
 
 
+@pytest.mark.slow
 def test_run_check_records_each_outcome():
     deadline = time.monotonic() + 60
     ok = gpu_check.run_check('ok', [sys.executable, '-c', 'print("fine")'], 30, deadline)

@@ -86,6 +86,7 @@ def test_select_device_without_gpu():
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_cli_train_resume_evaluate(demo, tmp_path):
     """The real command line, as a subprocess run from code/: train, resume, evaluate."""
     logs = str(tmp_path / 'logs')
@@ -130,6 +131,7 @@ def test_cli_train_resume_evaluate(demo, tmp_path):
     assert summary['evaluation']['top1'] == pytest.approx(top1, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_tensorboard_tags(trained_run):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     run = trained_run
@@ -150,6 +152,7 @@ def test_tensorboard_tags(trained_run):
         [e['val_top1'] for e in summary['epochs']], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_equals_uninterrupted(demo, tmp_path, capsys):
     args = [demo, '--epochs', '3', '-j', '1'] + [a for a in FAST if a not in ('-j', '0')]
     code, _, err = run_main(args + ['--log-dir', str(tmp_path / 'a')], capsys)
@@ -170,6 +173,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(demo, tmp_path, capsy
     assert a['scheduler']['last_epoch'] == b['scheduler']['last_epoch']
 
 
+@pytest.mark.slow
 def test_cpu_run_makes_no_cuda_call(demo, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise AssertionError('CUDA was called on a CPU run')
@@ -182,6 +186,7 @@ def test_cpu_run_makes_no_cuda_call(demo, tmp_path, capsys, monkeypatch):
     assert 'device cpu' in out
 
 
+@pytest.mark.slow
 def test_resnet18_fine_tune_offline_with_local_weights(demo, tmp_path, capsys):
     import torchvision
     weights = str(tmp_path / 'resnet18_random.pth')
@@ -288,6 +293,7 @@ def test_non_finite_floats_and_a_bad_momentum_are_refused_before_any_folder(
     assert not logs.exists() or not os.listdir(logs)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     logs = str(tmp_path / 'logs')
     ckpt = checkpoint_of(trained_run)
@@ -304,6 +310,7 @@ def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     assert torch.load(ckpt, weights_only=True)['epoch'] == 2
 
 
+@pytest.mark.slow
 def test_vit_trains_from_cli_with_adamw_groups(demo, tmp_path, capsys, monkeypatch):
     built = {}
     real_adamw = torch.optim.AdamW
@@ -329,6 +336,7 @@ def test_vit_trains_from_cli_with_adamw_groups(demo, tmp_path, capsys, monkeypat
     assert '(simplevit)' in out
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_outside_a_run_folder(demo, trained_run, tmp_path, capsys):
     import shutil
     copied = str(tmp_path / 'copied.pth.tar')
@@ -343,6 +351,7 @@ def test_resume_from_a_checkpoint_outside_a_run_folder(demo, trained_run, tmp_pa
     assert summary['epochs'][0]['lr'] == pytest.approx(0.0, abs=1e-9)  # end of the cosine
 
 
+@pytest.mark.slow
 def test_start_epoch_fast_forwards_the_lr(demo, tmp_path, capsys):
     code, out, err = run_main([demo, '--log-dir', str(tmp_path), '--epochs', '3',
                                '--start-epoch', '2'] + FAST, capsys)
@@ -352,6 +361,7 @@ def test_start_epoch_fast_forwards_the_lr(demo, tmp_path, capsys):
     assert 'Epoch: [3][0/' in out
 
 
+@pytest.mark.slow
 def test_vit_learns_the_demo_set_well_above_chance(tmp_path_factory, capsys):
     """The ViT recipe from the CLI (AdamW, clipping, warmup + cosine) on a demo set."""
     from make_demo_data import make_demo_dataset
@@ -368,6 +378,7 @@ def test_vit_learns_the_demo_set_well_above_chance(tmp_path_factory, capsys):
     assert summary['best_acc1'] >= 50.0, summary['epochs']  # chance: 25%
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('batch, lr', [(8, 0.003125), (256, 0.1)])
 def test_the_lr_follows_the_batch_unless_given(demo, tmp_path, capsys, batch, lr):
     """The handout's lr 0.1 is for its batch of 256: without --lr it is scaled linearly to

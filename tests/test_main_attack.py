@@ -20,6 +20,7 @@ def image_tags(run_dir):
     return set(acc.Tags()['images'])
 
 
+@pytest.mark.slow
 def test_attack_with_images(demo, trained_run, tmp_path, capsys):
     ckpt = os.path.join(trained_run, 'models', 'model_best.pth.tar')
     logs = str(tmp_path)
@@ -42,6 +43,7 @@ def test_attack_with_images(demo, trained_run, tmp_path, capsys):
     assert trained['attack']['adv_top1'] == pytest.approx(attack['adv_top1'])
 
 
+@pytest.mark.slow
 def test_evaluate_with_saliency(demo, trained_run, tmp_path, capsys):
     ckpt = os.path.join(trained_run, 'models', 'checkpoint.pth.tar')
     code, out, err = run_main([demo, '--resume', ckpt, '-e', '-v', '--log-dir', str(tmp_path),
@@ -52,6 +54,7 @@ def test_evaluate_with_saliency(demo, trained_run, tmp_path, capsys):
     assert {'Image/Org_Image', 'Image/Saliency', 'Image/Saliency_Overlay'} <= tags
 
 
+@pytest.mark.slow
 def test_adversarial_training_runs(demo, tmp_path, capsys):
     argv = [demo, '--log-dir', str(tmp_path), '--epochs', '2', '--adv-train', '--adv-steps',
             '2', '--adv-ratio', '0.5'] + FAST
@@ -62,6 +65,7 @@ def test_adversarial_training_runs(demo, tmp_path, capsys):
     assert ckpt['args']['adv_train'] and ckpt['epoch'] == 2
 
 
+@pytest.mark.slow
 def test_attack_reports_accuracy_with_and_without_the_flip(demo, trained_run, tmp_path,
                                                            capsys):
     """The no-flip figures equal an attack run by hand on the plain logits."""

@@ -208,6 +208,7 @@ def test_evaluation_and_attack_results(odd_runs):
             in md)
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_errors(tmp_path):
     empty = tmp_path / 'exp_empty'
     empty.mkdir()
@@ -247,6 +248,7 @@ def fifty_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_fifty_runs_stay_readable(fifty_runs, tmp_path):
     out = tmp_path / 'out'
     with contextlib.redirect_stderr(io.StringIO()):
@@ -348,6 +350,7 @@ time.sleep(600)
 '''
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_running_is_marked_interrupted(tmp_path):
     """A training whose process was killed (kill -9) still says 'running': report.py finds
     its lock free, marks it interrupted and removes its temporary files. A run whose lock
@@ -396,6 +399,7 @@ def test_an_epoch_killed_while_being_saved_is_not_claimed(tmp_path):
     assert 'its event files log epoch(s) 1 that summary.json does not hold' in err.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('out', ['/etc/passwd', 'FILE/sub', '/proc/x'])
 def test_an_unusable_out_folder_is_one_line(logs, tmp_path, out):
     (tmp_path / 'FILE').write_text('a file')
@@ -407,6 +411,7 @@ def test_an_unusable_out_folder_is_one_line(logs, tmp_path, out):
     assert out in line, line
 
 
+@pytest.mark.slow
 def test_a_result_on_a_checkpoint_changed_since_is_shown_stale(tmp_path):
     """An -e of model_best.pth.tar while the run trains on: the run then saves a better
     epoch into the same file. The result names the epoch it evaluated and is marked stale."""

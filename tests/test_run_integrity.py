@@ -174,6 +174,7 @@ def final_files(run):
     return ckpt, best, summary_of(run)
 
 
+@pytest.mark.slow
 def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys, monkeypatch):
     """Ctrl-C arriving before each atomic write of a 3-epoch run in turn (the write
     never happens); resuming the run then ends with the files of an uninterrupted one."""
@@ -310,6 +311,7 @@ def slow_epoch_set(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_marked_by_the_next_run(
         demo, tmp_path, tmp_path_factory, capsys):
     """kill -9 in the first epoch: no checkpoint to resume, status 'running' and the
@@ -383,6 +385,7 @@ def test_run_files_get_the_mode_the_umask_allows(demo, tmp_path, capsys, umask):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(demo, tmp_path):
     """What a cloud VM sends before preemption: exit 130, the real path to resume."""
     logs = str(tmp_path / 'logs')

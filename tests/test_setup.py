@@ -43,6 +43,7 @@ def run_make(repo, env_dir, *targets):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_an_activated_environment_with_the_requirements_is_used_as_it_is(tmp_path):
     env_dir = make_env(tmp_path / "conda_like", with_packages=True)
     repo = repo_copy(tmp_path / "repo")

@@ -86,6 +86,7 @@ def test_auto_settings_are_resolved_printed_and_stored(demo, tmp_path, capsys):
     assert all(ckpt['args'][k] == args[k] for k in auto)
 
 
+@pytest.mark.slow
 def test_amp_bf16_resumes_exactly_on_the_cpu(demo, tmp_path, capsys):
     flags = ['--amp', '--no-channels-last', '--data-cache']
     whole, out = train(demo, tmp_path / 'whole', capsys, *flags, epochs=3)
@@ -100,6 +101,7 @@ def test_amp_bf16_resumes_exactly_on_the_cpu(demo, tmp_path, capsys):
                if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_cached_path_resumes_exactly_with_workers(demo, tmp_path, capsys):
     base = [a for a in FAST if a not in ('-j', '0')]
 
@@ -193,6 +195,7 @@ def test_a_checkpoint_from_before_the_flags_resumes_in_fp32_per_image(demo, tmp_
     assert 'data-cache off' in out
 
 
+@pytest.mark.slow
 def test_the_grad_scaler_path_trains_clips_and_resumes_exactly(demo, tmp_path, capsys,
                                                                monkeypatch):
     """The fp16 path of CUDA without bf16 and of MPS, on the CPU: a GradScaler, its state in
@@ -290,6 +293,7 @@ def test_every_model_has_a_measured_amx_setting_or_stays_in_fp32(monkeypatch):
     assert speed.auto_speed_settings(cpu, 'simplenet')['channels_last'][0] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('given, spin_count', [(None, "'0'"), ('ACTIVE', None)])
 def test_openmp_threads_wait_passively_unless_the_user_says(given, spin_count):
     """Two runs on the same cores slow 5x with spinning OpenMP threads (docs/benchmarks.md):
@@ -313,6 +317,7 @@ def test_openmp_threads_wait_passively_unless_the_user_says(given, spin_count):
         assert "OMP_WAIT_POLICY = 'ACTIVE'" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_shared_cores_benchmark_times_one_and_two_processes(capsys):
     import benchmark
     benchmark.main(['shared', '--quick', '--policies', 'passive', '--model', 'simplenet',

@@ -85,6 +85,7 @@ def scalars(base, run, tag):
     return {step: value for _, step, value in points}
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_logged_scalars(tensorboard):
     base, proc = tensorboard
     tags = wait_for_tags(base, proc, {'.', 'data_top1_accuracy_val', 'data_top5_accuracy_train'})

@@ -80,6 +80,7 @@ def test_clip_grad_is_for_the_vit_by_default_and_for_cnns_when_given(demo, tmp_p
 
 
 # ------------------------------------------------------------------ the class count
+@pytest.mark.slow
 def test_the_class_count_comes_from_the_labels(demo, tmp_path, capsys):
     code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'a'), '--epochs', '2'] + AUTO,
                               capsys)
@@ -130,6 +131,7 @@ def test_a_checkpoint_with_fewer_outputs_than_labels_is_refused(demo, trained_ru
 
 
 # ------------------------------------------------------------------ real images
+@pytest.mark.slow
 def test_the_default_cnn_learns_real_images_in_a_few_cpu_epochs(real600, tmp_path,
                                                                 capsys):
     """The default CNN at the handout's lr 0.1, 4 short epochs on real scans (not the

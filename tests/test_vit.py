@@ -292,6 +292,7 @@ def make_quadrant_task(n, generator):
     return x, labels
 
 
+@pytest.mark.slow
 def test_tiny_vit_learns_a_task_well_above_chance():
     g = torch.Generator().manual_seed(0)
     x_train, y_train = make_quadrant_task(512, g)

@@ -184,6 +184,7 @@ def test_leftover_temporary_zip_of_a_killed_run_is_removed(assignment):
         assert set(zf.namelist()) == PACKED | {'results/big.bin'}
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_each_write_their_own_temporary_zip(assignment):
     """A second run while the first is writing: it neither removes nor shares the first's
     temporary zip, and both end with a whole submission.zip."""
