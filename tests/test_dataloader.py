@@ -197,7 +197,6 @@ def test_label_file_with_bom_is_read(tmp_path):
     assert ds[0][0].shape == (4, 4, 3)
 
 
-@pytest.mark.slow
 def test_non_utf8_label_file_names_file_and_line(tmp_path):
     write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
     with open(tmp_path / "train.txt", "ab") as f:
