@@ -12,6 +12,8 @@ import math
 import os
 import random
 
+import torch
+
 import run_record as rr
 from distributed import check_global_batch, launch_size
 from networks import ARCHS, check_arch
@@ -101,6 +103,19 @@ def check_args(args, given):
             raise UsageError(f"{flag} must be a finite number, got {value}")
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        # torch.manual_seed takes 64 bits, and seed_epoch multiplies the seed by 1000
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.name is not None and not is_one_path_component(args.name):
+        raise UsageError(f"--name {args.name!r} must be one folder name (no '/', not '.' or "
+                         f"'..'): it becomes the suffix of the run folder's name")
+    if 'gpu' in given and args.gpu >= 0 and args.device == 'auto' and not args.use_mps \
+            and not torch.cuda.is_available():
+        raise UsageError(f"--gpu {args.gpu}: CUDA is not available on this machine (--gpu -1 "
+                         f"or --device cpu runs on the CPU)")
+    if not (args.evaluate or args.attack or args.resume) and args.start_epoch >= args.epochs:
+        raise UsageError(f"--start-epoch {args.start_epoch} leaves no epoch to train: --epochs "
+                         f"is {args.epochs} (the run would stop at epoch {args.epochs})")
     if not args.momentum < 1:  # at 1 a step never forgets a gradient: the run drifts off
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
@@ -111,6 +126,17 @@ def check_args(args, given):
         # under torchrun: refused by every process before any loads anything (a resumed
         # run's batch comes from its checkpoint: distributed.per_process_batch checks it)
         check_global_batch(args.batch_size, launch_size())
+
+
+SEED_LIMIT = 2 ** 32
+
+
+def is_one_path_component(name):
+    """A run name makes LOGDIR/exp_<timestamp>_<name>: a separator would put the run
+    folder elsewhere (outside LOGDIR with '../'), or nest it where report.py does not look."""
+    separators = [os.sep] + ([os.altsep] if os.altsep else []) + ['/']
+    return name not in ('', '.', '..') and not any(sep in name for sep in separators) \
+        and '\0' not in name
 
 
 # the handout's learning rate, and the batch it belongs to

@@ -288,6 +288,35 @@ def test_non_finite_floats_and_a_bad_momentum_are_refused_before_any_folder(
     assert not logs.exists() or not os.listdir(logs)
 
 
+@pytest.mark.parametrize('flags, words', [
+    (['--seed', '99999999999999999999'], '--seed must be in [0, 2**32)'),
+    (['--seed', '-1'], '--seed must be in [0, 2**32)'),
+    (['--name', '../../x'], "--name '../../x' must be one folder name"),
+    (['--name', 'a/b'], "--name 'a/b' must be one folder name"),
+    (['--name', '..'], "--name '..' must be one folder name"),
+    (['--start-epoch', '5'], '--start-epoch 5 leaves no epoch to train'),
+    (['--start-epoch', '3'], '--start-epoch 3 leaves no epoch to train'),
+])
+def test_a_seed_name_or_start_epoch_that_cannot_work_is_refused_before_any_folder(
+        demo, tmp_path, capsys, flags, words):
+    """A huge seed overflowed torch.manual_seed with a traceback; a name with '/' put the
+    run folder outside --log-dir or nested in it; a start epoch at or past --epochs
+    trained nothing and said 'finished'."""
+    logs = tmp_path / 'logs'
+    expect_error([demo, '--log-dir', str(logs), '--epochs', '3'] + FAST + flags, capsys, words)
+    assert not logs.exists() and not (tmp_path / 'x').exists()
+
+
+def test_gpu_on_a_machine_without_cuda_is_refused_like_device_cuda(demo, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    logs = tmp_path / 'logs'
+    on_auto = [a for a in FAST if a not in ('--device', 'cpu')] + ['--device', 'auto']
+    expect_error([demo, '--log-dir', str(logs), '--epochs', '3', '--gpu', '3'] + on_auto,
+                 capsys, '--gpu 3', 'CUDA is not available')
+    assert not logs.exists()
+
+
 def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     logs = str(tmp_path / 'logs')
     ckpt = checkpoint_of(trained_run)
