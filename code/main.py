@@ -155,6 +155,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a run; the message says where its checkpoint is."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a run as Ctrl-C does; the exit status says which it was."""
+
+
 # what trains: the model and everything its steps update (the GradScaler of fp16 or None)
 Learner = namedtuple('Learner', 'model criterion optimizer scheduler scaler')
 
@@ -191,7 +195,9 @@ def main(argv=None):
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f'\nmain.py: {str(exc) or "interrupted"}', file=sys.stderr)
-        sys.exit(130)
+        # the shell's convention: 128 + the signal's number (SIGINT 130, SIGTERM 143)
+        stopped_by = exc.__cause__ if isinstance(exc, Interrupted) else exc
+        sys.exit(128 + (signal.SIGTERM if isinstance(stopped_by, Terminated) else signal.SIGINT))
     except Exception as exc:  # a lost torchrun process: one line, not the backend's traceback
         if not distributed.lost_process(exc) or os.environ.get('MAIN_DEBUG'):
             raise  # any other keeps its traceback (your own code's above all)
@@ -205,7 +211,7 @@ def main(argv=None):
 
 def sigterm_as_interrupt(signum, frame):
     """SIGTERM (what a cloud VM sends before preemption) stops a run like Ctrl-C."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 ################################################################################
@@ -268,10 +274,10 @@ def train(args, given, ckpt, device, hold):
         summary['status'] = rr.DIVERGED
         run_folder.write_summary(run_dir, summary)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         summary['status'] = rr.INTERRUPTED
         run_folder.write_summary(run_dir, summary)
-        raise Interrupted(interrupted_message(run_dir))
+        raise Interrupted(interrupted_message(run_dir)) from exc
     if run_dir is not None:
         print_run_end(run_dir, summary)
     return summary
