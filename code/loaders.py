@@ -232,18 +232,30 @@ def per_image_loader(args, device, dataset, **kw):
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
 
 
-def settle_data_cache(args, with_train):
+def settle_data_cache(args, with_train, auto=None):
     """Keep --data-cache only where the cached path can serve the run (else a note says
-    why): args.data_cache is then what the run really does, for its summary."""
+    why, and so does the start line where the cache was auto: `auto` is
+    resolve_speed_settings' {flag: why}): args.data_cache is then what the run really
+    does, for its summary. A cache that does not fit on the disk is left out when it was
+    auto, and refused when it was asked for (or is the resumed run's)."""
     if not args.data_cache:
         return
+    auto = {} if auto is None else auto
     splits = {'val': get_val_transforms()}
     if with_train:
         splits['train'] = get_train_transforms()
     refusal = cache_refusal(args, splits)
+    if refusal is None:
+        refusal = data_cache.build_shortfall(args.data_folder, list(splits),
+                                             rebuild=getattr(args, 'rebuild_cache', False))
+        if refusal is not None and 'data_cache' not in auto:
+            raise DatasetError(f'--data-cache: {refusal}: free some space or run with '
+                               f'--no-data-cache')
     if refusal is not None:
         print(f'note: --data-cache: {refusal}; using the per-image path')
         args.data_cache = False
+        if 'data_cache' in auto:  # the start line's reason is the real one
+            auto['data_cache'] = refusal
 
 
 def build_loaders(args, device, train_set, val_set):

@@ -230,7 +230,7 @@ def train(args, given, ckpt, device, hold):
     settle_num_classes(args, {'train': train_set, 'val': val_set},
                        'the checkpoint' if ckpt else '--num-classes')
     auto = resolve_speed_settings(args, device)
-    settle_data_cache(args, with_train=True)
+    settle_data_cache(args, with_train=True, auto=auto)
     train_loader, val_loader = build_loaders(args, device, train_set, val_set)
     print(speed_line(args, device, auto))
 
@@ -510,7 +510,7 @@ def evaluate_or_attack(args, given, ckpt, device):
     _, val_set = load_datasets(args, train=False)  # first: checks the data
     settle_num_classes(args, {'val': val_set}, source)
     auto = resolve_speed_settings(args, device)
-    settle_data_cache(args, with_train=False)
+    settle_data_cache(args, with_train=False, auto=auto)
     _, val_loader = build_loaders(args, device, None, val_set)
     print(speed_line(args, device, auto))
     model = build_model(args, from_checkpoint=True)
