@@ -329,7 +329,9 @@ def load_checkpoint(path):
         raise CheckpointError(f"cannot read checkpoint '{path}': {exc.strerror or exc}")
     except Exception:  # truncated zip, garbage, not a torch file ...
         raise CheckpointError(f"cannot read checkpoint '{path}': {unreadable_reason(path)}")
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {'state_dict': ckpt}  # bare weights: torch.save(model.state_dict(), path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict):
         raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
     bad = non_finite_part(ckpt)
     if bad is not None:
