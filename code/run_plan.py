@@ -288,8 +288,10 @@ def missing_for_resume(ckpt):
 
 
 def classifier_size(state_dict):
-    """The class count of a model's weights: the outputs of its last layer."""
-    return next(v.shape[0] for v in reversed(list(state_dict.values())) if v.ndim >= 1)
+    """The class count of a model's weights: the outputs of its last layer (None where no
+    tensor has a dimension: the labels then count the classes)."""
+    return next((v.shape[0] for v in reversed(list(state_dict.values()))
+                 if torch.is_tensor(v) and v.ndim >= 1), None)
 
 
 def handout_arch(ckpt, path):
