@@ -45,7 +45,7 @@ def read_label_file(label_file, num_classes):
         line_no = raw.count(b"\n", 0, e.start) + 1
         raise DatasetError(f"{label_file}, line {line_no}: not UTF-8 text "
                            f"(byte 0x{raw[e.start]:02x}; save it as UTF-8)") from None
-    file_list, label_list, first_line, repeats = [], [], {}, []
+    file_list, label_list, first_line, repeats, negative = [], [], {}, [], None
     for line_no, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
@@ -59,22 +59,33 @@ def read_label_file(label_file, num_classes):
                                f"'relative/path.jpg label' (the label in digits 0-9), "
                                f"got {line!r}")
         label = int(parts[1])
-        if label < 0 or (num_classes is not None and label >= num_classes):
+        if num_classes is not None and not 0 <= label < num_classes:
             raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
                                f"[0, {num_classes}) (is --num-classes right?)")
-        if parts[0] in first_line:
-            first_no, first_index = first_line[parts[0]]
+        if label < 0 and negative is None:  # said once the file's class count is known
+            negative = (line_no, label)
+        # one image however its path is spelled: ./a/x.jpg, a//x.jpg and a/x.jpg
+        image = os.path.normpath(parts[0])
+        if image in first_line:
+            first_no, first_index = first_line[image]
             if label_list[first_index] != label:  # which label is right cannot be guessed
                 raise DatasetError(f"{label_file}, lines {first_no} and {line_no}: image "
-                                   f"{parts[0]} is listed with two labels, "
+                                   f"{file_list[first_index]} is listed with two labels, "
                                    f"{label_list[first_index]} and {label}; keep one line")
-            repeats.append((line_no, parts[0]))
+            repeats.append((line_no, image))
         # (line number, index in the lists) of the image's first line
-        first_line.setdefault(parts[0], (line_no, len(file_list)))
+        first_line.setdefault(image, (line_no, len(file_list)))
         file_list.append(parts[0])
         label_list.append(label)
     if not file_list:
         raise DatasetError(f"{label_file} lists no images")
+    if negative is not None:
+        line_no, label = negative
+        count = max(label_list) + 1
+        raise DatasetError(f"{label_file}, line {line_no}: label {label} is outside "
+                           f"[0, {count}) (the file's largest label is {count - 1})" if count > 0 else
+                           f"{label_file}, line {line_no}: label {label} is negative "
+                           f"(labels are class numbers 0, 1, 2, ...)")
     if repeats:
         line_no, path = repeats[0]
         print(f"warning: {label_file}: {len(repeats)} line(s) list an image listed before, "

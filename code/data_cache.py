@@ -167,6 +167,26 @@ def _remove_leftovers(folder):
               f"of the data cache", flush=True)
 
 
+# left free beside a cache that is built: the run's checkpoints, logs and summary need
+# room on the same disk
+SPACE_MARGIN = 64 * 10 ** 6
+
+
+def _size(nbytes):
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def space_shortfall(what, nbytes, folder):
+    """Why a cache of nbytes does not fit on the disk of `folder`, in figures that add up
+    (the margin kept free included), or None where it fits."""
+    free = shutil.disk_usage(folder).free
+    if free >= nbytes + SPACE_MARGIN:
+        return None
+    return (f"{what} needs {_size(nbytes + SPACE_MARGIN)} ({_size(nbytes)} of images + "
+            f"{_size(SPACE_MARGIN)} kept free for the run's other files), but {folder} has "
+            f"{_size(free)} free")
+
+
 def _build(loader, path, meta_path, size, fingerprint, workers):
     """Decode every image into path (via safe_files.replacing, so a crash
     leaves no half-written cache), then write the fingerprint the same way. The caller
@@ -174,10 +194,9 @@ def _build(loader, path, meta_path, size, fingerprint, workers):
     n = len(loader)
     nbytes = n * size * size * 3
     folder = os.path.dirname(path)
-    free = shutil.disk_usage(folder).free
-    if free < nbytes + (64 << 20):
-        raise DatasetError(f"the data cache {path} needs {nbytes / 1e9:.2f} GB but "
-                           f"{folder} has {free / 1e9:.2f} GB free: free some space {_HINT}")
+    shortfall = space_shortfall(f"the data cache {path}", nbytes, folder)
+    if shortfall is not None:
+        raise DatasetError(f"{shortfall}: free some space {_HINT}")
     print(f"=> decoding the {n} images of {loader.split} once into {path} "
           f"({nbytes / 1e9:.2f} GB); later runs read it", flush=True)
     start = time.time()
@@ -284,6 +303,23 @@ def cache_writable(data_folder):
     and DIR is writable."""
     folder = os.path.dirname(cache_paths(data_folder, "any")[0])
     return os.access(folder if os.path.isdir(folder) else data_folder, os.W_OK)
+
+
+def build_shortfall(data_folder, splits, rebuild=False, size=CACHE_SIZE):
+    """Why the caches of `splits` that a run would build (missing or stale ones, all of
+    them with rebuild) do not fit on the disk together, or None: said before any build
+    starts."""
+    nbytes = 0
+    for split in splits:
+        loader = MiniPlacesLoader(data_folder, split=split, num_classes=None)
+        path, meta_path = cache_paths(data_folder, split, size)
+        if rebuild or _stale_reason(path, meta_path, _fingerprint(loader), size) is not None:
+            nbytes += len(loader) * size * size * 3
+    if nbytes == 0:
+        return None
+    folder = os.path.dirname(cache_paths(data_folder, "any")[0])
+    return space_shortfall(f"the data cache of {' and '.join(splits)}", nbytes,
+                           folder if os.path.isdir(folder) else data_folder)
 
 
 def cache_problem(data_folder, split, size=CACHE_SIZE):

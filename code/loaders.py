@@ -18,7 +18,7 @@ import distributed
 import data_cache
 import data_order
 import fast_data
-from custom_dataloader import MiniPlacesLoader, load_image, seed_worker
+from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
 from distributed import world
 from speed import memory_format
 from student_code import get_train_transforms, get_val_transforms
@@ -55,12 +55,50 @@ def load_datasets(args, train=True):
     return train_set, val_set
 
 
+# a class count the data can support: one with an image each at most, and at least this
+# many (a small subset of a 100- or 1000-class set keeps its class count)
+MIN_CLASS_LIMIT = 1000
+
+
+def class_limit(datasets):
+    """The largest class count the data can support: no more classes than images (of
+    the training set, or of the validation set for -e/-a), and MIN_CLASS_LIMIT anyway.
+    Beyond it a label is a typo, and its count would be allocated (the classifier's
+    outputs) before anything else could say so."""
+    images = datasets['train'] if 'train' in datasets else datasets['val']
+    return max(len(images), MIN_CLASS_LIMIT), f'{len(images)} {images.split} images'
+
+
+def line_of_label(dataset, label):
+    """The number of the first line of the dataset's label file with `label`."""
+    label_file = os.path.join(dataset.root_folder, dataset.split + '.txt')
+    with open(label_file, encoding='utf-8-sig') as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if fields and fields[-1].lstrip('0') == str(label).lstrip('0'):
+                return line_no
+    return None
+
+
 def settle_num_classes(args, datasets, source):
     """The class count is the largest label + 1 of the label files, unless the flags
     or the checkpoint (`source`) give one: fewer outputs than labels is refused,
-    more is warned about, and so are classes without a training image."""
-    labels = {name: set(ds.label_list) for name, ds in datasets.items() if ds is not None}
+    more is warned about, and so are classes without a training image. A label or a
+    --num-classes beyond what the data can support (class_limit) is refused before
+    anything of that size is allocated."""
+    datasets = {name: ds for name, ds in datasets.items() if ds is not None}
+    labels = {name: set(ds.label_list) for name, ds in datasets.items()}
     needed = max(max(found) for found in labels.values()) + 1
+    limit, images = class_limit(datasets)
+    if needed > limit:
+        name = next(n for n, found in labels.items() if max(found) == needed - 1)
+        line_no = line_of_label(datasets[name], needed - 1)
+        raise DatasetError(f"{name}.txt, line {line_no}: label {needed - 1} is far beyond what "
+                         f"the data can support ({images}: at most {limit} classes); a typo?")
+    if source == '--num-classes' and args.num_classes is not None and \
+            args.num_classes > limit:
+        raise UsageError(f"--num-classes {args.num_classes} is more than the data can support "
+                         f"({images}: at most {limit} classes)")
     if args.num_classes is None:
         args.num_classes = needed
         print(f'=> {needed} classes (the largest label in the label files is {needed - 1})')
@@ -199,13 +237,21 @@ def settle_data_cache(args, with_train, auto=()):
     """Keep --data-cache only where the cached path can serve the run: else one note says
     why, and whether the cache was asked for or on by default (`auto`: the flags chosen
     automatically), and the reason is returned for the start line (else None).
-    args.data_cache is then what the run really does, for its summary."""
+    args.data_cache is then what the run really does, for its summary. A cache that does
+    not fit on the disk is left out when it was auto, and refused when it was asked for
+    (or is the resumed run's)."""
     if not args.data_cache:
         return None
     splits = {'val': get_val_transforms()}
     if with_train:
         splits['train'] = get_train_transforms()
     refusal = cache_refusal(args, splits)
+    if refusal is None:
+        refusal = data_cache.build_shortfall(args.data_folder, list(splits),
+                                             rebuild=getattr(args, 'rebuild_cache', False))
+        if refusal is not None and 'data_cache' not in auto:
+            raise DatasetError(f'--data-cache: {refusal}: free some space or run with '
+                               f'--no-data-cache')
     if refusal is not None:
         asked = '' if 'data_cache' in auto else '--data-cache was asked for, but '
         print(f'note: {asked}{refusal}; this run uses the per-image path')

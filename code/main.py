@@ -52,9 +52,10 @@ from loaders import (build_loaders, load_datasets, seed_epoch, seed_everything, 
                      settle_data_cache, settle_num_classes)
 from networks import (ARCHS, build_model, build_optimizer, load_model_state,  # noqa: E402
                       to_device)
-from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, check_args,  # noqa: E402
-                      ends_the_run, finished_cleanly, given_flags, print_extension,
-                      refuse_unresumable, settle_new_run)
+from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, adopt_weights,  # noqa: E402
+                      check_args, ends_the_run, finished_cleanly, given_flags,
+                      missing_for_resume, print_extension, refuse_unresumable,
+                      settle_new_run)
 from speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
                    resolve_speed_settings, speed_line)
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
@@ -162,6 +163,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a run; the message says where its checkpoint is."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a run as Ctrl-C does; the exit status says which it was."""
+
+
 # what trains: the model and everything its steps update (the GradScaler of fp16 or None)
 Learner = namedtuple('Learner', 'model criterion optimizer scheduler scaler')
 
@@ -199,7 +204,9 @@ def main(argv=None):
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f'\nmain.py: {str(exc) or "interrupted"}', file=sys.stderr)
-        sys.exit(130)
+        # the shell's convention: 128 + the signal's number (SIGINT 130, SIGTERM 143)
+        stopped_by = exc.__cause__ if isinstance(exc, Interrupted) else exc
+        sys.exit(128 + (signal.SIGTERM if isinstance(stopped_by, Terminated) else signal.SIGINT))
     except Exception as exc:  # a lost torchrun process: one line, not the backend's traceback
         if not distributed.lost_process(exc) or os.environ.get('MAIN_DEBUG'):
             raise  # any other keeps its traceback (your own code's above all)
@@ -213,7 +220,7 @@ def main(argv=None):
 
 def sigterm_as_interrupt(signum, frame):
     """SIGTERM (what a cloud VM sends before preemption) stops a run like Ctrl-C."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 ################################################################################
@@ -222,10 +229,14 @@ def sigterm_as_interrupt(signum, frame):
 def train(args, given, ckpt, device, hold):
     """A new run, or the continuation of --resume's run; returns its summary. `hold`
     keeps the run folder's lock until main() returns."""
+    # this toolkit's checkpoint (its best model is refused below), or one without its plan
+    exact = ckpt is not None and (ckpt.get('kind') == 'best' or not missing_for_resume(ckpt))
     planned = None
-    if ckpt is not None:
+    if exact:
         planned = adopt_checkpoint_plan(args, given, ckpt, args.resume)
         refuse_unresumable(ckpt, args.resume, planned, finished_cleanly(args, ckpt, planned))
+    elif ckpt is not None:  # the handout's own checkpoint, or bare weights
+        adopt_weights(args, given, ckpt, args.resume)
     else:
         settle_new_run(args, given)
     train_set, val_set = load_datasets(args)  # first: checks the data
@@ -248,12 +259,14 @@ def train(args, given, ckpt, device, hold):
                                          start_iter=args.start_epoch * n_iters),
                       torch.amp.GradScaler(device.type) if args.amp_dtype == 'float16' else None)
 
-    run_dir = run_folder.open_run_folder(args, ckpt, hold)
+    run_dir = run_folder.open_run_folder(args, ckpt if exact else None, hold)
     summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
                              student_code.count_params(model), device, n_iters, args.epochs,
                              world().size, world().backend)
     start_epoch, best = args.start_epoch, {'epoch': None, 'acc1': None, 'weights': None}
-    if ckpt is not None:
+    if ckpt is not None and not exact:
+        restore_weights(learner, ckpt, args)
+    elif ckpt is not None:
         restore_training_state(learner, ckpt, args)
         run_folder.restore_run_files(ckpt, args.resume, run_dir, summary, best)
         if ends_the_run(args, ckpt, planned):  # killed between its checkpoint and summary
@@ -276,10 +289,10 @@ def train(args, given, ckpt, device, hold):
         summary['status'] = rr.DIVERGED
         run_folder.write_summary(run_dir, summary)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         summary['status'] = rr.INTERRUPTED
         run_folder.write_summary(run_dir, summary)
-        raise Interrupted(interrupted_message(run_dir))
+        raise Interrupted(interrupted_message(run_dir)) from exc
     if run_dir is not None:
         print_run_end(run_dir, summary)
     return summary
@@ -305,6 +318,25 @@ def restore_training_state(learner, ckpt, args):
               f'are per process, so the rest will not equal an uninterrupted run exactly')
     print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
           f"{ckpt['best_acc1']:.2f})")
+
+
+def restore_weights(learner, ckpt, args):
+    """The weights of a checkpoint without a plan (run_plan.adopt_weights), and its
+    optimizer state where it has one that fits the model; the optimizer keeps the flags'
+    hyperparameters and the schedule's learning rate at the start epoch."""
+    load_model_state(learner.model, ckpt['state_dict'], args.resume, args.arch)
+    if ckpt.get('optimizer') is None:
+        return
+    optimizer = learner.optimizer
+    ours = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"note: the optimizer state of '{args.resume}' does not fit ({one_line(exc)}); "
+              f"the optimizer starts afresh")
+        return
+    for group, settings in zip(optimizer.param_groups, ours):
+        group.update(settings)
 
 
 def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary, best,

@@ -62,9 +62,21 @@ def _atomic_write(path, write_fn, binary):
     except OSError as exc:
         raise RunFolderError(f"cannot write {path} ({exc.strerror or exc}); the previous "
                              f"version of the file, if any, is intact") from exc
-    except RuntimeError as exc:  # torch.save reports a full disk as RuntimeError
-        raise RunFolderError(f"cannot write {path} ({str(exc).splitlines()[0][:200]}); the "
-                             f"previous version of the file, if any, is intact") from exc
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        raise RunFolderError(f"cannot write {path} ({write_failure(exc)}); the previous "
+                             f"version of the file, if any, is intact") from exc
+
+
+def write_failure(exc):
+    """What made torch.save fail, in words: its RuntimeError says only "unexpected pos N vs
+    M", while the OSError of the write it could not make (ENOSPC: "No space left on
+    device") is the exception it was raised during."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def remove_temp_files(run_dir):
@@ -259,11 +271,13 @@ def read_checkpoint(path):
         raise CheckpointError(f"'{path}' holds Python objects that no checkpoint of this "
                               f"toolkit holds; refused without loading them (unpickling "
                               f"them could run arbitrary code)")
-    except Exception as exc:  # truncated zip, garbage, not a torch file ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint '{path}' (truncated or not a "
-                              f"checkpoint?): {reason[:200]}")
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+    except OSError as exc:  # no permission, an I/O error of the disk ...
+        raise CheckpointError(f"cannot read checkpoint '{path}': {exc.strerror or exc}")
+    except Exception:  # truncated zip, garbage, not a torch file ...
+        raise CheckpointError(f"cannot read checkpoint '{path}': {unreadable_reason(path)}")
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {'state_dict': ckpt}  # bare weights: torch.save(model.state_dict(), path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict):
         raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
     bad = non_finite_part(ckpt)
     if bad is not None:
@@ -301,6 +315,22 @@ def file_changed(path, fingerprint):
     except OSError:
         return 'gone'
     return None if same else 'changed'
+
+
+def unreadable_reason(path):
+    """Why torch.load failed on a file, in words: its own errors say "EOFError" for an
+    empty file, a KeyError '101' for text, a miniz error for a cut zip archive."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if size == 0:
+        return 'the file is empty (an interrupted save or copy?)'
+    if head == b'PK\x03\x04':  # torch.save writes a zip archive since PyTorch 1.6
+        return (f'the zip archive that torch.save writes is damaged or cut short ({size} '
+                f'bytes; an interrupted save or copy?)')
+    if head[:1] == b'\x80':  # a pickle: the format of torch.save before PyTorch 1.6
+        return f'the pickle of the old torch.save format is damaged or cut short ({size} bytes)'
+    return f'it is not a file that torch.save wrote ({size} bytes, starting with {head!r})'
 
 
 # the parts of a checkpoint that a resumed run trains on or writes out again (the best

@@ -12,6 +12,8 @@ import math
 import os
 import random
 
+import torch
+
 import run_record as rr
 from distributed import check_global_batch, launch_size
 from networks import ARCHS, check_arch
@@ -101,6 +103,19 @@ def check_args(args, given):
             raise UsageError(f"{flag} must be a finite number, got {value}")
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        # torch.manual_seed takes 64 bits, and seed_epoch multiplies the seed by 1000
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.name is not None and not is_one_path_component(args.name):
+        raise UsageError(f"--name {args.name!r} must be one folder name (no '/', not '.' or "
+                         f"'..'): it becomes the suffix of the run folder's name")
+    if 'gpu' in given and args.gpu >= 0 and args.device == 'auto' and not args.use_mps \
+            and not torch.cuda.is_available():
+        raise UsageError(f"--gpu {args.gpu}: CUDA is not available on this machine (--gpu -1 "
+                         f"or --device cpu runs on the CPU)")
+    if not (args.evaluate or args.attack or args.resume) and args.start_epoch >= args.epochs:
+        raise UsageError(f"--start-epoch {args.start_epoch} leaves no epoch to train: --epochs "
+                         f"is {args.epochs} (the run would stop at epoch {args.epochs})")
     if not args.momentum < 1:  # at 1 a step never forgets a gradient: the run drifts off
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
@@ -113,16 +128,27 @@ def check_args(args, given):
         check_global_batch(args.batch_size, launch_size())
 
 
+SEED_LIMIT = 2 ** 32
+
+
+def is_one_path_component(name):
+    """A run name makes LOGDIR/exp_<timestamp>_<name>: a separator would put the run
+    folder elsewhere (outside LOGDIR with '../'), or nest it where report.py does not look."""
+    separators = [os.sep] + ([os.altsep] if os.altsep else []) + ['/']
+    return name not in ('', '.', '..') and not any(sep in name for sep in separators) \
+        and '\0' not in name
+
+
 # the handout's learning rate, and the batch it belongs to
 HANDOUT_LR, HANDOUT_BATCH = 0.1, 256
 
 
 def settle_new_run(args, given):
-    """Fill in what a new training run's flags leave open: the model, its gradient
-    clipping (the ViT by default, a CNN only when --clip-grad is given), the learning
-    rate, the seed."""
-    args.arch = requested_arch(args) or registry_name(default_cnn_model, cnn_models,
-                                                      'default_cnn_model')
+    """Fill in what a new training run's flags leave open: the model (or the one a
+    checkpoint without a plan named: adopt_weights), its gradient clipping (the ViT by
+    default, a CNN only when --clip-grad is given), the learning rate, the seed."""
+    args.arch = requested_arch(args) or args.arch or \
+        registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
     if ARCHS[args.arch] != 'vit' and 'clip_grad' not in given:
         args.clip_grad = 0.0
     if 'lr' not in given:
@@ -148,7 +174,7 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
     """Resume continues the run's own plan: every PLAN flag comes from the checkpoint;
     one given on the command line with another value is refused, except a larger
     --epochs, which extends the run."""
-    saved = dict(ckpt.get('args') or {}, arch=ckpt.get('arch'))
+    saved = dict(checked_args(ckpt, path), arch=ckpt.get('arch'))
     requested = requested_arch(args)
     if requested is not None:
         args.arch = requested
@@ -235,17 +261,111 @@ def adopt_evaluation_plan(args, given, ckpt):
     """-e/-a: the checkpoint's architecture (the flags may only confirm it), its class
     count unless --num-classes is given, and its run's speed settings (its validation
     numbers). Returns where the class count comes from, for settle_num_classes."""
+    saved = checked_args(ckpt, args.resume)
     arch, requested = ckpt.get('arch'), requested_arch(args)
     if requested is not None and arch is not None and requested != arch:
         raise CheckpointError(f"'{args.resume}' holds a '{arch}' model, but the flags build "
                               f"'{requested}'")
-    args.arch = arch or requested or registry_name(default_cnn_model, cnn_models,
-                                                   'default_cnn_model')
+    args.arch = arch or requested or handout_arch(ckpt, args.resume) or \
+        registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
     check_arch(args.arch, args.resume)
-    saved = ckpt.get('args') or {}
-    args.num_classes = args.num_classes or saved.get('num_classes')
-    if args.num_classes is None:  # a foreign checkpoint: the classifier's size says it
-        args.num_classes = next(v.shape[0] for v in reversed(list(ckpt['state_dict'].values()))
-                                if v.ndim >= 1)
+    args.num_classes = args.num_classes or saved.get('num_classes') or \
+        classifier_size(ckpt['state_dict'])
     fill_speed_plan(args, saved, given)
     return '--num-classes' if 'num_classes' in given else 'the checkpoint'
+
+
+################################################################################
+# Checkpoints without this toolkit's plan: the handout's main.py, bare state dicts
+################################################################################
+# what exact resumption needs beyond the weights (the handout's main.py saves only
+# epoch, model_arch, state_dict, best_acc1 and optimizer)
+EXACT_RESUME = ('epoch', 'args', 'optimizer', 'scheduler')
+
+
+def missing_for_resume(ckpt):
+    return [key for key in EXACT_RESUME if ckpt.get(key) is None]
+
+
+def classifier_size(state_dict):
+    """The class count of a model's weights: the outputs of its last layer (None where no
+    tensor has a dimension: the labels then count the classes)."""
+    return next((v.shape[0] for v in reversed(list(state_dict.values()))
+                 if torch.is_tensor(v) and v.ndim >= 1), None)
+
+
+def handout_arch(ckpt, path):
+    """The --arch name of the handout's 'model_arch' ('vit': the default ViT; any other
+    that is an --arch name as it is), or None where the checkpoint names no model."""
+    name = ckpt.get('model_arch')
+    if name is None:
+        return None
+    if name == 'vit':
+        return registry_name(default_vit_model, vit_models, 'default_vit_model')
+    if name not in ARCHS:
+        raise CheckpointError(f"'{path}' names its model '{name}', which is no --arch name "
+                              f"({', '.join(sorted(ARCHS))}): say which it is with --arch")
+    return name
+
+
+def adopt_weights(args, given, ckpt, path):
+    """--resume of a checkpoint without what exact resumption needs (missing_for_resume):
+    a new run of the flags' plan that starts from its weights, its optimizer state and
+    its epoch where it has them (the learning rate fast-forwarded to that epoch, as with
+    --start-epoch), saying in one line what is missing. The model is --arch's, else the
+    checkpoint's model_arch; the class count its classifier's unless --num-classes is
+    given."""
+    checked_args(ckpt, path)
+    args.arch = requested_arch(args) or handout_arch(ckpt, path) or args.arch
+    settle_new_run(args, given)
+    check_arch(args.arch, path)
+    if 'num_classes' not in given:
+        args.num_classes = classifier_size(ckpt['state_dict'])
+    args.start_epoch = ckpt.get('epoch') or 0
+    if args.start_epoch >= args.epochs:
+        raise UsageError(f"'{path}' is at epoch {args.start_epoch}: --epochs {args.epochs} "
+                         f"leaves no epoch to train (give --epochs N, N > {args.start_epoch})")
+    kept = ['weights'] + (['optimizer state'] if ckpt.get('optimizer') is not None else [])
+    print(f"note: '{path}' has no {', '.join(missing_for_resume(ckpt))}, which exact "
+          f"resumption needs: a new run starts from its {' and '.join(kept)} at epoch "
+          f"{args.start_epoch}, with the flags' plan ({args.arch}, --epochs {args.epochs})")
+
+
+# the kind of value of each flag a checkpoint's 'args' may hold (None: any)
+ARG_KINDS = {**dict.fromkeys(('epochs', 'warmup', 'batch_size', 'num_classes', 'seed',
+                              'adv_steps', 'world_size', 'start_epoch', 'workers'), int),
+             **dict.fromkeys(('lr', 'weight_decay', 'momentum', 'clip_grad', 'adv_eps',
+                              'adv_ratio'), float),
+             **dict.fromkeys(('adv_train', 'amp', 'channels_last', 'data_cache', 'compile',
+                              'use_custom_conv'), bool),
+             **dict.fromkeys(('arch', 'name'), str)}
+KIND_WORDS = {int: 'a whole number >= 0', float: 'a finite number', bool: 'true or false',
+              str: 'a text'}
+
+
+def is_kind(value, kind):
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and value >= 0
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def checked_args(ckpt, path):
+    """The flags a checkpoint's run was trained with ({} where it has none), checked with
+    its epoch and arch: a damaged or hand-edited checkpoint is one line naming the entry,
+    not a TypeError deep in the resume."""
+    saved = ckpt.get('args')
+    if saved is not None and not isinstance(saved, dict):
+        raise CheckpointError(f"'{path}' is damaged: its 'args' is a {type(saved).__name__}, "
+                              f"not the flags of its run")
+    entries = [(f"args['{key}']", value, ARG_KINDS.get(key)) for key, value in
+               (saved or {}).items()]
+    entries += [("'epoch'", ckpt.get('epoch'), int), ("'arch'", ckpt.get('arch'), str)]
+    for name, value, kind in entries:
+        if value is not None and kind is not None and not is_kind(value, kind):
+            raise CheckpointError(f"'{path}' is damaged: its {name} is {value!r}, not "
+                                  f"{KIND_WORDS[kind]}")
+    return saved or {}

@@ -238,6 +238,26 @@ def test_same_image_with_two_labels_names_both_lines(tmp_path, capsys):
     assert capsys.readouterr().err == ""     # no warning printed before the error
 
 
+def test_one_image_spelled_two_ways_with_two_labels_names_both_lines(tmp_path, capsys):
+    """./a.png and a.png are one file: two labels for it are an error, as for one spelling."""
+    write_set(tmp_path, [("a.png", 1, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", 0, np.zeros((4, 4, 3), np.uint8))])
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write(".//a.png 0\n")
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=None)
+    assert "train.txt, lines 1 and 3" in msg and "a.png" in msg and "1 and 0" in msg
+
+
+def test_a_negative_label_says_the_class_range_of_the_file(tmp_path):
+    """Without a class count (main.py counts the classes itself) the range said is the
+    file's own: [0, largest label + 1), never [0, None)."""
+    write_set(tmp_path, [("a.png", 0, np.zeros((4, 4, 3), np.uint8)),
+                         ("b.png", -1, np.zeros((4, 4, 3), np.uint8)),
+                         ("c.png", 6, np.zeros((4, 4, 3), np.uint8))])
+    msg = one_line_error(MiniPlacesLoader, str(tmp_path), num_classes=None)
+    assert "train.txt, line 2: label -1 is outside [0, 7)" in msg and "None" not in msg
+
+
 class RandomNumbers(Dataset):
     """Each item is a draw from Python's `random`, as the random transforms make."""
 

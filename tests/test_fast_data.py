@@ -433,7 +433,8 @@ def test_cache_refusals_are_one_line(data_copy, monkeypatch):
 
     # not enough disk space
     monkeypatch.setattr(data_cache.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(1, 0, 1))
-    with pytest.raises(DatasetError, match=r'needs 0\.00 GB .* 0\.00 GB free') as info:
+    with pytest.raises(DatasetError, match=r'needs 65\.2 MB \(1\.2 MB of images \+ '
+                                           r'64\.0 MB kept free .* 0\.0 MB free') as info:
         data_cache.load_or_build_cache(data_copy, 'train')
     assert '\n' not in str(info.value) and '--no-data-cache' in str(info.value)
     monkeypatch.undo()

@@ -293,6 +293,35 @@ def test_non_finite_floats_and_a_bad_momentum_are_refused_before_any_folder(
     assert not logs.exists() or not os.listdir(logs)
 
 
+@pytest.mark.parametrize('flags, words', [
+    (['--seed', '99999999999999999999'], '--seed must be in [0, 2**32)'),
+    (['--seed', '-1'], '--seed must be in [0, 2**32)'),
+    (['--name', '../../x'], "--name '../../x' must be one folder name"),
+    (['--name', 'a/b'], "--name 'a/b' must be one folder name"),
+    (['--name', '..'], "--name '..' must be one folder name"),
+    (['--start-epoch', '5'], '--start-epoch 5 leaves no epoch to train'),
+    (['--start-epoch', '3'], '--start-epoch 3 leaves no epoch to train'),
+])
+def test_a_seed_name_or_start_epoch_that_cannot_work_is_refused_before_any_folder(
+        demo, tmp_path, capsys, flags, words):
+    """A huge seed overflowed torch.manual_seed with a traceback; a name with '/' put the
+    run folder outside --log-dir or nested in it; a start epoch at or past --epochs
+    trained nothing and said 'finished'."""
+    logs = tmp_path / 'logs'
+    expect_error([demo, '--log-dir', str(logs), '--epochs', '3'] + FAST + flags, capsys, words)
+    assert not logs.exists() and not (tmp_path / 'x').exists()
+
+
+def test_gpu_on_a_machine_without_cuda_is_refused_like_device_cuda(demo, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    logs = tmp_path / 'logs'
+    on_auto = [a for a in FAST if a not in ('--device', 'cpu')] + ['--device', 'auto']
+    expect_error([demo, '--log-dir', str(logs), '--epochs', '3', '--gpu', '3'] + on_auto,
+                 capsys, '--gpu 3', 'CUDA is not available')
+    assert not logs.exists()
+
+
 @pytest.mark.slow
 def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
     logs = str(tmp_path / 'logs')
@@ -308,6 +337,75 @@ def test_bad_checkpoints(demo, trained_run, tmp_path, capsys):
                  'truncated.pth.tar')
     # the run folder of the first run was left intact by all of this
     assert torch.load(ckpt, weights_only=True)['epoch'] == 2
+
+
+def handout_files(run, folder):
+    """The checkpoint of a run as the handout's main.py saves one (epoch, model_arch,
+    state_dict, a tensor best_acc1, optimizer), and its bare weights."""
+    ckpt = torch.load(checkpoint_of(run), weights_only=True)
+    handout, bare = os.path.join(folder, 'handout.pth.tar'), os.path.join(folder, 'bare.pth')
+    torch.save({'epoch': ckpt['epoch'], 'model_arch': 'simplenet',
+                'state_dict': ckpt['state_dict'], 'best_acc1': torch.tensor(ckpt['best_acc1']),
+                'optimizer': ckpt['optimizer']}, handout)
+    torch.save(ckpt['state_dict'], bare)
+    return handout, bare
+
+
+def evaluated_top1(argv, capsys, logs):
+    code, out, err = run_main(argv + ['--log-dir', logs, '-j', '0'], capsys)
+    assert code == 0, err
+    runs = sorted(os.listdir(logs))
+    with open(os.path.join(logs, runs[-1], 'summary.json')) as f:
+        return json.load(f)['evaluation']['top1']
+
+
+def test_a_handout_checkpoint_and_bare_weights_are_evaluated_attacked_and_resumed(
+        demo, trained_run, tmp_path, capsys):
+    handout, bare = handout_files(trained_run, str(tmp_path))
+    logs = str(tmp_path / 'logs')
+    # -e: the same figure as the toolkit's own checkpoint of those weights
+    ours = evaluated_top1([demo, '-e', '--resume', checkpoint_of(trained_run)], capsys, logs)
+    assert evaluated_top1([demo, '-e', '--resume', handout], capsys, logs) == ours
+    assert evaluated_top1([demo, '-e', '--resume', bare, '--arch', 'simplenet'], capsys,
+                          logs) == ours
+    code, out, err = run_main([demo, '-a', '--resume', handout, '--attack-steps', '1', '-j',
+                               '0', '--log-dir', logs], capsys)
+    assert code == 0 and 'attack success rate' in out, err
+    # --resume: what is missing said in one line; a new run from the weights and epoch
+    for path, extra, missing, epochs in ((handout, [], 'has no args, scheduler', [3]),
+                                         (bare, ['--arch', 'simplenet'],
+                                          'has no epoch, args, optimizer, scheduler', [1, 2, 3])):
+        train_logs = str(tmp_path / ('logs_' + os.path.basename(path)))
+        code, out, err = run_main([demo, '--resume', path, '--log-dir', train_logs,
+                                   '--epochs', '3'] + FAST + extra, capsys)
+        assert code == 0, err
+        (note,) = [line for line in out.splitlines() if 'exact resumption needs' in line]
+        assert missing in note and 'a new run starts from its weights' in note
+        summary = json.load(open(os.path.join(only_run(train_logs), 'summary.json')))
+        assert [e['epoch'] for e in summary['epochs']] == epochs
+        assert summary['args']['arch'] == 'simplenet'
+    # a handout checkpoint at or past --epochs has nothing to train
+    expect_error([demo, '--resume', handout, '--log-dir', logs, '--epochs', '2'] + FAST,
+                 capsys, "'" + handout + "' is at epoch 2", 'no epoch to train')
+
+
+@pytest.mark.parametrize('damage, words', [
+    (dict(args=['epochs', 3]), "its 'args' is a list"),
+    (dict(args='epochs=3'), "its 'args' is a str"),
+    (dict(args={'epochs': 'ten'}), "its args['epochs'] is 'ten', not a whole number"),
+    (dict(args={'lr': None, 'amp': 'yes'}), "its args['amp'] is 'yes', not true or false"),
+    (dict(epoch=-2), "its 'epoch' is -2"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_entry(demo, trained_run, tmp_path,
+                                                           capsys, damage, words):
+    ckpt = torch.load(checkpoint_of(trained_run), weights_only=True)
+    if isinstance(damage.get('args'), dict):
+        damage = dict(args=dict(ckpt['args'], **damage['args']))
+    path = str(tmp_path / 'damaged.pth.tar')
+    torch.save(dict(ckpt, **damage), path)
+    for mode in (['-e'], ['-a'], ['--epochs', '4']):
+        expect_error([demo, '--resume', path, '-j', '0', '--log-dir', str(tmp_path / 'logs')]
+                     + mode, capsys, 'damaged.pth.tar', 'is damaged', words)
 
 
 @pytest.mark.slow

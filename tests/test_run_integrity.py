@@ -258,6 +258,59 @@ def test_unusable_log_dir_and_a_full_disk_give_one_line(demo, stopped_run, tmp_p
     assert torch.load(checkpoint_of(run), weights_only=True)['epoch'] == 1
 
 
+class FillsUp(object):
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_a_disk_that_fills_up_during_a_save_says_no_space_left(demo, stopped_run, tmp_path,
+                                                              capsys, monkeypatch):
+    """torch.save itself reports the failed write as "unexpected pos N vs M"."""
+    run = copy_run(stopped_run[1], tmp_path)
+    before = file_bytes(run)
+    real_save = torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, f, *a, **k:
+                        real_save(obj, FillsUp(f, 4096), *a, **k))
+    line = expect_error([demo, '--resume', checkpoint_of(run), '-j', '0'], capsys,
+                        '.pth.tar (No space left on device)', 'intact')
+    assert 'unexpected pos' not in line
+    monkeypatch.undo()
+    after = file_bytes(run)
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        assert after[name] == before[name]
+
+
+@pytest.mark.parametrize('content, words', [
+    (b'', 'the file is empty'),
+    (b'epoch 3, best 41.2 %\n', 'it is not a file that torch.save wrote'),
+    (None, 'the zip archive that torch.save writes is damaged or cut short'),
+])
+def test_an_unreadable_checkpoint_is_named_and_said_in_words(demo, trained_run, tmp_path,
+                                                             capsys, content, words):
+    """torch.load's own errors said "EOFError" (an empty file), "101" (text) or a miniz
+    error about a central directory (a cut archive)."""
+    path = tmp_path / 'bad.pth.tar'
+    if content is None:
+        content = open(checkpoint_of(trained_run), 'rb').read()[:3000]
+    path.write_bytes(content)
+    for mode in (['-e'], []):
+        line = expect_error([demo, '--resume', str(path), '-j', '0', '--log-dir',
+                             str(tmp_path / 'logs')] + mode, capsys,
+                            f"cannot read checkpoint '{path}': {words}")
+        assert 'EOFError' not in line and "'101'" not in line and 'miniz' not in line
+
+
 class NotAllowed(object):
     pass
 
@@ -387,7 +440,8 @@ def test_run_files_get_the_mode_the_umask_allows(demo, tmp_path, capsys, umask):
 
 @pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(demo, tmp_path):
-    """What a cloud VM sends before preemption: exit 130, the real path to resume."""
+    """What a cloud VM sends before preemption: exit 143 (128 + SIGTERM, as a shell
+    reports it; Ctrl-C's is 130), the real path to resume."""
     logs = str(tmp_path / 'logs')
     proc = subprocess.Popen([sys.executable, 'main.py'] + train_args(demo, logs, epochs=50),
                             cwd=CODE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -400,7 +454,7 @@ def test_sigterm_stops_like_ctrl_c_and_names_the_checkpoint(demo, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     run = only_run(logs)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err
     assert 'Traceback' not in err and checkpoint_of(run) in err
     assert summary_of(run)['status'] == 'interrupted'
     torch.load(checkpoint_of(run), weights_only=True)  # loadable

@@ -170,6 +170,63 @@ def test_transforms_the_cache_cannot_fuse_are_named_at_start(demo, tmp_path, cap
     assert summary_args(run)['data_cache'] is False
 
 
+def nearly_full_disk(monkeypatch, free=7_800_000):
+    """A disk with `free` bytes left, as data_cache sees it."""
+    import shutil
+    import data_cache
+    monkeypatch.setattr(data_cache.shutil, 'disk_usage',
+                        lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free))
+
+
+def test_an_auto_cache_that_does_not_fit_on_the_disk_falls_back_to_the_per_image_path(
+        demo, tmp_path, capsys, monkeypatch):
+    import shutil
+    data = str(tmp_path / 'data')
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns('cache'))
+    nearly_full_disk(monkeypatch)
+    run, out = train(data, tmp_path / 'auto', capsys, epochs=1)  # the cache left to auto
+    (note,) = [line for line in out.splitlines()
+               if line.startswith('note: the data cache of')]
+    assert note.endswith('this run uses the per-image path') and '7.8 MB free' in note, out
+    # the start line gives the real reason, not the auto one
+    (line,) = [line for line in out.splitlines() if line.startswith('=> speed:')]
+    assert 'data-cache off (the data cache of val and train needs' in line, line
+    assert summary_args(run)['data_cache'] is False
+    assert not os.path.exists(os.path.join(data, 'cache'))
+
+
+def test_the_start_line_of_a_read_only_folder_gives_the_real_reason(demo, tmp_path, capsys,
+                                                                   monkeypatch):
+    """(A folder this process cannot write, as data_cache sees it: root writes anyway.)"""
+    import shutil
+    import data_cache
+    data = str(tmp_path / 'data')
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns('cache'))
+    monkeypatch.setattr(data_cache, 'cache_writable', lambda folder: False)
+    run, out = train(data, tmp_path / 'logs', capsys, epochs=1)
+    (line,) = [line for line in out.splitlines() if line.startswith('=> speed:')]
+    assert f'data-cache off ({data} is read-only and holds no cache of val)' in line, line
+
+
+def test_a_cache_asked_for_that_does_not_fit_is_refused_with_figures_that_add_up(
+        demo, tmp_path, capsys, monkeypatch):
+    import re
+    import shutil
+    data = str(tmp_path / 'data')
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns('cache'))
+    nearly_full_disk(monkeypatch)
+    logs = tmp_path / 'logs'
+    line = expect_error([data, '--log-dir', str(logs), '--epochs', '2', '--data-cache']
+                        + FAST, capsys, '--data-cache', '--no-data-cache')
+    # 36 images of 128 x 128 x 3 bytes, plus the margin kept free, against 7.8 MB
+    needs, images, margin, free = map(float, re.search(
+        r'needs ([\d.]+) MB \(([\d.]+) MB of images \+ ([\d.]+) MB kept free.*has '
+        r'([\d.]+) MB free', line).groups())
+    assert images == round(36 * 128 * 128 * 3 / 1e6, 1) and needs == images + margin
+    assert free == 7.8 and needs > free
+    assert not logs.exists()
+
+
 # ------------------------------------------------------------------ bad input, resume
 def test_bad_speed_combinations_give_one_line(demo, tmp_path, capsys):
     run, _ = train(demo, tmp_path / 'logs', capsys, '--data-cache', '--no-amp',

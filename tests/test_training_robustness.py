@@ -130,6 +130,50 @@ def test_a_checkpoint_with_fewer_outputs_than_labels_is_refused(demo, trained_ru
                  'the checkpoint gives 4 classes', 'val.txt has label 5')
 
 
+def run_under_memory_limit(argv, limit_gb=4):
+    """main.py in a subprocess whose address space is capped: a class count that is
+    allocated (it grew to 23 GB before) fails there, not on the machine running the suite."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import CODE
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_gb << 30, limit_gb << 30))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, 'main.py'] + argv, cwd=CODE, preexec_fn=cap,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('label', ['99999999999999999999999', '50000000'])
+def test_a_typo_in_a_label_is_named_before_the_class_count_is_allocated(demo, tmp_path,
+                                                                      label):
+    data = with_labels(demo, tmp_path / 'typo', lambda y: y)
+    lines = open(os.path.join(data, 'train.txt')).read().split('\n')
+    path = lines[6].rsplit(None, 1)[0]
+    lines[6] = f'{path} {label}'
+    with open(os.path.join(data, 'train.txt'), 'w') as f:
+        f.write('\n'.join(lines))
+    logs = tmp_path / 'logs'
+    proc = run_under_memory_limit([data, '--log-dir', str(logs), '--epochs', '2', '--no-amp']
+                                  + AUTO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert f'train.txt, line 7: label {label} is far beyond' in proc.stderr
+    assert '24 train images: at most 1000 classes' in proc.stderr
+    assert not logs.exists()
+
+
+def test_a_num_classes_beyond_the_data_is_refused_before_the_model_is_built(demo, tmp_path):
+    logs = tmp_path / 'logs'
+    proc = run_under_memory_limit([demo, '--log-dir', str(logs), '--epochs', '2', '--no-amp',
+                                   '--num-classes', '100000000'] + AUTO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert '--num-classes 100000000 is more than the data can support' in proc.stderr
+    assert not logs.exists()
+
+
 # ------------------------------------------------------------------ real images
 @pytest.mark.slow
 def test_the_default_cnn_learns_real_images_in_a_few_cpu_epochs(real600, tmp_path,
