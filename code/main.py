@@ -53,7 +53,7 @@ from loaders import (build_loaders, load_datasets, seed_epoch, seed_everything, 
 from networks import (ARCHS, build_model, build_optimizer, load_model_state,  # noqa: E402
                       to_device)
 from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, adopt_weights,  # noqa: E402
-                      check_args, ends_the_run, finished_cleanly, given_flags,
+                      check_args, ends_the_run, finished_cleanly, freeze, given_flags,
                       missing_for_resume, print_extension, refuse_unresumable,
                       settle_new_run)
 from speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
@@ -229,7 +229,11 @@ def sigterm_as_interrupt(signum, frame):
 def train(args, given, ckpt, device, hold):
     """A new run, or the continuation of --resume's run; returns its summary. `hold`
     keeps the run folder's lock until main() returns."""
-    # this toolkit's checkpoint (its best model is refused below), or one without its plan
+    # The run's plan, resolved once, in this order, then frozen: the flags (or the
+    # checkpoint's plan) -> the class count the data settles -> the device's speed
+    # settings -> whether the cache can serve. Nothing after freeze() changes it.
+    # exact: this toolkit's checkpoint (its best model is refused below); else the
+    # handout's checkpoint or bare weights, which lack the plan
     exact = ckpt is not None and (ckpt.get('kind') == 'best' or not missing_for_resume(ckpt))
     planned = None
     if exact:
@@ -244,6 +248,8 @@ def train(args, given, ckpt, device, hold):
                        'the checkpoint' if ckpt else '--num-classes')
     auto = resolve_speed_settings(args, device)
     cache_fallback = settle_data_cache(args, with_train=True, auto=auto)
+    args = freeze(args)
+
     train_loader, val_loader = build_loaders(args, device, train_set, val_set)
     print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
 
@@ -542,11 +548,13 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     into the summary of the training run the checkpoint comes from. The result names the
     checkpoint's epoch and the fingerprint of the file read (ckpt_file), so that a file
     rewritten since (model_best of a run still training) shows the result as stale."""
+    # the plan, resolved in train()'s order, then frozen
     source = adopt_evaluation_plan(args, given, ckpt)
     _, val_set = load_datasets(args, train=False)  # first: checks the data
     settle_num_classes(args, {'val': val_set}, source)
     auto = resolve_speed_settings(args, device)
     cache_fallback = settle_data_cache(args, with_train=False, auto=auto)
+    args = freeze(args)
     _, val_loader = build_loaders(args, device, None, val_set)
     print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
     model = build_model(args, from_checkpoint=True)

@@ -369,3 +369,27 @@ def checked_args(ckpt, path):
             raise CheckpointError(f"'{path}' is damaged: its {name} is {value!r}, not "
                                   f"{KIND_WORDS[kind]}")
     return saved or {}
+
+
+class RunPlan(argparse.Namespace):
+    """A run's configuration once it is resolved: every flag as parsed, and what the
+    checkpoint, the data and the device settled (architecture, lr, seed, class count,
+    speed settings and amp dtype, the cache, the world size). Read-only: every function
+    after main.py's resolution reads it, none may change it. vars() gives what the
+    checkpoint and summary.json store as the run's args."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the run plan is resolved and read-only: '{name}' cannot be "
+                             f"changed after run_plan.freeze (settle it before)")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+
+def freeze(args):
+    """The resolved flags as a RunPlan (a copy: args itself stays as it was)."""
+    plan = RunPlan()
+    for key, value in vars(args).items():
+        object.__setattr__(plan, key, value)
+    return plan
+
