@@ -168,9 +168,8 @@ def max_weight_difference(run_a, run_b):
     """The largest absolute difference between the final learned weights of two runs.
     BatchNorm's running statistics are left out: without --sync-bn each process keeps
     those of its own share of the batch, so they differ by design."""
-    import torch
-    a, b = (torch.load(rr.checkpoint_path(run), map_location='cpu',
-                       weights_only=True)['state_dict'] for run in (run_a, run_b))
+    from run_folder import load_checkpoint
+    a, b = (load_checkpoint(rr.checkpoint_path(run)).state_dict for run in (run_a, run_b))
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a
                if not k.endswith(BN_STATISTICS))
 

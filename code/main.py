@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
 import student_code  # noqa: E402
+import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import run_folder  # noqa: E402
 import run_record as rr  # noqa: E402
@@ -54,7 +55,7 @@ from networks import (ARCHS, build_model, build_optimizer, load_model_state,  # 
                       to_device)
 from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, adopt_weights,  # noqa: E402
                       check_args, ends_the_run, finished_cleanly, freeze, given_flags,
-                      missing_for_resume, print_extension, refuse_unresumable,
+                      print_extension, refuse_unresumable,
                       settle_new_run)
 from speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
                    resolve_speed_settings, speed_line)
@@ -234,7 +235,7 @@ def train(args, given, ckpt, device, hold):
     # settings -> whether the cache can serve. Nothing after freeze() changes it.
     # exact: this toolkit's checkpoint (its best model is refused below); else the
     # handout's checkpoint or bare weights, which lack the plan
-    exact = ckpt is not None and (ckpt.get('kind') == 'best' or not missing_for_resume(ckpt))
+    exact = ckpt is not None and (ckpt.kind == 'best' or not ckpt.missing_for_resume())
     planned = None
     if exact:
         planned = adopt_checkpoint_plan(args, given, ckpt, args.resume)
@@ -266,9 +267,9 @@ def train(args, given, ckpt, device, hold):
                       torch.amp.GradScaler(device.type) if args.amp_dtype == 'float16' else None)
 
     run_dir = run_folder.open_run_folder(args, ckpt if exact else None, hold)
-    summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
-                             student_code.count_params(model), device, n_iters, args.epochs,
-                             world().size, world().backend)
+    summary = rr.new_summary(run_dir, args, num_params=student_code.count_params(model),
+                             device=device, iters_per_epoch=n_iters, epochs_planned=args.epochs,
+                             world_size=world().size, dist_backend=world().backend)
     start_epoch, best = args.start_epoch, {'epoch': None, 'acc1': None, 'weights': None}
     if ckpt is not None and not exact:
         restore_weights(learner, ckpt, args)
@@ -280,7 +281,7 @@ def train(args, given, ckpt, device, hold):
             run_folder.write_summary(run_dir, summary)
             print(f'=> the run had finished its {planned} epochs; its files are consistent now')
             return summary
-        start_epoch = ckpt['epoch']
+        start_epoch = ckpt.epoch
         print_extension(args, planned, start_epoch, n_iters)
 
     processes = f' x {world().size} processes ({world().backend})' if world().size > 1 else ''
@@ -306,37 +307,37 @@ def train(args, given, ckpt, device, hold):
 
 def restore_training_state(learner, ckpt, args):
     """Weights, optimizer, schedule and loss scale as the checkpoint left them."""
-    load_model_state(learner.model, ckpt['state_dict'], args.resume, args.arch)
-    learner.optimizer.load_state_dict(ckpt['optimizer'])
-    learner.scheduler.load_state_dict(ckpt['scheduler'])
-    if learner.scaler is not None and ckpt.get('scaler'):  # fp16: the scale it had reached
-        learner.scaler.load_state_dict(ckpt['scaler'])
+    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch)
+    learner.optimizer.load_state_dict(ckpt.optimizer)
+    learner.scheduler.load_state_dict(ckpt.scheduler)
+    if learner.scaler is not None and ckpt.scaler:  # fp16: the scale it had reached
+        learner.scaler.load_state_dict(ckpt.scaler)
     # the lr of the schedule's closed form at this iteration: it differs from the saved
     # one when --epochs extends the run
     scheduler = learner.scheduler
     for group, base_lr, factor in zip(learner.optimizer.param_groups, scheduler.base_lrs,
                                       scheduler.lr_lambdas):
         group['lr'] = base_lr * factor(scheduler.last_epoch)
-    saved_world = (ckpt.get('args') or {}).get('world_size', 1)
+    saved_world = ckpt.plan.get('world_size', 1)
     if saved_world != world().size:
         print(f'note: the run was trained by {saved_world} process(es), now by '
               f'{world().size}: the global batches are the same, but BatchNorm statistics '
               f'are per process, so the rest will not equal an uninterrupted run exactly')
-    print(f"=> resumed '{args.resume}' at epoch {ckpt['epoch']} (best Acc@1 "
-          f"{ckpt['best_acc1']:.2f})")
+    print(f"=> resumed '{args.resume}' at epoch {ckpt.epoch} (best Acc@1 "
+          f"{ckpt.best_acc1:.2f})")
 
 
 def restore_weights(learner, ckpt, args):
     """The weights of a checkpoint without a plan (run_plan.adopt_weights), and its
     optimizer state where it has one that fits the model; the optimizer keeps the flags'
     hyperparameters and the schedule's learning rate at the start epoch."""
-    load_model_state(learner.model, ckpt['state_dict'], args.resume, args.arch)
-    if ckpt.get('optimizer') is None:
+    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch)
+    if ckpt.optimizer is None:
         return
     optimizer = learner.optimizer
     ours = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError, TypeError) as exc:
         print(f"note: the optimizer state of '{args.resume}' does not fit ({one_line(exc)}); "
               f"the optimizer starts afresh")
@@ -376,7 +377,7 @@ def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary
         print(f"[Training]: Epoch {epoch + 1:d} finished with lr={stats['lr']:f} | "
               f"{stats['images_per_s']:.1f} images/s | {stats['epoch_time_s']:.1f} s | "
               f"peak memory {stats['peak_memory_mb']:.0f} MB")
-        bad = run_folder.first_non_finite(model.state_dict())
+        bad = checkpoint.first_non_finite(model.state_dict())
         if bad is not None:
             raise DivergedError(diverged_message(f"'{bad}' holds NaN or inf after epoch "
                                                  f"{epoch + 1}", args))
@@ -558,15 +559,15 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     _, val_loader = build_loaders(args, device, None, val_set)
     print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
     model = build_model(args, from_checkpoint=True)
-    load_model_state(model, ckpt['state_dict'], args.resume, args.arch)
+    load_model_state(model, ckpt.state_dict, args.resume, args.arch)
     model, criterion = to_device(model, args, device), nn.CrossEntropyLoss()
 
     mode = 'attack' if args.attack else 'eval'
     run_dir = run_folder.make_run_dir(args.log_dir, args.name or mode) if is_main() else None
     writer = SummaryWriter(run_dir) if is_main() else distributed.NoWriter()
-    summary = rr.new_summary(run_dir, args.name, vars(args), args.arch,
-                             student_code.count_params(model), device, 0, 0,
-                             world().size, world().backend)
+    summary = rr.new_summary(run_dir, args, num_params=student_code.count_params(model),
+                             device=device, iters_per_epoch=0, epochs_planned=0,
+                             world_size=world().size, dist_backend=world().backend)
     print(f"=> {mode} of '{args.resume}' ({args.arch}) on {device}; logs in {run_dir}")
     start = time.time()
     if args.evaluate:
@@ -580,7 +581,7 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
         result = attack_validate(val_loader, model, build_attacker(criterion, args), args,
                                  device, writer)
     writer.close()
-    result = dict(checkpoint=os.path.abspath(args.resume), epoch=ckpt.get('epoch'),
+    result = dict(checkpoint=os.path.abspath(args.resume), epoch=ckpt.epoch,
                   file=ckpt_file, **result)
     summary.update({key: result, 'wall_time_s': time.time() - start})
     run_folder.write_summary(run_dir, summary)

@@ -20,9 +20,11 @@ import socket
 
 import torch
 
+import checkpoint
 import distributed
 import run_record as rr
 import safe_files
+from checkpoint import Checkpoint
 from distributed import is_main
 from safe_files import FileLock
 from utils import CheckpointError, RunFolderError
@@ -240,20 +242,21 @@ def print_closed(closed):
 ################################################################################
 # Checkpoint files
 ################################################################################
-def save_checkpoint(state, run_dir):
+def save_checkpoint(ckpt, run_dir):
     """RUN/models/checkpoint.pth.tar: the commit point of an epoch (see commit_epoch)."""
     _atomic_write(rr.checkpoint_path(run_dir),
-                  lambda f: torch.save(state, f), binary=True)
+                  lambda f: torch.save(checkpoint.to_file(ckpt), f), binary=True)
 
 
-def save_best_model(state, run_dir):
+def save_best_model(ckpt, run_dir):
     """RUN/models/model_best.pth.tar: the best epoch's weights, for -e and -a."""
     _atomic_write(rr.checkpoint_path(run_dir, rr.BEST),
-                  lambda f: torch.save(state, f), binary=True)
+                  lambda f: torch.save(checkpoint.to_file(ckpt), f), binary=True)
 
 
 def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only) onto the CPU, or explain in one line."""
+    """Load a checkpoint.Checkpoint safely (weights_only) onto the CPU, or explain in one
+    line."""
     return read_checkpoint(path)[0]
 
 
@@ -264,7 +267,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"no checkpoint found at '{path}'")
     try:
         with open(path, 'rb') as f:
-            ckpt = torch.load(f, map_location='cpu', weights_only=True)
+            raw = torch.load(f, map_location='cpu', weights_only=True)
             fingerprint = file_fingerprint(f)
     except pickle.UnpicklingError:
         # weights_only refused a Python object: loading it could run arbitrary code
@@ -275,17 +278,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"cannot read checkpoint '{path}': {exc.strerror or exc}")
     except Exception:  # truncated zip, garbage, not a torch file ...
         raise CheckpointError(f"cannot read checkpoint '{path}': {unreadable_reason(path)}")
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        ckpt = {'state_dict': ckpt}  # bare weights: torch.save(model.state_dict(), path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict):
-        raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
-    bad = non_finite_part(ckpt)
-    if bad is not None:
-        what, key = bad
-        raise CheckpointError(f"'{path}' holds non-finite {what} (NaN or inf) in '{key}': "
-                              f"the run diverged before it was saved; use an earlier "
-                              f"checkpoint or train again with a lower --lr")
-    return ckpt, fingerprint
+    return checkpoint.from_file(raw, path), fingerprint
 
 
 def file_fingerprint(f):
@@ -333,38 +326,6 @@ def unreadable_reason(path):
     return f'it is not a file that torch.save wrote ({size} bytes, starting with {head!r})'
 
 
-# the parts of a checkpoint that a resumed run trains on or writes out again (the best
-# weights become model_best.pth.tar), with their names in messages
-CHECKED_PARTS = (('state_dict', 'weights'), ('best_state_dict', 'best weights'),
-                 ('optimizer', 'optimizer state'))
-
-
-def non_finite_part(ckpt):
-    """(what, key) of the first tensor holding NaN or inf in the checkpoint's weights, best
-    weights or optimizer state (momentum buffers, Adam's moments), or None. Checked before
-    anything is written from the checkpoint: a NaN there would reach model_best.pth.tar."""
-    for part, what in CHECKED_PARTS:
-        tensors = ckpt.get(part)
-        if part == 'optimizer' and isinstance(tensors, dict):
-            # {'state': {parameter index: {'momentum_buffer': tensor, ...}}, 'param_groups': ..}
-            tensors = {f'state.{index}.{name}': value
-                       for index, state in (tensors.get('state') or {}).items()
-                       if isinstance(state, dict) for name, value in state.items()}
-        key = first_non_finite(tensors) if isinstance(tensors, dict) else None
-        if key is not None:
-            return what, key
-    return None
-
-
-def first_non_finite(state_dict):
-    """Name of the first floating-point tensor of a state dict holding NaN or inf, or None."""
-    for key, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and \
-                not torch.isfinite(value).all():
-            return key
-    return None
-
-
 def run_dir_of_checkpoint(path):
     """RUN for RUN/models/checkpoint.pth.tar when RUN is the run folder it was
     written in (it has a summary.json, or a checkpoint file inside `models/`)."""
@@ -405,13 +366,6 @@ def open_run_folder(args, ckpt, hold):
     return run_dir
 
 
-def best_model_of(ckpt):
-    """The contents of model_best.pth.tar, derived from a checkpoint."""
-    weights = ckpt.get('best_state_dict') or ckpt['state_dict']
-    return {'kind': 'best', 'epoch': ckpt['best_epoch'], 'arch': ckpt['arch'],
-            'state_dict': weights, 'best_acc1': ckpt['best_acc1'], 'args': ckpt['args']}
-
-
 def commit_epoch(run_dir, args, learner, summary, record, best):
     """Save one finished epoch: the checkpoint first (the commit point), then the files
     derived from it. `best` is {'epoch', 'acc1', 'weights'}; updated in place, as is
@@ -424,18 +378,18 @@ def commit_epoch(run_dir, args, learner, summary, record, best):
     if run_dir is None:
         return
     scaler = learner.scaler
-    ckpt = {'schema': rr.SCHEMA_VERSION, 'epoch': record['epoch'], 'arch': args.arch,
-            'state_dict': learner.model.state_dict(),
-            'optimizer': learner.optimizer.state_dict(),
-            'scheduler': learner.scheduler.state_dict(), 'best_acc1': best['acc1'],
-            'best_epoch': best['epoch'], 'best_state_dict': best['weights'],
-            'history': history, 'wall_time_s': summary['wall_time_s'], 'args': vars(args),
-            'scaler': scaler.state_dict() if scaler is not None else None}
+    ckpt = Checkpoint(schema=rr.SCHEMA_VERSION, epoch=record['epoch'], arch=args.arch,
+                      state_dict=learner.model.state_dict(),
+                      optimizer=learner.optimizer.state_dict(),
+                      scheduler=learner.scheduler.state_dict(), best_acc1=best['acc1'],
+                      best_epoch=best['epoch'], best_state_dict=best['weights'],
+                      history=history, wall_time_s=summary['wall_time_s'], args=vars(args),
+                      scaler=scaler.state_dict() if scaler is not None else None)
     save_checkpoint(ckpt, run_dir)
     if is_best:
-        save_best_model(best_model_of(ckpt), run_dir)
+        save_best_model(ckpt.best_model(), run_dir)
         # kept for the checkpoints of later epochs, until a better one comes
-        best['weights'] = {k: v.detach().cpu().clone() for k, v in ckpt['state_dict'].items()}
+        best['weights'] = {k: v.detach().cpu().clone() for k, v in ckpt.state_dict.items()}
     write_summary(run_dir, summary)
 
 
@@ -443,10 +397,9 @@ def restore_run_files(ckpt, path, run_dir, summary, best):
     """A run resumed in its own folder: its history, best model and summary come from the
     checkpoint (model_best and summary.json may lag behind it after a kill, and are
     rewritten from it)."""
-    if run_dir_of_checkpoint(path) != run_dir or 'history' not in ckpt:
+    if run_dir_of_checkpoint(path) != run_dir or ckpt.history is None:
         return
-    best.update(epoch=ckpt['best_epoch'], acc1=ckpt['best_acc1'],
-                weights=ckpt.get('best_state_dict'))
-    summary.update(epochs=ckpt['history'], best_epoch=best['epoch'], best_acc1=best['acc1'],
-                   wall_time_s=ckpt.get('wall_time_s', 0.0))
-    save_best_model(best_model_of(ckpt), run_dir)
+    best.update(epoch=ckpt.best_epoch, acc1=ckpt.best_acc1, weights=ckpt.best_state_dict)
+    summary.update(epochs=ckpt.history, best_epoch=best['epoch'], best_acc1=best['acc1'],
+                   wall_time_s=ckpt.wall_time_s)
+    save_best_model(ckpt.best_model(), run_dir)

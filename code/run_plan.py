@@ -174,7 +174,7 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
     """Resume continues the run's own plan: every PLAN flag comes from the checkpoint;
     one given on the command line with another value is refused, except a larger
     --epochs, which extends the run."""
-    saved = dict(checked_args(ckpt, path), arch=ckpt.get('arch'))
+    saved = dict(ckpt.plan, arch=ckpt.arch)
     requested = requested_arch(args)
     if requested is not None:
         args.arch = requested
@@ -213,7 +213,7 @@ def adopt_checkpoint_plan(args, given, ckpt, path):
 
 def refuse_unresumable(ckpt, path, planned, run_finished):
     """Training continues from checkpoint.pth.tar of an unfinished run only."""
-    if ckpt.get('kind') == 'best' or os.path.basename(path) == rr.BEST:
+    if ckpt.kind == 'best' or os.path.basename(path) == rr.BEST:
         raise UsageError(f"'{path}' is the best model of its run, not a point to continue "
                          f"training from: evaluate it with -e, attack it with -a, or continue "
                          f"the run from its {rr.CHECKPOINT}")
@@ -225,7 +225,7 @@ def refuse_unresumable(ckpt, path, planned, run_finished):
 
 def ends_the_run(args, ckpt, planned):
     """The checkpoint holds the run's last epoch, and --epochs does not extend it."""
-    return ckpt['epoch'] >= planned and args.epochs == planned
+    return ckpt.epoch >= planned and args.epochs == planned
 
 
 def finished_cleanly(args, ckpt, planned):
@@ -261,8 +261,8 @@ def adopt_evaluation_plan(args, given, ckpt):
     """-e/-a: the checkpoint's architecture (the flags may only confirm it), its class
     count unless --num-classes is given, and its run's speed settings (its validation
     numbers). Returns where the class count comes from, for settle_num_classes."""
-    saved = checked_args(ckpt, args.resume)
-    arch, requested = ckpt.get('arch'), requested_arch(args)
+    saved = ckpt.plan
+    arch, requested = ckpt.arch, requested_arch(args)
     if requested is not None and arch is not None and requested != arch:
         raise CheckpointError(f"'{args.resume}' holds a '{arch}' model, but the flags build "
                               f"'{requested}'")
@@ -270,7 +270,7 @@ def adopt_evaluation_plan(args, given, ckpt):
         registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
     check_arch(args.arch, args.resume)
     args.num_classes = args.num_classes or saved.get('num_classes') or \
-        classifier_size(ckpt['state_dict'])
+        classifier_size(ckpt.state_dict)
     fill_speed_plan(args, saved, given)
     return '--num-classes' if 'num_classes' in given else 'the checkpoint'
 
@@ -278,15 +278,6 @@ def adopt_evaluation_plan(args, given, ckpt):
 ################################################################################
 # Checkpoints without this toolkit's plan: the handout's main.py, bare state dicts
 ################################################################################
-# what exact resumption needs beyond the weights (the handout's main.py saves only
-# epoch, model_arch, state_dict, best_acc1 and optimizer)
-EXACT_RESUME = ('epoch', 'args', 'optimizer', 'scheduler')
-
-
-def missing_for_resume(ckpt):
-    return [key for key in EXACT_RESUME if ckpt.get(key) is None]
-
-
 def classifier_size(state_dict):
     """The class count of a model's weights: the outputs of its last layer (None where no
     tensor has a dimension: the labels then count the classes)."""
@@ -297,7 +288,7 @@ def classifier_size(state_dict):
 def handout_arch(ckpt, path):
     """The --arch name of the handout's 'model_arch' ('vit': the default ViT; any other
     that is an --arch name as it is), or None where the checkpoint names no model."""
-    name = ckpt.get('model_arch')
+    name = ckpt.model_arch
     if name is None:
         return None
     if name == 'vit':
@@ -309,66 +300,25 @@ def handout_arch(ckpt, path):
 
 
 def adopt_weights(args, given, ckpt, path):
-    """--resume of a checkpoint without what exact resumption needs (missing_for_resume):
+    """--resume of a checkpoint without what exact resumption needs (Checkpoint.missing_for_resume):
     a new run of the flags' plan that starts from its weights, its optimizer state and
     its epoch where it has them (the learning rate fast-forwarded to that epoch, as with
     --start-epoch), saying in one line what is missing. The model is --arch's, else the
     checkpoint's model_arch; the class count its classifier's unless --num-classes is
     given."""
-    checked_args(ckpt, path)
     args.arch = requested_arch(args) or handout_arch(ckpt, path) or args.arch
     settle_new_run(args, given)
     check_arch(args.arch, path)
     if 'num_classes' not in given:
-        args.num_classes = classifier_size(ckpt['state_dict'])
-    args.start_epoch = ckpt.get('epoch') or 0
+        args.num_classes = classifier_size(ckpt.state_dict)
+    args.start_epoch = ckpt.epoch or 0
     if args.start_epoch >= args.epochs:
         raise UsageError(f"'{path}' is at epoch {args.start_epoch}: --epochs {args.epochs} "
                          f"leaves no epoch to train (give --epochs N, N > {args.start_epoch})")
-    kept = ['weights'] + (['optimizer state'] if ckpt.get('optimizer') is not None else [])
-    print(f"note: '{path}' has no {', '.join(missing_for_resume(ckpt))}, which exact "
+    kept = ['weights'] + (['optimizer state'] if ckpt.optimizer is not None else [])
+    print(f"note: '{path}' has no {', '.join(ckpt.missing_for_resume())}, which exact "
           f"resumption needs: a new run starts from its {' and '.join(kept)} at epoch "
           f"{args.start_epoch}, with the flags' plan ({args.arch}, --epochs {args.epochs})")
-
-
-# the kind of value of each flag a checkpoint's 'args' may hold (None: any)
-ARG_KINDS = {**dict.fromkeys(('epochs', 'warmup', 'batch_size', 'num_classes', 'seed',
-                              'adv_steps', 'world_size', 'start_epoch', 'workers'), int),
-             **dict.fromkeys(('lr', 'weight_decay', 'momentum', 'clip_grad', 'adv_eps',
-                              'adv_ratio'), float),
-             **dict.fromkeys(('adv_train', 'amp', 'channels_last', 'data_cache', 'compile',
-                              'use_custom_conv'), bool),
-             **dict.fromkeys(('arch', 'name'), str)}
-KIND_WORDS = {int: 'a whole number >= 0', float: 'a finite number', bool: 'true or false',
-              str: 'a text'}
-
-
-def is_kind(value, kind):
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and value >= 0
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-def checked_args(ckpt, path):
-    """The flags a checkpoint's run was trained with ({} where it has none), checked with
-    its epoch and arch: a damaged or hand-edited checkpoint is one line naming the entry,
-    not a TypeError deep in the resume."""
-    saved = ckpt.get('args')
-    if saved is not None and not isinstance(saved, dict):
-        raise CheckpointError(f"'{path}' is damaged: its 'args' is a {type(saved).__name__}, "
-                              f"not the flags of its run")
-    entries = [(f"args['{key}']", value, ARG_KINDS.get(key)) for key, value in
-               (saved or {}).items()]
-    entries += [("'epoch'", ckpt.get('epoch'), int), ("'arch'", ckpt.get('arch'), str)]
-    for name, value, kind in entries:
-        if value is not None and kind is not None and not is_kind(value, kind):
-            raise CheckpointError(f"'{path}' is damaged: its {name} is {value!r}, not "
-                                  f"{KIND_WORDS[kind]}")
-    return saved or {}
 
 
 class RunPlan(argparse.Namespace):

@@ -6,7 +6,7 @@ break the others.
 
     RUN/summary.json           SUMMARY_KEYS below, strict JSON (no NaN: null instead)
     RUN/events.out.tfevents.*  the TAG_* scalars below
-    RUN/models/checkpoint.pth.tar, RUN/models/model_best.pth.tar   (see run_folder.py)
+    RUN/models/checkpoint.pth.tar, RUN/models/model_best.pth.tar   (see checkpoint.py)
 """
 import json
 import os
@@ -62,12 +62,14 @@ class SchemaError(ToolkitError):
     """A summary.json of a layout this code does not know."""
 
 
-def new_summary(run_dir, name, args, arch, num_params, device, iters_per_epoch, epochs_planned,
-                world_size=1, dist_backend=None):
-    # run_dir is None in the processes of a torchrun launch other than rank 0
+def new_summary(run_dir, plan, *, num_params, device, iters_per_epoch, epochs_planned,
+                world_size, dist_backend):
+    """A run's summary before its first epoch (SUMMARY_KEYS less the results); plan: the
+    run's run_plan.RunPlan. run_dir is None in the processes of a torchrun launch other
+    than rank 0."""
     return {'schema': SCHEMA_VERSION, 'run_dir': run_dir and os.path.abspath(run_dir),
-            'name': name,
-            'status': RUNNING, 'args': args, 'arch': arch, 'num_params': num_params,
+            'name': plan.name, 'status': RUNNING, 'args': vars(plan), 'arch': plan.arch,
+            'num_params': num_params,
             'device': str(device), 'iters_per_epoch': iters_per_epoch,
             'epochs_planned': epochs_planned, 'epochs': [], 'best_epoch': None,
             'best_acc1': None, 'wall_time_s': 0.0, 'world_size': world_size,

@@ -49,3 +49,13 @@ def test_training_resuming_and_evaluating_read_a_frozen_plan(demo, tmp_path, cap
     assert saved == vars(plans[1])                 # the resumed run's plan, as stored
     with open(os.path.join(run, 'summary.json')) as f:
         assert json.load(f)['args']['lr'] == plans[0].lr == plans[1].lr
+
+
+def test_a_runs_summary_and_epochs_hold_exactly_the_documented_keys(trained_run):
+    """run_record's SUMMARY_KEYS and EPOCH_KEYS are the schema report.py and the tests
+    read: a summary.json of a trained run holds those keys and no others."""
+    import run_record as rr
+    with open(os.path.join(trained_run, 'summary.json')) as f:
+        summary = json.load(f)
+    assert set(summary) - set(rr.RESULT_KEYS) == set(rr.SUMMARY_KEYS) - set(rr.RESULT_KEYS)
+    assert all(set(epoch) == set(rr.EPOCH_KEYS) for epoch in summary['epochs'])
