@@ -244,15 +244,8 @@ def train(args, given, ckpt, device, hold):
         adopt_weights(args, given, ckpt, args.resume)
     else:
         settle_new_run(args, given)
-    train_set, val_set = load_datasets(args)  # first: checks the data
-    settle_num_classes(args, {'train': train_set, 'val': val_set},
-                       'the checkpoint' if ckpt else '--num-classes')
-    auto = resolve_speed_settings(args, device)
-    cache_fallback = settle_data_cache(args, with_train=True, auto=auto)
-    args = freeze(args)
-
-    train_loader, val_loader = build_loaders(args, device, train_set, val_set)
-    print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
+    args, (train_loader, val_loader), train_set = settle_data_and_speed(
+        args, device, 'the checkpoint' if ckpt else '--num-classes', with_train=True)
 
     seed_everything(args.seed)  # the initial weights depend on the seed only
     model = build_model(args, from_checkpoint=ckpt is not None)
@@ -303,6 +296,21 @@ def train(args, given, ckpt, device, hold):
     if run_dir is not None:
         print_run_end(run_dir, summary)
     return summary
+
+
+def settle_data_and_speed(args, device, classes_from, with_train):
+    """The plan's last steps, for training and for -e/-a alike: the data (checked first)
+    and the class count it settles, the device's speed settings, whether the cache can
+    serve; then the plan is frozen. Returns (the plan, its loaders, the training set)."""
+    train_set, val_set = load_datasets(args, train=with_train)
+    settle_num_classes(args, {'train': train_set, 'val': val_set} if with_train else
+                       {'val': val_set}, classes_from)
+    auto = resolve_speed_settings(args, device)
+    cache_fallback = settle_data_cache(args, with_train=with_train, auto=auto)
+    plan = freeze(args)
+    loaders = build_loaders(plan, device, train_set, val_set)
+    print(speed_line(plan, device, auto, {'data_cache': cache_fallback}))
+    return plan, loaders, train_set
 
 
 def restore_training_state(learner, ckpt, args):
@@ -551,13 +559,7 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     rewritten since (model_best of a run still training) shows the result as stale."""
     # the plan, resolved in train()'s order, then frozen
     source = adopt_evaluation_plan(args, given, ckpt)
-    _, val_set = load_datasets(args, train=False)  # first: checks the data
-    settle_num_classes(args, {'val': val_set}, source)
-    auto = resolve_speed_settings(args, device)
-    cache_fallback = settle_data_cache(args, with_train=False, auto=auto)
-    args = freeze(args)
-    _, val_loader = build_loaders(args, device, None, val_set)
-    print(speed_line(args, device, auto, {'data_cache': cache_fallback}))
+    args, (_, val_loader), _ = settle_data_and_speed(args, device, source, with_train=False)
     model = build_model(args, from_checkpoint=True)
     load_model_state(model, ckpt.state_dict, args.resume, args.arch)
     model, criterion = to_device(model, args, device), nn.CrossEntropyLoss()
