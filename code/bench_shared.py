@@ -5,7 +5,9 @@ shares (about 2x for two runs), not 5-10x.
 
 Each process is this file run as a script: it times `steps` training steps of a model
 (after 2 warm-up steps) at batch `batch` on random 128 x 128 images, channels-last fp32,
-and prints its ms per step.
+and prints its ms per step. The processes start their timed steps together: each says
+when it is warm, and the parent lets them go once all are (their start-up takes longer
+than the timed steps).
 """
 import os
 import subprocess
@@ -23,12 +25,19 @@ def child_command(model, batch, steps):
 
 
 def run_processes(count, policy, model, batch, steps):
-    """Start `count` processes at once; returns each one's ms per step."""
+    """Start `count` processes, let them time their steps together; returns each one's
+    ms per step."""
     env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
     if WAIT_POLICIES[policy] is not None:
         env['OMP_WAIT_POLICY'] = WAIT_POLICIES[policy]
-    procs = [subprocess.Popen(child_command(model, batch, steps), env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    procs = [subprocess.Popen(child_command(model, batch, steps), env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+             for _ in range(count)]
+    for proc in procs:                       # each says 'warm' after its warm-up steps
+        proc.stdout.readline()
+    for proc in procs:                       # then all go at once
+        proc.stdin.write('go\n')
+        proc.stdin.flush()
     times = []
     for proc in procs:
         out, _ = proc.communicate()
@@ -72,6 +81,8 @@ def time_steps(model_name, batch, steps):
         opt.step()
     for _ in range(2):
         step()
+    print('warm', flush=True)
+    sys.stdin.readline()                     # the parent's go
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -51,7 +51,7 @@ SUMMARIES = {
     'ddp': '1 process vs N under torchrun: images/s, val top-1, weights',
     'scale': 'cache, epoch, memory (PSS) at 10k-110k images; 60-epoch projection',
     'shared': 'a training step alone vs two processes at once; OpenMP waiting',
-    'accuracy-time': 'default CNN, auto settings: time to 85/90 % top-1 on Fashion-MNIST',
+    'accuracy-time': 'default CNN, auto settings: time to 85/90 %% top-1 on Fashion-MNIST',
 }
 
 

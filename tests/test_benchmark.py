@@ -383,3 +383,12 @@ def test_keep_keeps_the_work_folder_and_says_where(own_tempdir, capsys):
     (kept,) = work_folders(own_tempdir)
     assert f'train: its data and logs are kept in {own_tempdir / kept}' in out
     assert os.path.isdir(own_tempdir / kept / 'logs')
+
+
+def test_every_help_text_prints(capsys):
+    """argparse formats help lazily: a stray % in one summary broke the top-level --help."""
+    for argv in [['--help']] + [[which, '--help'] for which in benchmark.BENCHMARKS]:
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.build_parser().parse_args(argv)
+        assert exit_info.value.code == 0, argv
+    assert 'accuracy-time' in capsys.readouterr().out
