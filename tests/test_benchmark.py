@@ -386,6 +386,7 @@ def test_keep_keeps_the_work_folder_and_says_where(own_tempdir, capsys):
 
 
 def test_every_help_text_prints(capsys):
+    import benchmark
     """argparse formats help lazily: a stray % in one summary broke the top-level --help."""
     for argv in [['--help']] + [[which, '--help'] for which in benchmark.BENCHMARKS]:
         with pytest.raises(SystemExit) as exit_info:
