@@ -46,14 +46,14 @@ active-env:
 	@$(PY) tools/check_env.py
 
 $(DEMO)/train.txt: | $(SETUP)
-	$(PY) code/make_demo_data.py $(DEMO)
+	$(PY) tools/make_demo_data.py $(DEMO)
 
 # train the default CNN on the offline demo set (CPU, a few minutes), then
 # turn the run into figures and a table under results/demo/
 demo: $(SETUP) $(DEMO)/train.txt
 	$(PY) code/main.py $(DEMO) --num-classes 10 --epochs 4 --warmup 1 -b 32 --lr 0.05 \
 		-j 2 --device cpu --seed 0 --name demo
-	$(PY) code/report.py "$$(ls -dt logs/exp_*_demo | head -1)" --out results/demo
+	$(PY) tools/report.py "$$(ls -dt logs/exp_*_demo | head -1)" --out results/demo
 
 test: $(SETUP)
 	$(PY) -m pytest -q tests
@@ -63,9 +63,9 @@ test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 # every GPU check in one run (at most 8 minutes); the report goes to results/gpu-check/.
-# Without CUDA it says so and exits 0; `code/gpu_check.py --rehearse` runs it on the CPU.
+# Without CUDA it says so and exits 0; `tools/gpu_check.py --rehearse` runs it on the CPU.
 gpu-check: $(SETUP)
-	$(PY) code/gpu_check.py
+	$(PY) tools/gpu_check.py
 
 data:
 	sh ./download_dataset.sh

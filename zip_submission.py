@@ -12,7 +12,7 @@ listing, and unzip tools disagree about such names).
 The zip is written to a temporary file of its own and renamed at the end, so an
 error or Ctrl-C never leaves a half-written submission.zip behind (an older one
 stays), and two runs at once never write into one file; the temporary file of a run
-killed outright is removed by the next run (code/safe_files.py, the toolkit's own
+killed outright is removed by the next run (code/toolkit/safe_files.py, the toolkit's own
 atomic write, which this script borrows from code/).
 """
 import os
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))  # works from any working dire
 sys.path.append(os.path.join(ROOT, 'code'))
 sys.dont_write_bytecode = True
 try:
-    import safe_files
+    from toolkit import safe_files
 except ImportError:  # code/ missing (check_folders says so) or incomplete
     safe_files = None
 
@@ -162,7 +162,7 @@ def check_folders(root):
         raise SystemExit(f'zip_submission.py: no code/ folder in {root}; '
                          'it must sit in the assignment folder beside code/, writeup/ and results/')
     if safe_files is None:
-        raise SystemExit(f'zip_submission.py: code/safe_files.py is missing in {root} (it '
+        raise SystemExit(f'zip_submission.py: code/toolkit/safe_files.py is missing in {root} (it '
                          'writes the zip safely); restore it from the toolkit')
     for folder in ('writeup', 'results'):
         if not os.path.isdir(os.path.join(root, folder)):

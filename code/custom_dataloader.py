@@ -140,7 +140,7 @@ def to_rgb(img, filename):
 
 # how to get data, said by every "not there" error below
 GET_DATA_HINT = ("MiniPlaces: `sh ./download_dataset.sh`; a demo set: "
-                 "`python code/make_demo_data.py DIR`")
+                 "`python tools/make_demo_data.py DIR`")
 
 
 class MiniPlacesLoader(data.Dataset):

@@ -10,12 +10,13 @@
     torchrun --standalone --nproc_per_node 4 main.py ../data --epochs=60 -b 256   # 4 GPUs
 
 Every run writes logs/exp_<timestamp>[_<name>]/ with TensorBoard events,
-summary.json and models/{checkpoint,model_best}.pth.tar (run_record.py, run_folder.py).
+summary.json and models/{checkpoint,model_best}.pth.tar
+(toolkit/run_record.py, toolkit/run_folder.py).
 
 Read it top to bottom, as PyTorch's examples/imagenet/main.py: the flags, main(),
 train() (plan -> data -> model -> optimizer and schedule -> run folder -> resume ->
-epochs), the epoch loop, train_one_epoch(), validate(), then -e and -a. The modules
-beside it each hold one concept: run_plan.py (what a run is asked to do), loaders.py
+epochs), the epoch loop, train_one_epoch(), validate(), then -e and -a. The modules of
+toolkit/ each hold one concept: run_plan.py (what a run is asked to do), loaders.py
 (the data), networks.py (models and optimizers), run_folder.py (its files),
 attack_eval.py (Part III), speed.py and distributed.py.
 """
@@ -42,23 +43,22 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
 import student_code  # noqa: E402
-import checkpoint  # noqa: E402
-import distributed  # noqa: E402
-import run_folder  # noqa: E402
-import run_record as rr  # noqa: E402
-from attack_eval import attack_validate, build_attacker, log_saliency  # noqa: E402
+from toolkit import checkpoint  # noqa: E402
+from toolkit import distributed  # noqa: E402
+from toolkit import run_folder  # noqa: E402
+from toolkit import run_record as rr  # noqa: E402
+from toolkit.attack_eval import attack_validate, build_attacker, log_saliency  # noqa: E402
 from custom_dataloader import DatasetError  # noqa: E402
-from distributed import world, is_main  # noqa: E402
-from loaders import (build_loaders, load_datasets, seed_epoch, seed_everything,  # noqa: E402
-                     settle_data_cache, settle_num_classes)
-from networks import (ARCHS, build_model, build_optimizer, load_model_state,  # noqa: E402
-                      to_device)
-from run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan, adopt_weights,  # noqa: E402
-                      check_args, ends_the_run, finished_cleanly, freeze, given_flags,
-                      print_extension, refuse_unresumable,
-                      settle_new_run)
-from speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
-                   resolve_speed_settings, speed_line)
+from toolkit.distributed import world, is_main  # noqa: E402
+from toolkit.loaders import (build_loaders, load_datasets, seed_epoch,  # noqa: E402
+                             seed_everything, settle_data_cache, settle_num_classes)
+from toolkit.networks import (ARCHS, build_model, build_optimizer, load_model_state,  # noqa: E402
+                              to_device)
+from toolkit.run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan,  # noqa: E402
+                              adopt_weights, check_args, ends_the_run, finished_cleanly, freeze,
+                              given_flags, print_extension, refuse_unresumable, settle_new_run)
+from toolkit.speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
+                           resolve_speed_settings, speed_line)
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
                    predict_with_flip, select_device, reset_peak_memory, peak_memory_mb,
                    format_seconds, one_line, ToolkitError, UsageError, CheckpointError,

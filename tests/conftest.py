@@ -1,11 +1,13 @@
-"""Pytest set-up: make the flat modules of code/ importable as the handout's scripts do."""
+"""Pytest set-up: code/ and tools/ on sys.path, as the scripts put them."""
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
+TOOLS = os.path.join(REPO, "tools")
+for folder in (TOOLS, CODE):          # code/ ends up first, as main.py has it
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 import pytest  # noqa: E402
 
@@ -37,7 +39,7 @@ NO_SUCH_PID = 1 << 30  # above any pid a Linux system gives (its pid_max is at m
 def temp_file_of_a_dead_writer(path):
     """The temporary file a writer of `path` leaves when killed mid-write
     (safe_files.temp_path, written by a process that no longer exists)."""
-    import safe_files
+    from toolkit import safe_files
     return safe_files.temp_path(path).rsplit('-', 1)[0] + f'-{NO_SUCH_PID}'
 
 
@@ -77,7 +79,7 @@ def cpu_without_amx(monkeypatch):
     CPU's auto --amp turns bf16 on only with AMX tiles, and the suite's exact comparisons
     (resume, processes, paths) are written for its fp32 runs. Tests of the AMX default
     fake the capability; subprocess runs give --no-amp or --amp themselves."""
-    import speed
+    from toolkit import speed
     monkeypatch.setattr(speed, 'cpu_has_amx', lambda: False)
 
 

@@ -9,7 +9,7 @@ import os
 
 from torch.utils.tensorboard import SummaryWriter
 
-import run_record as rr
+from toolkit import run_record as rr
 
 TOPK = {1: rr.TAG_TOP1, 5: rr.TAG_TOP5}
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 import benchmark
-from bench_accuracy_time import accuracy_time_lines, epochs_to_reach
+from benchmarks.bench_accuracy_time import accuracy_time_lines, epochs_to_reach
 from make_real_data import FASHION_DIR
 
 

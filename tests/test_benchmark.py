@@ -7,11 +7,11 @@ from statistics import mean, stdev
 import pytest
 import torch
 
-import bench_parts
-import bench_recipe
-import bench_runs
-import bench_timing
-from bench_timing import SavedForBackwardMeter, interleaved_times
+from benchmarks import bench_parts
+from benchmarks import bench_recipe
+from benchmarks import bench_runs
+from benchmarks import bench_timing
+from benchmarks.bench_timing import SavedForBackwardMeter, interleaved_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +256,7 @@ def test_scale_runs_end_to_end_on_a_tiny_set(tmp_path, capsys):
     both paths at both sizes with one worker, reads PSS from /proc, prints the tables and
     the projection, and removes its caches (nothing here is a measurement)."""
     import benchmark
-    import bench_scale_tables
+    from benchmarks import bench_scale_tables
     data = tmp_path / 'scale'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # the default CNN's step: a second thread only waits here

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from checkpoint import Checkpoint, from_file, to_file
+from toolkit.checkpoint import Checkpoint, from_file, to_file
 from utils import CheckpointError
 
 CODE = os.path.join(os.path.dirname(__file__), os.pardir, 'code')

@@ -22,7 +22,7 @@ import make_demo_data
 from custom_dataloader import MiniPlacesLoader
 from make_demo_data import CLASS_NAMES, MARKER, make_demo_dataset
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "code", "make_demo_data.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_demo_data.py")
 
 
 def read_lines(path):

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import CODE, FAST, run_main, checkpoint_of, only_run
-import distributed
+from toolkit import distributed
 from custom_dataloader import MiniPlacesLoader, seed_worker
-from data_order import TrainOrder, SeededSamples, val_share
+from toolkit.data_order import TrainOrder, SeededSamples, val_share
 import student_code
 
 

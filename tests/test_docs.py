@@ -107,9 +107,9 @@ def test_relative_links_lead_to_files_that_exist(path):
 
 
 def test_no_issue_numbers():
-    """README.md, docs/, code/ and tests/ name no issue by number."""
+    """README.md, docs/, code/, tools/ and tests/ name no issue by number."""
     paths = [README]
-    for top in ('docs', 'code', 'tests'):
+    for top in ('docs', 'code', 'tools', 'tests'):
         for root, dirs, names in os.walk(os.path.join(REPO, top)):
             dirs[:] = [d for d in dirs if d != '__pycache__' and not d.startswith('.')]
             paths += [os.path.join(root, n) for n in names if n.endswith(TEXT_SUFFIXES)]

@@ -13,8 +13,8 @@ import torch
 
 from conftest import CODE, FAST, only_run, run_main
 import custom_transforms as T
-import fast_data as fd
-import loaders
+from toolkit import fast_data as fd
+from toolkit import loaders
 import student_code
 
 pytestmark = pytest.mark.usefixtures('one_thread')

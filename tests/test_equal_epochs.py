@@ -11,7 +11,7 @@ steep: at seed 0 on this CPU the real runs ended at 61.8 (per-image), 61.0 (cach
 59.6 % (cached, amp), the demo runs at 88 and 81 %, and another seed or CPU moves such
 runs by several points. A broken path (a wrong normalization, a flipped warp, bf16
 gradients that do not flow) falls towards chance (10 %), far outside the tolerance.
-`python code/benchmark.py train` measures the same comparisons on longer runs at 5
+`python tools/benchmark.py train` measures the same comparisons on longer runs at 5
 points (docs/benchmarks.md, "Accuracy at equal epochs").
 """
 import os

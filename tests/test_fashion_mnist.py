@@ -14,7 +14,7 @@ import student_code
 from custom_dataloader import MiniPlacesLoader
 from make_real_data import FASHION_CLASSES, FASHION_DIR, make_fashion_mnist
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "code", "make_real_data.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_real_data.py")
 HAVE_PACKAGE = os.path.isfile(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
 needs_package = pytest.mark.skipif(
     not HAVE_PACKAGE, reason=f"Fashion-MNIST is not installed in {FASHION_DIR} "

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import custom_transforms as T
-import data_cache
-import fast_data as fd
-import loaders
+from toolkit import data_cache
+from toolkit import fast_data as fd
+from toolkit import loaders
 import student_code
 from conftest import CODE
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
-from data_order import TrainOrder
+from toolkit.data_order import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -535,7 +535,7 @@ def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
 # of its own: argv data folder, "build" or "rebuild"
 SLOW_BUILD = """
 import sys, time
-import data_cache
+from toolkit import data_cache
 decode = data_cache.cache_image
 def slow(img, size):
     time.sleep(0.2)
@@ -612,7 +612,7 @@ def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, cap
 # import modules lazily, from files only root may read; they only read the folder).
 SETTLE = """
 import argparse, json, os, sys
-import loaders
+from toolkit import loaders
 for split in ('train', 'val'):
     loaders.MiniPlacesLoader(sys.argv[1], split, num_classes=None)
     loaders.np.load(loaders.data_cache.cache_paths(sys.argv[1], split)[0], mmap_mode='r')

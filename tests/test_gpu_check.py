@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'gpu_check.py'),
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'gpu_check.py'),
                            '--out', str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [done.stdout.strip()]
@@ -112,7 +112,7 @@ def test_the_cpu_rehearsal_runs_every_check_and_writes_the_report(tmp_path):
     the script shows here, not in GPU minutes), the torchrun run trains through a process
     group (gloo here, NCCL on the GPU), and the report sets the auto run's top-1 beside the
     fp32 run's. About 3 minutes on a quiet 2-core machine."""
-    done = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'gpu_check.py'),
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'gpu_check.py'),
                            '--rehearse', '--out', str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import FAST, run_main
-import attack_eval
-import loaders
-import speed
+from toolkit import attack_eval
+from toolkit import loaders
+from toolkit import speed
 import student_code
 import utils
 

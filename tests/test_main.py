@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CODE, REPO, FAST, run_main, checkpoint_of, only_run, expect_error
-import run_folder
+from toolkit import run_folder
 import utils
 
 
@@ -481,7 +481,7 @@ def test_vit_learns_the_demo_set_well_above_chance(tmp_path_factory, capsys):
 def test_the_lr_follows_the_batch_unless_given(demo, tmp_path, capsys, batch, lr):
     """The handout's lr 0.1 is for its batch of 256: without --lr it is scaled linearly to
     -b, said at start and stored in the run; a resume keeps it; --lr is used as given."""
-    import run_plan
+    from toolkit import run_plan
     no_lr = [a for i, a in enumerate(FAST) if a != '--lr' and FAST[i - 1] != '--lr']
     assert run_plan.scaled_lr(batch) == pytest.approx(lr)
     if batch > 24:   # the demo set has 24 training images: check the rule only

@@ -15,7 +15,7 @@ import student_code
 from custom_dataloader import MiniPlacesLoader
 from make_real_data import MARKER, make_real_dataset
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "code", "make_real_data.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_real_data.py")
 DIGITS = load_digits()
 
 

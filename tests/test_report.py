@@ -1,4 +1,4 @@
-"""code/report.py: runs written with SummaryWriter exactly as main.py writes them go in,
+"""tools/report.py: runs written with SummaryWriter exactly as main.py writes them go in,
 and the figures, the CSV of curves and the results table must hold what was written."""
 import contextlib
 import csv
@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from conftest import temp_file_of_a_dead_writer
 import fake_runs
 import report
-import run_folder
+from toolkit import run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPE = 6  # iterations per epoch of the fake runs (logged every 2nd iteration)
@@ -217,7 +217,7 @@ def test_bad_input_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match='no such run folder'):
         report.main([str(tmp_path / 'missing'), '--out', str(tmp_path / 'out')])
     # the command line: no run at all
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'report.py'), '--out', 'x'],
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'report.py'), '--out', 'x'],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.stderr.strip().count('\n') == 0 and 'no run given' in proc.stderr
@@ -343,7 +343,7 @@ def test_one_diverged_run_does_not_flatten_the_loss_of_the_others(tmp_path):
 
 LOCK_HOLDER = '''import sys, time
 sys.path.insert(0, sys.argv[1])
-import run_folder
+from toolkit import run_folder
 run_folder.run_lock(sys.argv[2]).__enter__()
 print('locked', flush=True)
 time.sleep(600)
@@ -404,7 +404,7 @@ def test_an_epoch_killed_while_being_saved_is_not_claimed(tmp_path):
 def test_an_unusable_out_folder_is_one_line(logs, tmp_path, out):
     (tmp_path / 'FILE').write_text('a file')
     out = out if out.startswith('/') else str(tmp_path / out)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'code', 'report.py'), str(logs),
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'report.py'), str(logs),
                            '--out', out], capture_output=True, text=True)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith('report.py: --out')]

@@ -19,7 +19,7 @@ from conftest import (CODE, FAST, run_main, checkpoint_of, only_run, expect_erro
                       temp_file_of_a_dead_writer)
 import main as driver
 import report
-import run_folder
+from toolkit import run_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -118,7 +118,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo, stopped_ru
 LOCK_WITH_WORKERS = '''import sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-import run_folder
+from toolkit import run_folder
 run_folder.run_lock(sys.argv[2]).__enter__()
 batches = iter(torch.utils.data.DataLoader(range(100), num_workers=2))  # forks 2 workers
 next(batches)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import main as driver
-import run_plan
+from toolkit import run_plan
 from conftest import FAST, checkpoint_of, only_run, run_main
 
 
@@ -54,7 +54,7 @@ def test_training_resuming_and_evaluating_read_a_frozen_plan(demo, tmp_path, cap
 def test_a_runs_summary_and_epochs_hold_exactly_the_documented_keys(trained_run):
     """run_record's SUMMARY_KEYS and EPOCH_KEYS are the schema report.py and the tests
     read: a summary.json of a trained run holds those keys and no others."""
-    import run_record as rr
+    from toolkit import run_record as rr
     with open(os.path.join(trained_run, 'summary.json')) as f:
         summary = json.load(f)
     assert set(summary) - set(rr.RESULT_KEYS) == set(rr.SUMMARY_KEYS) - set(rr.RESULT_KEYS)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import NO_SUCH_PID
-import safe_files
+from toolkit import safe_files
 
 
 def test_the_sweep_removes_only_the_files_of_dead_writers_of_this_machine(tmp_path):

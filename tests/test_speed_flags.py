@@ -8,10 +8,10 @@ import torch
 
 from conftest import FAST, run_main, checkpoint_of, only_run, expect_error
 import custom_transforms as T
-import fast_data
-import loaders
+from toolkit import fast_data
+from toolkit import loaders
 import main as driver
-import speed
+from toolkit import speed
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -173,7 +173,7 @@ def test_transforms_the_cache_cannot_fuse_are_named_at_start(demo, tmp_path, cap
 def nearly_full_disk(monkeypatch, free=7_800_000):
     """A disk with `free` bytes left, as data_cache sees it."""
     import shutil
-    import data_cache
+    from toolkit import data_cache
     monkeypatch.setattr(data_cache.shutil, 'disk_usage',
                         lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free))
 
@@ -199,7 +199,7 @@ def test_the_start_line_of_a_read_only_folder_gives_the_real_reason(demo, tmp_pa
                                                                    monkeypatch):
     """(A folder this process cannot write, as data_cache sees it: root writes anyway.)"""
     import shutil
-    import data_cache
+    from toolkit import data_cache
     data = str(tmp_path / 'data')
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns('cache'))
     monkeypatch.setattr(data_cache, 'cache_writable', lambda folder: False)
@@ -339,7 +339,7 @@ def test_the_cpus_auto_amp_follows_amx_and_the_model(demo, tmp_path, capsys, mon
 
 
 def test_every_model_has_a_measured_amx_setting_or_stays_in_fp32(monkeypatch):
-    import networks
+    from toolkit import networks
     monkeypatch.setattr(speed, 'cpu_has_amx', lambda: True)
     cpu = torch.device('cpu')
     for arch in networks.ARCHS:

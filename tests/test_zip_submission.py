@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKED = {'code/main.py', 'code/safe_files.py', 'code/student_code.py', 'code/sub/helper.py', 'writeup/report.pdf',
+PACKED = {'code/main.py', 'code/toolkit/safe_files.py', 'code/student_code.py', 'code/sub/helper.py', 'writeup/report.pdf',
           'writeup/README.md', 'results/demo/top1.png', 'results/demo/results.md',
           'results/link_to_code.py'}
 
@@ -27,11 +27,11 @@ def write(path, data=b'x'):
 def assignment(tmp_path):
     """An assignment folder with everything a student's might hold."""
     root = tmp_path / 'hw2'
-    for name in PACKED - {'results/link_to_code.py', 'code/safe_files.py'}:
+    for name in PACKED - {'results/link_to_code.py', 'code/toolkit/safe_files.py'}:
         write(str(root / name), os.urandom(64))
     left_out = ['code/__pycache__/main.cpython-311.pyc', 'code/old.pyc', 'code/models/net.py',
                 'code/data/images/a.jpg', 'code/logs/exp_1/events.out.tfevents.1',
-                'code/model_best.pth.tar', 'code/checkpoint.pth', 'code/weights.pt',
+                'code/model_best.pth.tar', 'code/toolkit/checkpoint.pth', 'code/weights.pt',
                 'code/.DS_Store', 'code/.ipynb_checkpoints/nb-checkpoint.ipynb',
                 'code/.pytest_cache/v/cache', 'code/.venv/bin/python', 'code/myenv/pyvenv.cfg',
                 'code/myenv/lib/site.py', 'results/logs/x.txt', 'results/submission.zip',
@@ -45,7 +45,9 @@ def assignment(tmp_path):
     os.symlink('../logs/exp_1/models/checkpoint.pth.tar', root / 'results' / 'best_model')
     os.symlink('../nowhere', root / 'results' / 'broken')
     shutil.copy(os.path.join(REPO, 'zip_submission.py'), root)
-    shutil.copy(os.path.join(REPO, 'code', 'safe_files.py'), root / 'code')  # it imports it
+    toolkit = root / 'code' / 'toolkit'
+    toolkit.mkdir()
+    shutil.copy(os.path.join(REPO, 'code', 'toolkit', 'safe_files.py'), toolkit)  # it imports it
     return root
 
 

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import distributed
-import data_cache
-import data_order
-import fast_data
+from toolkit import distributed
+from toolkit import data_cache
+from toolkit import data_order
+from toolkit import fast_data
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
-from distributed import world
-from speed import memory_format
+from toolkit.distributed import world
+from toolkit.speed import memory_format
 from student_code import get_train_transforms, get_val_transforms
 from utils import ToolkitError, UsageError, one_line
 

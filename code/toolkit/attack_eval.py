@@ -5,9 +5,9 @@ import time
 
 import torch
 
-import distributed
+from toolkit import distributed
 import student_code
-from speed import autocast, gradient_autocast
+from toolkit.speed import autocast, gradient_autocast
 from utils import AverageMeter, ProgressMeter, accuracy, predict_with_flip
 
 def build_attacker(criterion, args):

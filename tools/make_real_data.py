@@ -1,9 +1,9 @@
 """Write sets of REAL images in MiniPlaces layout, offline: handwritten digits (small)
 or Fashion-MNIST (70,000 photographs of clothes, MiniPlaces' scale).
 
-    python code/make_real_data.py OUT_DIR [--size 32] [--val-fraction 0.2] [--seed 0]
+    python tools/make_real_data.py OUT_DIR [--size 32] [--val-fraction 0.2] [--seed 0]
                                           [--max-train N]
-    python code/make_real_data.py OUT_DIR --set fashion-mnist [--idx-dir DIR] [--size 28]
+    python tools/make_real_data.py OUT_DIR --set fashion-mnist [--idx-dir DIR] [--size 28]
                                           [--max-train N] [--max-val N]
 
 Digits (the default set):
@@ -44,6 +44,7 @@ import sys
 import cv2
 import numpy as np
 
+import _paths  # noqa: F401  code/ and tools/ on sys.path: runs from any directory
 from make_demo_data import prepare_out_dir, write_label_files, write_text
 
 NUM_CLASSES = 10
@@ -117,7 +118,7 @@ def make_real_dataset(out_dir, size=32, val_fraction=0.2, seed=0, max_train=None
     train, val = split_indices(labels, val_fraction, seed, max_train)
     prepare_out_dir(out_dir, MARKER, "real digits set", OUR_FILES)
     with open(os.path.join(out_dir, MARKER), "w") as f:
-        f.write(f"Real digits set written by code/make_real_data.py: size={size} "
+        f.write(f"Real digits set written by tools/make_real_data.py: size={size} "
                 f"val_fraction={val_fraction} seed={seed} max_train={max_train}\n{__doc__}")
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95]
 
@@ -219,7 +220,7 @@ def make_fashion_mnist(out_dir, idx_dir=FASHION_DIR, size=28, max_train=None,
     sets = load_fashion_mnist(idx_dir)       # every file is read before anything is deleted
     prepare_out_dir(out_dir, FASHION_MARKER, "Fashion-MNIST set", OUR_FILES)
     with open(os.path.join(out_dir, FASHION_MARKER), "w") as f:
-        f.write(f"Fashion-MNIST written by code/make_real_data.py from {idx_dir}: size={size} "
+        f.write(f"Fashion-MNIST written by tools/make_real_data.py from {idx_dir}: size={size} "
                 f"max_train={max_train} max_val={max_val}\n")
     lines = {"train": [], "val": []}
     sources, per_class_count = [], [0] * len(FASHION_CLASSES)

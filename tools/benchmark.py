@@ -1,4 +1,4 @@
-"""Run one of the toolkit's benchmarks: `python code/benchmark.py WHICH [options]`.
+"""Run one of the toolkit's benchmarks: `python tools/benchmark.py WHICH [options]`.
 
   conv, attention, attack     our code against a reference in one process (bench_parts.py)
   step, pipeline              a training step per speed setting, input images/s (bench_speed.py)
@@ -12,7 +12,7 @@
                               (bench_accuracy_time.py)
 
 The in-process benchmarks interleave their repetitions and print ratios (ratios survive
-a noisy machine; absolute times do not). `python code/benchmark.py WHICH --help` lists
+a noisy machine; absolute times do not). `python tools/benchmark.py WHICH --help` lists
 WHICH's own options. Figures are recorded in docs/benchmarks.md.
 """
 import argparse
@@ -20,16 +20,17 @@ import inspect
 import os
 import sys
 
+import _paths  # noqa: F401  code/ and tools/ on sys.path: runs from any directory
 from arg_types import bounded_int, nonnegative_int, positive_float, positive_int, seed_int
-from bench_accuracy_time import bench_accuracy_time
-from bench_parts import bench_attack, bench_attention, bench_conv
-from bench_recipe import (DEFAULT_CONFIGS, DEFAULT_DATASETS, RECIPE_CONFIGS, RECIPE_DATASETS,
-                          RECIPE_MODELS, RecipeError, bench_recipe)
-from bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
-from bench_scale import SCALE_SIZES, bench_scale
-from bench_scale_tables import GPU_STEP_MS
-from bench_shared import MODELS, WAIT_POLICIES, bench_shared
-from bench_speed import bench_pipeline, bench_step
+from benchmarks.bench_accuracy_time import bench_accuracy_time
+from benchmarks.bench_parts import bench_attack, bench_attention, bench_conv
+from benchmarks.bench_recipe import (DEFAULT_CONFIGS, DEFAULT_DATASETS, RECIPE_CONFIGS,
+                                     RECIPE_DATASETS, RECIPE_MODELS, RecipeError, bench_recipe)
+from benchmarks.bench_runs import TRAIN_CONFIGS, TRAIN_PATHS, bench_ddp, bench_models, bench_train
+from benchmarks.bench_scale import SCALE_SIZES, bench_scale
+from benchmarks.bench_scale_tables import GPU_STEP_MS
+from benchmarks.bench_shared import MODELS, WAIT_POLICIES, bench_shared
+from benchmarks.bench_speed import bench_pipeline, bench_step
 from make_demo_data import MAX_CLASSES
 
 BENCHMARKS = {'conv': bench_conv, 'attention': bench_attention, 'attack': bench_attack,

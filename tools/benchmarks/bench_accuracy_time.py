@@ -10,8 +10,8 @@ validation); wall seconds are the whole run's (start-up, cache build and validat
 """
 import os
 
-from bench_recipe import build_recipe_data, run_recipe_cell, where, work_folder
-from bench_timing import cpu_name
+from benchmarks.bench_recipe import build_recipe_data, run_recipe_cell, where, work_folder
+from benchmarks.bench_timing import cpu_name
 
 
 def epochs_to_reach(epochs, target):

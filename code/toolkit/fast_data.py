@@ -46,7 +46,7 @@ from torch.utils import data
 
 import custom_transforms as T
 from custom_dataloader import DatasetError
-from data_cache import CACHE_SIZE
+from toolkit.data_cache import CACHE_SIZE
 
 WARP_MODES = {cv2.INTER_NEAREST: "nearest", cv2.INTER_LINEAR: "bilinear",
               cv2.INTER_CUBIC: "bicubic"}

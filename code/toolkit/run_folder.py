@@ -20,13 +20,13 @@ import socket
 
 import torch
 
-import checkpoint
-import distributed
-import run_record as rr
-import safe_files
-from checkpoint import Checkpoint
-from distributed import is_main
-from safe_files import FileLock
+from toolkit import checkpoint
+from toolkit import distributed
+from toolkit import run_record as rr
+from toolkit import safe_files
+from toolkit.checkpoint import Checkpoint
+from toolkit.distributed import is_main
+from toolkit.safe_files import FileLock
 from utils import CheckpointError, RunFolderError
 
 

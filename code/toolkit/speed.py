@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-import distributed
+from toolkit import distributed
 from utils import one_line
 
 

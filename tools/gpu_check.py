@@ -1,8 +1,8 @@
 """Every GPU check of the toolkit in one run, for the minutes a GPU is at hand.
 
-    make gpu-check                       (or: python code/gpu_check.py)
-    python code/gpu_check.py --list      the commands it would run, without running them
-    python code/gpu_check.py --rehearse  the same plan on the CPU, to find a fault in it first
+    make gpu-check                       (or: python tools/gpu_check.py)
+    python tools/gpu_check.py --list      the commands it would run, without running them
+    python tools/gpu_check.py --rehearse  the same plan on the CPU, to find a fault in it first
 
 It generates a small offline data set, then runs, each with its own time limit: the
 graders' code/test_conv.py and the suite's CUDA tests; benchmark.py conv, attention,
@@ -30,10 +30,11 @@ import sys
 import tempfile
 import time
 
-import run_record as rr
+import _paths  # noqa: F401  code/ and tools/ on sys.path: runs from any directory
+from toolkit import run_record as rr
 from arg_types import positive_float
 
-CODE = os.path.dirname(os.path.abspath(__file__))
+from _paths import CODE, TOOLS
 REPO = os.path.dirname(CODE)
 DEFAULT_OUT = os.path.join(REPO, 'results', 'gpu-check')
 
@@ -59,7 +60,7 @@ REHEARSAL_ENV = {'TORCH_COMPILE_DISABLE': '1', 'OMP_NUM_THREADS': '1'}
 
 def plan(python, data, logs, device, rehearse=False):
     """[(name, command, seconds allowed)]: the checks, in the order they run."""
-    main, bench = os.path.join(CODE, 'main.py'), os.path.join(CODE, 'benchmark.py')
+    main, bench = os.path.join(CODE, 'main.py'), os.path.join(TOOLS, 'benchmark.py')
     backend = 'gloo' if rehearse else 'nccl'
 
     def small(flags_of):                # the rehearsal's flags, nothing on the GPU
@@ -234,7 +235,7 @@ def machine_facts(device):
 def rehearsal_facts():
     """The report's machine facts for a rehearsal on the CPU."""
     import torch
-    from bench_timing import cpu_name
+    from benchmarks.bench_timing import cpu_name
     return {'date': datetime.date.today().isoformat(), 'gpu': 'CPU rehearsal',
             'rehearsal': 'the GPU plan on the CPU (--device cpu, gloo, tiny data, one '
                          'repetition, torch.compile off): it checks the script, it measures '
@@ -246,7 +247,7 @@ def make_data(data, rehearse):
     """The generated set (make_demo_data.py); the rehearsal's is tiny."""
     sizes = REHEARSAL_DATA if rehearse else ['--train-per-class', str(TRAIN_PER_CLASS),
                                              '--val-per-class', str(VAL_PER_CLASS)]
-    subprocess.run([sys.executable, os.path.join(CODE, 'make_demo_data.py'), data,
+    subprocess.run([sys.executable, os.path.join(TOOLS, 'make_demo_data.py'), data,
                     '--num-classes', str(CLASSES)] + sizes, check=True,
                    stdout=subprocess.DEVNULL)
 

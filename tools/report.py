@@ -1,6 +1,6 @@
 """Turn training runs into the figures and tables of the writeup.
 
-    python code/report.py RUN [RUN ...] --out results/NAME [--labels A B ...]
+    python tools/report.py RUN [RUN ...] --out results/NAME [--labels A B ...]
 
 RUN is a run folder written by main.py (logs/exp_<timestamp>[_<name>]) or a
 folder holding such runs (e.g. logs/). For every run the script reads the
@@ -39,9 +39,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
-import run_folder  # noqa: E402
-import run_record as rr  # noqa: E402
+import _paths  # noqa: E402,F401  code/ and tools/ on sys.path: runs from any directory
+from toolkit import run_folder  # noqa: E402
+from toolkit import run_record as rr  # noqa: E402
 
 # tags main.py logs every print-freq iterations (step = global iteration);
 # every other tag is logged once per epoch (step = 1-based epoch)
@@ -558,7 +558,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.runs:
         raise SystemExit('report.py: no run given: '
-                         'python code/report.py RUN [RUN ...] --out results/NAME')
+                         'python tools/report.py RUN [RUN ...] --out results/NAME')
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any work
         raise SystemExit(f'report.py: --out {args.out} is a file, not a folder')
     run_dirs = find_runs(args.runs)
@@ -575,7 +575,7 @@ def main(argv=None):
     note_stale_results(runs)
     assign_styles(runs)
     stats = [run_stats(run) for run in runs]
-    command = 'python code/report.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    command = 'python tools/report.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     try:
         os.makedirs(args.out, exist_ok=True)
         save_figures(runs, args.out)

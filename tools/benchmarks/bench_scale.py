@@ -1,5 +1,5 @@
 """The scale benchmark: the input pipeline at MiniPlaces' size, and what the handout's
-60-epoch run would take (`python code/benchmark.py scale`).
+60-epoch run would take (`python tools/benchmark.py scale`).
 
 The other benchmarks run on a thousand images; this one measures what grows with the
 data set, at several sizes up to MiniPlaces' 110,000 images: the decoded cache (build
@@ -16,10 +16,10 @@ import os
 import time
 from statistics import median
 
-from bench_recipe import REPO, RecipeError
-from bench_timing import interleaved_times, machine, sync
-from bench_scale_tables import (MB, PRIVATE, assumptions, growth_table, private_copy,
-                                projection, size_table, split_counts, worker_peak)
+from benchmarks.bench_recipe import REPO, RecipeError
+from benchmarks.bench_timing import interleaved_times, machine, sync
+from benchmarks.bench_scale_tables import (MB, PRIVATE, assumptions, growth_table, private_copy,
+                                           projection, size_table, split_counts, worker_peak)
 
 SCALE_SIZES = [10000, 30000, 110000]   # images, training + validation
 VAL_BATCH = 100                        # main.py's validation batch (loaders.build_loaders)
@@ -85,14 +85,14 @@ def subset_folder(data, total):
 
 
 def cache_files(folder):
-    import data_cache
+    from toolkit import data_cache
     return [p for split in ('train', 'val') for p in data_cache.cache_paths(folder, split)]
 
 
 def build_caches(folder, workers):
     """(seconds, bytes on disk) of decoding both splits of `folder` into their caches, as
     a first run with --data-cache does (an old cache is removed first)."""
-    import data_cache
+    from toolkit import data_cache
     remove_caches(folder)
     start = time.perf_counter()
     for split in ('train', 'val'):
@@ -186,7 +186,7 @@ def timed_pass(loader, device, peaks=None):
 def default_cnn_name():
     """The --arch name of student_code.default_cnn_model, whose speed settings apply."""
     import student_code as sc
-    from run_plan import registry_name
+    from toolkit.run_plan import registry_name
     return registry_name(sc.default_cnn_model, sc.cnn_models, 'default_cnn_model')
 
 
@@ -194,8 +194,8 @@ def measure_path(folder, path, args, device):
     """One training epoch and one validation pass of `path` ('cached' or 'per-image')
     over `folder`, through the loaders main.py builds (its default memory format on this
     device; batches normalized on arrival), with the memory sampled during the epoch."""
-    import loaders
-    from speed import auto_speed_settings
+    from toolkit import loaders
+    from toolkit.speed import auto_speed_settings
     settings = auto_speed_settings(device, default_cnn_name())
     run = argparse.Namespace(data_folder=folder, batch_size=args.batch_size,
                              workers=args.workers, data_cache=path == 'cached',
@@ -212,7 +212,7 @@ def measure_path(folder, path, args, device):
 
 def measure_size(data, total, args, device):
     """Every figure of one size: the caches' build, then each path's epoch and pass."""
-    import data_cache
+    from toolkit import data_cache
     folder = None
     try:
         folder = subset_folder(data, total)
@@ -257,7 +257,7 @@ def model_times(args, device):
     import torch
     import torch.nn as nn
     import student_code as sc
-    from speed import amp_dtype_for, auto_speed_settings
+    from toolkit.speed import amp_dtype_for, auto_speed_settings
     from utils import predict_with_flip
     settings = auto_speed_settings(device, default_cnn_name())
     amp, channels_last = settings['amp'][0], settings['channels_last'][0]

@@ -8,7 +8,7 @@ import random
 import torch
 from torch.utils.data import Sampler
 
-from distributed import per_process_batch, world
+from toolkit.distributed import per_process_batch, world
 
 
 class TrainOrder(Sampler):

@@ -23,9 +23,9 @@ import numpy as np
 from torch.utils import data
 
 import custom_transforms as T
-import safe_files
+from toolkit import safe_files
 from custom_dataloader import DatasetError, MiniPlacesLoader
-from safe_files import FileLock
+from toolkit.safe_files import FileLock
 
 
 CACHE_VERSION = 2        # bump when the file layout, the stored geometry or the fingerprint

@@ -14,11 +14,11 @@ import random
 
 import torch
 
-import run_record as rr
-from distributed import check_global_batch, launch_size
-from networks import ARCHS, check_arch
+from toolkit import run_record as rr
+from toolkit.distributed import check_global_batch, launch_size
+from toolkit.networks import ARCHS, check_arch
 from student_code import cnn_models, vit_models, default_cnn_model, default_vit_model
-from run_folder import run_dir_of_checkpoint
+from toolkit.run_folder import run_dir_of_checkpoint
 from utils import UsageError, CheckpointError, warmup_cosine_factor
 
 # the flags that define a training run: --resume takes them from the checkpoint

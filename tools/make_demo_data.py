@@ -1,6 +1,6 @@
 """Write a synthetic dataset in MiniPlaces layout, for trying the toolkit offline.
 
-    python code/make_demo_data.py OUT_DIR [--num-classes 10] [--train-per-class 100]
+    python tools/make_demo_data.py OUT_DIR [--num-classes 10] [--train-per-class 100]
                                           [--val-per-class 20] [--size 128] [--seed 0]
                                           [--workers N]
 
@@ -9,7 +9,7 @@ train.txt, val.txt and categories.txt, like MiniPlaces. The first ten class name
 MiniPlaces' first ten; the others are scene names made up in its style. MiniPlaces' own
 shape (100 classes, 100,000 training and 10,000 validation images, about 1.4 GB):
 
-    python code/make_demo_data.py data/scale --num-classes 100 --train-per-class 1000 \
+    python tools/make_demo_data.py data/scale --num-classes 100 --train-per-class 1000 \
         --val-per-class 100
 
 Each of the first ten classes is a texture that fills the image: stripes (horizontal,
@@ -55,7 +55,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import safe_files
+import _paths  # noqa: F401  code/ and tools/ on sys.path: runs from any directory
+from toolkit import safe_files
 
 # the first ten MiniPlaces categories (as in its categories.txt), then 90 scene names made
 # up in its style (<letter>/<name>, alphabetical), not MiniPlaces' own: 100 in all
@@ -302,7 +303,7 @@ def make_demo_dataset(out_dir, num_classes=10, train_per_class=100, val_per_clas
     check_disk_space(out_dir, num_train + num_val, size)
     prepare_out_dir(out_dir)
     with open(os.path.join(out_dir, MARKER), "w") as f:
-        f.write(f"Synthetic demo set written by code/make_demo_data.py: num_classes={num_classes} "
+        f.write(f"Synthetic demo set written by tools/make_demo_data.py: num_classes={num_classes} "
                 f"train_per_class={train_per_class} val_per_class={val_per_class} "
                 f"size={size} seed={seed}\n{__doc__}")
     rng = np.random.default_rng(seed)

@@ -7,10 +7,11 @@ import itertools
 import os
 from statistics import mean
 
-import run_record as rr
-from bench_recipe import (REPO, RECIPE_MODELS, VIT_FLAGS, RecipeError, best_and_final,
-                          build_recipe_data, model_label, run_recipe_cell, where, work_folder)
-from bench_timing import machine
+from toolkit import run_record as rr
+from benchmarks.bench_recipe import (REPO, RECIPE_MODELS, VIT_FLAGS, RecipeError, best_and_final,
+                                     build_recipe_data, model_label, run_recipe_cell, where,
+                                     work_folder)
+from benchmarks.bench_timing import machine
 
 
 def warmup_epochs(epochs):
@@ -168,7 +169,7 @@ def max_weight_difference(run_a, run_b):
     """The largest absolute difference between the final learned weights of two runs.
     BatchNorm's running statistics are left out: without --sync-bn each process keeps
     those of its own share of the batch, so they differ by design."""
-    from run_folder import load_checkpoint
+    from toolkit.run_folder import load_checkpoint
     a, b = (load_checkpoint(rr.checkpoint_path(run)).state_dict for run in (run_a, run_b))
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a
                if not k.endswith(BN_STATISTICS))

@@ -5,7 +5,8 @@ a noisy machine; absolute times do not), with a PASS/FAIL line per target.
 """
 from statistics import median
 
-from bench_timing import SavedForBackwardMeter, interleaved_times, median_ratio, saved_bytes, sync
+from benchmarks.bench_timing import (SavedForBackwardMeter, interleaved_times, median_ratio,
+                                     saved_bytes, sync)
 
 
 # ---------------------------------------------------------------- conv

@@ -13,10 +13,10 @@ import sys
 import tempfile
 from statistics import mean, stdev
 
-import run_record as rr
-from bench_timing import cpu_name
+from toolkit import run_record as rr
+from benchmarks.bench_timing import cpu_name
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _paths import REPO
 
 
 # ---------------------------------------------------------------- recipe
@@ -110,7 +110,7 @@ def _last_line(text):
 def build_recipe_data(name, out_dir, quick=False, extra=None):
     """Write data set `name` into out_dir with its generator script (`extra`: its size
     flags, else the set's own)."""
-    script = os.path.join(REPO, 'code', RECIPE_DATASETS[name])
+    script = os.path.join(REPO, 'tools', RECIPE_DATASETS[name])
     size = QUICK_DATA[name] if quick else (extra if extra is not None else
                                             SIZE_FLAGS.get(name, []))
     done = subprocess.run([sys.executable, script, out_dir] + DATA_FLAGS[name] + size,

@@ -14,7 +14,10 @@ import subprocess
 import sys
 import time
 
-import student_code as sc
+if __name__ == '__main__':   # run as a script (its own child process): tools/ on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _paths  # noqa: E402,F401  code/ and tools/ on sys.path
+import student_code as sc  # noqa: E402
 
 MODELS = {**sc.cnn_models, **sc.vit_models}
 WAIT_POLICIES = {'spin': None, 'passive': 'PASSIVE'}   # None: OMP_WAIT_POLICY unset

@@ -7,9 +7,9 @@ import itertools
 import os
 from statistics import median
 
-from bench_timing import interleaved_times
+from benchmarks.bench_timing import interleaved_times
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _paths import REPO
 
 
 def bench_step(args):
@@ -20,7 +20,7 @@ def bench_step(args):
     import torch
     import torch.nn as nn
     import student_code as sc
-    from speed import amp_dtype_for
+    from toolkit.speed import amp_dtype_for
     device = torch.device(args.device)
     dtype = getattr(torch, amp_dtype_for(device))
     torch.manual_seed(0)
@@ -63,8 +63,8 @@ def bench_pipeline(args):
     import cv2
     import torch
     from torch.utils.data import default_collate
-    import data_cache
-    import fast_data
+    from toolkit import data_cache
+    from toolkit import fast_data
     from custom_dataloader import MiniPlacesLoader
     from make_demo_data import make_demo_dataset
     from student_code import get_train_transforms
