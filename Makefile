@@ -49,10 +49,11 @@ $(DEMO)/train.txt: | $(SETUP)
 	$(PY) tools/make_demo_data.py $(DEMO)
 
 # train the default CNN on the offline demo set (CPU, a few minutes), then
-# turn the run into figures and a table under results/demo/
+# turn the run into figures and a table under results/demo/. In fp32 on every CPU
+# (--no-amp), so that it prints the same figure everywhere (docs/benchmarks.md)
 demo: $(SETUP) $(DEMO)/train.txt
 	$(PY) code/main.py $(DEMO) --num-classes 10 --epochs 4 --warmup 1 -b 32 --lr 0.05 \
-		-j 2 --device cpu --seed 0 --name demo
+		-j 2 --device cpu --no-amp --seed 0 --name demo
 	$(PY) tools/report.py "$$(ls -dt logs/exp_*_demo | head -1)" --out results/demo
 
 test: $(SETUP)

@@ -69,13 +69,23 @@ def makefile_demo_flags():
         text = f.read().replace('\\\n', ' ')           # join continued lines
     recipe = text.split('\ndemo:', 1)[1].split('\n\n', 1)[0]
     (line,) = [line for line in recipe.splitlines() if 'code/main.py' in line]
-    tokens = shlex.split(line.split('$(DEMO)', 1)[1])
-    return dict(zip(tokens[0::2], tokens[1::2]))
+    return flag_values(shlex.split(line.split('$(DEMO)', 1)[1]))
+
+
+def flag_values(tokens):
+    """{flag: its value, or True for a switch such as --no-amp}."""
+    flags = {}
+    for i, token in enumerate(tokens):
+        if token.startswith('-'):
+            value = tokens[i + 1] if i + 1 < len(tokens) else None
+            flags[token] = True if value is None or value.startswith('-') else value
+    return flags
 
 
 def test_recipe_demo_config_is_the_makefiles_demo_command():
     make = makefile_demo_flags()
-    ours = dict(zip(*[iter(bench_recipe.recipe_flags('cnn', 'demo', seed=7))] * 2))
+    ours = flag_values(bench_recipe.recipe_flags('cnn', 'demo', seed=7))
+    assert make['--no-amp'] is True
     assert ours.pop('--seed') == '7' and ours.pop('-p') == '1000'
     make.pop('--seed'), make.pop('--name')
     assert ours == make
