@@ -302,11 +302,11 @@ def settle_data_and_speed(args, device, classes_from, with_train):
     """The plan's last steps, for training and for -e/-a alike: the data (checked first)
     and the class count it settles, the device's speed settings, whether the cache can
     serve; then the plan is frozen. Returns (the plan, its loaders, the training set)."""
-    train_set, val_set = load_datasets(args, train=with_train)
-    settle_num_classes(args, {'train': train_set, 'val': val_set} if with_train else
-                       {'val': val_set}, classes_from)
+    train_set, val_set = load_datasets(args, train=with_train)  # built once, used below
+    datasets = {'train': train_set, 'val': val_set} if with_train else {'val': val_set}
+    settle_num_classes(args, datasets, classes_from)
     auto = resolve_speed_settings(args, device)
-    cache_fallback = settle_data_cache(args, with_train=with_train, auto=auto)
+    cache_fallback = settle_data_cache(args, datasets, auto=auto)
     plan = freeze(args)
     loaders = build_loaders(plan, device, train_set, val_set)
     print(speed_line(plan, device, auto, {'data_cache': cache_fallback}))

@@ -112,7 +112,7 @@ def first_training_batch(data_folder, auto):
     args = argparse.Namespace(data_folder=data_folder, workers=0, channels_last=False,
                               data_cache=True, rebuild_cache=False, batch_size=8)
     train_set, val_set = loaders.load_datasets(args)
-    reason = loaders.settle_data_cache(args, with_train=True, auto=auto)
+    reason = loaders.settle_data_cache(args, {'train': train_set, 'val': val_set}, auto=auto)
     train_loader, _ = loaders.build_loaders(args, torch.device('cpu'), train_set, val_set)
     loaders.seed_epoch(0, 0, train_loader)
     images, _ = next(iter(train_loader))

@@ -516,8 +516,9 @@ def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
     path = data_cache.cache_paths(data_copy, 'val')[0]
 
     def val_loader(**flags):
-        return loaders.cached_loader(cpu_args(data_copy, **flags), torch.device('cpu'), 'val',
-                                     student_code.get_val_transforms(), batch_size=4)
+        val_set = MiniPlacesLoader(data_copy, 'val', num_classes=None)
+        return loaders.cached_loader(cpu_args(data_copy, **flags), torch.device('cpu'),
+                                     val_set, student_code.get_val_transforms(), batch_size=4)
 
     val_loader()
     built = os.stat(path).st_ino, os.stat(path).st_ctime_ns
@@ -626,7 +627,9 @@ if os.geteuid() == 0:
         sys.exit(0)
 args = argparse.Namespace(data_folder=sys.argv[1], workers=0, data_cache=True,
                           rebuild_cache=sys.argv[2] == 'rebuild')
-loaders.settle_data_cache(args, with_train=True)
+train_set, val_set = loaders.load_datasets(argparse.Namespace(data_folder=sys.argv[1],
+                                                               batch_size=1))
+loaders.settle_data_cache(args, {'train': train_set, 'val': val_set})
 if args.data_cache:
     loaders.data_cache.load_or_build_cache(sys.argv[1], 'val')   # reads, writes nothing
 print(json.dumps(args.data_cache))
@@ -762,3 +765,22 @@ def test_device_loader_on_the_cpu(cache):
     assert x2.shape[0] == 8 and torch.equal(y, torch.as_tensor(cache.labels[:16]))
     expected = student_code.get_val_transforms()(np.array(cache.images[3]))
     torch.testing.assert_close(x[3], expected)
+
+
+def test_a_run_reads_each_label_file_once(demo, tmp_path, capsys, monkeypatch):
+    """The datasets the driver builds serve the cache's checks and build too: each split's
+    label file is read (and its images' fingerprint taken) once per run, not three times."""
+    from conftest import FAST, run_main
+    built = []
+    real_init = MiniPlacesLoader.__init__
+
+    def counting_init(self, root_folder, split='train', *args, **kwargs):
+        built.append(split)
+        real_init(self, root_folder, split, *args, **kwargs)
+    monkeypatch.setattr(MiniPlacesLoader, '__init__', counting_init)
+    data = str(tmp_path / 'data')
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns('cache'))
+    code, _, err = run_main([data, '--log-dir', str(tmp_path / 'logs'), '--epochs', '2',
+                             '--data-cache'] + FAST, capsys)
+    assert code == 0, err
+    assert sorted(built) == ['train', 'val']

@@ -265,7 +265,16 @@ class ImageCache:
         return f"ImageCache({self.path!r}, {len(self)} images of {self.size}x{self.size})"
 
 
-def load_or_build_cache(data_folder, split, size=CACHE_SIZE, workers=0, rebuild=False):
+def split_of(data_folder, split, dataset=None):
+    """The split's MiniPlacesLoader: `dataset` where the caller has built it already (the
+    driver's loaders: the label file is read once per run), else read now."""
+    if dataset is not None:
+        return dataset
+    return MiniPlacesLoader(data_folder, split=split, num_classes=None)
+
+
+def load_or_build_cache(data_folder, split, size=CACHE_SIZE, workers=0, rebuild=False,
+                        dataset=None):
     """The cache of DIR/<split>.txt: loaded if its fingerprint matches the label file and
     the images, else (re)built with `workers` decoding processes, saying why in one line;
     rebuild=True (--rebuild-cache) rebuilds it in any case. Data problems raise
@@ -274,8 +283,8 @@ def load_or_build_cache(data_folder, split, size=CACHE_SIZE, workers=0, rebuild=
     A fresh cache is read without any lock or write (a read-only data folder works). A
     build takes _build_lock first: it waits for another process's build, removes what
     killed builds left, and checks the fingerprint again, since the build it waited for
-    may have made the cache fresh."""
-    loader = MiniPlacesLoader(data_folder, split=split, num_classes=None)
+    may have made the cache fresh. `dataset`: the split's MiniPlacesLoader, if built."""
+    loader = split_of(data_folder, split, dataset)
     fingerprint = _fingerprint(loader)
     path, meta_path = cache_paths(data_folder, split, size)
     folder = os.path.dirname(path)
@@ -305,13 +314,13 @@ def cache_writable(data_folder):
     return os.access(folder if os.path.isdir(folder) else data_folder, os.W_OK)
 
 
-def build_shortfall(data_folder, splits, rebuild=False, size=CACHE_SIZE):
+def build_shortfall(data_folder, splits, rebuild=False, size=CACHE_SIZE, datasets=None):
     """Why the caches of `splits` that a run would build (missing or stale ones, all of
     them with rebuild) do not fit on the disk together, or None: said before any build
-    starts."""
+    starts. `datasets`: {split: its MiniPlacesLoader} where built."""
     nbytes = 0
     for split in splits:
-        loader = MiniPlacesLoader(data_folder, split=split, num_classes=None)
+        loader = split_of(data_folder, split, (datasets or {}).get(split))
         path, meta_path = cache_paths(data_folder, split, size)
         if rebuild or _stale_reason(path, meta_path, _fingerprint(loader), size) is not None:
             nbytes += len(loader) * size * size * 3
@@ -322,10 +331,10 @@ def build_shortfall(data_folder, splits, rebuild=False, size=CACHE_SIZE):
                            folder if os.path.isdir(folder) else data_folder)
 
 
-def cache_problem(data_folder, split, size=CACHE_SIZE):
+def cache_problem(data_folder, split, size=CACHE_SIZE, dataset=None):
     """Why the split's cache on disk cannot be used as it is ("missing" if there is none),
     or None: the check load_or_build_cache starts with, for a caller that must know
     without building (a data folder it cannot write)."""
-    loader = MiniPlacesLoader(data_folder, split=split, num_classes=None)
+    loader = split_of(data_folder, split, dataset)
     path, meta_path = cache_paths(data_folder, split, size)
     return _stale_reason(path, meta_path, _fingerprint(loader), size)

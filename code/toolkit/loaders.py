@@ -181,8 +181,9 @@ def uint8_handover(dataset):
     return transforms, (mean, std)
 
 
-def cache_refusal(args, splits):
-    """Why the cached path cannot be used (printed as a note), or None."""
+def cache_refusal(args, splits, datasets):
+    """Why the cached path cannot be used (printed as a note), or None. splits: {split:
+    its transforms}; datasets: {split: its MiniPlacesLoader}."""
     for split, transforms in splits.items():
         supported, reason = fast_data.fused_path_supported(transforms)
         if not supported:
@@ -194,7 +195,7 @@ def cache_refusal(args, splits):
     if getattr(args, 'rebuild_cache', False):
         return f'{args.data_folder} is read-only: --rebuild-cache cannot rebuild its cache'
     for split in splits:
-        problem = data_cache.cache_problem(args.data_folder, split)
+        problem = data_cache.cache_problem(args.data_folder, split, dataset=datasets[split])
         if problem == 'missing':
             return f'{args.data_folder} is read-only and holds no cache of {split}'
         if problem is not None:
@@ -202,14 +203,15 @@ def cache_refusal(args, splits):
     return None
 
 
-def cached_loader(args, device, split, transforms, **kw):
+def cached_loader(args, device, dataset, transforms, **kw):
     """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
     the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
     # several processes: rank 0 builds a missing cache (or rebuilds it with
     # --rebuild-cache), the others then read it
     rebuild = getattr(args, 'rebuild_cache', False) and world().rank == 0
+    split = dataset.split
     cache = distributed.rank0_first(lambda: data_cache.load_or_build_cache(
-        args.data_folder, split, workers=args.workers, rebuild=rebuild))
+        args.data_folder, split, workers=args.workers, rebuild=rebuild, dataset=dataset))
     if device.type == 'cuda':
         try:
             loader = fast_data.DeviceLoader(cache, transforms, device, **kw)
@@ -233,22 +235,24 @@ def per_image_loader(args, device, dataset, **kw):
     return OnDevice(loader, device, handover and handover[1], memory_format(args))
 
 
-def settle_data_cache(args, with_train, auto=()):
+def settle_data_cache(args, datasets, auto=()):
     """Keep --data-cache only where the cached path can serve the run: else one note says
     why, and whether the cache was asked for or on by default (`auto`: the flags chosen
     automatically), and the reason is returned for the start line (else None).
     args.data_cache is then what the run really does, for its summary. A cache that does
     not fit on the disk is left out when it was auto, and refused when it was asked for
-    (or is the resumed run's)."""
+    (or is the resumed run's). datasets: {split: its MiniPlacesLoader}, 'val' and, for
+    training, 'train'."""
     if not args.data_cache:
         return None
     splits = {'val': get_val_transforms()}
-    if with_train:
+    if 'train' in datasets:
         splits['train'] = get_train_transforms()
-    refusal = cache_refusal(args, splits)
+    refusal = cache_refusal(args, splits, datasets)
     if refusal is None:
         refusal = data_cache.build_shortfall(args.data_folder, list(splits),
-                                             rebuild=getattr(args, 'rebuild_cache', False))
+                                             rebuild=getattr(args, 'rebuild_cache', False),
+                                             datasets=datasets)
         if refusal is not None and 'data_cache' not in auto:
             raise DatasetError(f'--data-cache: {refusal}: free some space or run with '
                                f'--no-data-cache')
@@ -269,9 +273,9 @@ def build_loaders(args, device, train_set, val_set):
         order = data_order.TrainOrder(len(train_set), args.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
     if args.data_cache:
-        val_loader = cached_loader(args, device, 'val', get_val_transforms(), **val_kw)
+        val_loader = cached_loader(args, device, val_set, get_val_transforms(), **val_kw)
         train_loader = None if train_set is None else \
-            cached_loader(args, device, 'train', get_train_transforms(), **train_kw)
+            cached_loader(args, device, train_set, get_train_transforms(), **train_kw)
     else:
         val_loader = per_image_loader(args, device, val_set, **val_kw)
         train_loader = None if train_set is None else \
