@@ -263,19 +263,12 @@ def train(args, given, ckpt, device, hold):
     summary = rr.new_summary(run_dir, args, num_params=student_code.count_params(model),
                              device=device, iters_per_epoch=n_iters, epochs_planned=args.epochs,
                              world_size=world().size, dist_backend=world().backend)
-    start_epoch, best = args.start_epoch, {'epoch': None, 'acc1': None, 'weights': None}
-    if ckpt is not None and not exact:
-        restore_weights(learner, ckpt, args)
-    elif ckpt is not None:
-        restore_training_state(learner, ckpt, args)
-        run_folder.restore_run_files(ckpt, args.resume, run_dir, summary, best)
-        if ends_the_run(args, ckpt, planned):  # killed between its checkpoint and summary
-            summary['status'] = rr.FINISHED
-            run_folder.write_summary(run_dir, summary)
-            print(f'=> the run had finished its {planned} epochs; its files are consistent now')
-            return summary
-        start_epoch = ckpt.epoch
-        print_extension(args, planned, start_epoch, n_iters)
+    start_epoch, best = resume(args, ckpt, exact, planned, learner, run_dir, summary)
+    if start_epoch is None:  # killed between its last checkpoint and its summary
+        summary['status'] = rr.FINISHED
+        run_folder.write_summary(run_dir, summary)
+        print(f'=> the run had finished its {planned} epochs; its files are consistent now')
+        return summary
 
     processes = f' x {world().size} processes ({world().backend})' if world().size > 1 else ''
     print(f'=> run folder {run_dir} | model {args.arch} ({summary["num_params"] / 1e6:.2f}M '
@@ -311,6 +304,25 @@ def settle_data_and_speed(args, device, classes_from, with_train):
     loaders = build_loaders(plan, device, train_set, val_set)
     print(speed_line(plan, device, auto, {'data_cache': cache_fallback}))
     return plan, loaders, train_set
+
+
+def resume(args, ckpt, exact, planned, learner, run_dir, summary):
+    """The training state to go on from, in one step: (start epoch, best so far
+    {'epoch', 'acc1', 'weights'}). A new run starts at --start-epoch; an exact resume
+    restores the learner and the run's files (summary included) from the checkpoint, and
+    returns start epoch None where the checkpoint already holds the run's last epoch; a
+    checkpoint without a plan gives its weights (restore_weights)."""
+    best = {'epoch': None, 'acc1': None, 'weights': None}
+    if ckpt is None or not exact:
+        if ckpt is not None:
+            restore_weights(learner, ckpt, args)
+        return args.start_epoch, best
+    restore_training_state(learner, ckpt, args)
+    run_folder.restore_run_files(ckpt, args.resume, run_dir, summary, best)
+    if ends_the_run(args, ckpt, planned):
+        return None, best
+    print_extension(args, planned, ckpt.epoch, summary['iters_per_epoch'])
+    return ckpt.epoch, best
 
 
 def restore_training_state(learner, ckpt, args):
