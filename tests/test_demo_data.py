@@ -268,13 +268,20 @@ def test_a_bad_setting_is_refused_before_a_set_is_replaced(tmp_path):
         assert after == before  # the complete set is untouched
 
 
+def sigint_as_in_a_terminal():
+    """A job started in the background by a non-interactive shell (`cmd &`, as a CI
+    script may be) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt: give the child the default a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_several_processes_write_is_one_line(tmp_path):
     """Ctrl-C in the terminal reaches the whole process group, the writing processes too."""
     out = tmp_path / "demo"
     proc = subprocess.Popen([sys.executable, SCRIPT, str(out), "--num-classes", "20",
                              "--train-per-class", "1000", "--size", "32", "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     deadline = time.time() + 120
     while not (out / "images" / "train" / "a" / "abbey").is_dir() or \
             not os.listdir(out / "images" / "train" / "a" / "abbey"):

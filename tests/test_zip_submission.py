@@ -31,7 +31,7 @@ def assignment(tmp_path):
         write(str(root / name), os.urandom(64))
     left_out = ['code/__pycache__/main.cpython-311.pyc', 'code/old.pyc', 'code/models/net.py',
                 'code/data/images/a.jpg', 'code/logs/exp_1/events.out.tfevents.1',
-                'code/model_best.pth.tar', 'code/toolkit/checkpoint.pth', 'code/weights.pt',
+                'code/model_best.pth.tar', 'code/checkpoint.pth', 'code/weights.pt',
                 'code/.DS_Store', 'code/.ipynb_checkpoints/nb-checkpoint.ipynb',
                 'code/.pytest_cache/v/cache', 'code/.venv/bin/python', 'code/myenv/pyvenv.cfg',
                 'code/myenv/lib/site.py', 'results/logs/x.txt', 'results/submission.zip',
