@@ -573,7 +573,8 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     source = adopt_evaluation_plan(args, given, ckpt)
     args, (_, val_loader), _ = settle_data_and_speed(args, device, source, with_train=False)
     model = build_model(args, from_checkpoint=True)
-    load_model_state(model, ckpt.state_dict, args.resume, args.arch)
+    load_model_state(model, ckpt.state_dict, args.resume, args.arch,
+                     ckpt.names_its_model or bool(given & {'arch', 'use_vit', 'use_resnet18'}))
     model, criterion = to_device(model, args, device), nn.CrossEntropyLoss()
 
     mode = 'attack' if args.attack else 'eval'

@@ -389,6 +389,14 @@ def test_a_handout_checkpoint_and_bare_weights_are_evaluated_attacked_and_resume
                  capsys, "'" + handout + "' is at epoch 2", 'no epoch to train')
 
 
+def test_bare_weights_of_another_model_ask_for_arch(demo, trained_run, tmp_path, capsys):
+    """Bare weights name no model: -e tries the default CNN, and its refusal says how to
+    name the model (the run was a SimpleNet)."""
+    _, bare = handout_files(trained_run, str(tmp_path))
+    expect_error([demo, '-e', '--resume', bare, '-j', '0', '--log-dir', str(tmp_path / 'l')],
+                 capsys, 'does not fit the model (resnet10)', 'say which it is with --arch')
+
+
 @pytest.mark.parametrize('damage, words', [
     (dict(args=['epochs', 3]), "its 'args' is a list"),
     (dict(args='epochs=3'), "its 'args' is a str"),

@@ -47,6 +47,12 @@ class Checkpoint:
         return [name for name in EXACT_RESUME if getattr(self, name) is None]
 
     @property
+    def names_its_model(self):
+        """The file says which model its weights are for (this toolkit's arch, the
+        handout's model_arch); bare weights do not."""
+        return self.arch is not None or self.model_arch is not None
+
+    @property
     def plan(self):
         """The flags its run was trained with ({} where the file has none)."""
         return self.args or {}

@@ -102,13 +102,19 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def load_model_state(model, state_dict, path, arch):
+def load_model_state(model, state_dict, path, arch, names_its_model=True):
+    """Load weights into the model main.py built for `arch`, or one line saying why they do
+    not fit; names_its_model False (bare weights): the model was only a guess, and the
+    line says how to name it."""
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()
         detail = ' '.join(line.strip() for line in first[:3])[:300]
-        raise CheckpointError(f"'{path}' does not fit the model ({arch}): {detail}")
+        guess = '' if names_its_model else (
+            f"; the file does not name its model, so {arch} was tried: say which it is with "
+            f"--arch ({', '.join(sorted(ARCHS))})")
+        raise CheckpointError(f"'{path}' does not fit the model ({arch}){guess}: {detail}")
 
 
 def check_arch(arch, path):
