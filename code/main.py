@@ -17,8 +17,9 @@ Read it top to bottom, as PyTorch's examples/imagenet/main.py: the flags, main()
 train() (plan -> data -> model -> optimizer and schedule -> run folder -> resume ->
 epochs), the epoch loop, train_one_epoch(), validate(), then -e and -a. The modules of
 toolkit/ each hold one concept: run_plan.py (what a run is asked to do), loaders.py
-(the data), networks.py (models and optimizers), run_folder.py (its files),
-attack_eval.py (Part III), speed.py and distributed.py.
+(the data), networks.py (models and optimizers), run_folder.py (its files), resume.py
+(the state a resumed run goes on from), attack_eval.py (Part III), speed.py and
+distributed.py.
 """
 import argparse
 import contextlib
@@ -55,8 +56,9 @@ from toolkit.loaders import (build_loaders, load_datasets, seed_epoch,  # noqa: 
 from toolkit.networks import (ARCHS, build_model, build_optimizer, load_model_state,  # noqa: E402
                               to_device)
 from toolkit.run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan,  # noqa: E402
-                              adopt_weights, check_args, ends_the_run, finished_cleanly, freeze,
-                              given_flags, print_extension, refuse_unresumable, settle_new_run)
+                              adopt_weights, check_args, finished_cleanly, freeze, given_flags,
+                              refuse_unresumable, settle_new_run)
+from toolkit.resume import resume  # noqa: E402
 from toolkit.speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
                            resolve_speed_settings, speed_line)
 from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  # noqa: E402
@@ -304,66 +306,6 @@ def settle_data_and_speed(args, device, classes_from, with_train):
     loaders = build_loaders(plan, device, train_set, val_set)
     print(speed_line(plan, device, auto, {'data_cache': cache_fallback}))
     return plan, loaders, train_set
-
-
-def resume(args, ckpt, exact, planned, learner, run_dir, summary):
-    """The training state to go on from, in one step: (start epoch, best so far
-    {'epoch', 'acc1', 'weights'}). A new run starts at --start-epoch; an exact resume
-    restores the learner and the run's files (summary included) from the checkpoint, and
-    returns start epoch None where the checkpoint already holds the run's last epoch; a
-    checkpoint without a plan gives its weights (restore_weights)."""
-    best = {'epoch': None, 'acc1': None, 'weights': None}
-    if ckpt is None or not exact:
-        if ckpt is not None:
-            restore_weights(learner, ckpt, args)
-        return args.start_epoch, best
-    restore_training_state(learner, ckpt, args)
-    run_folder.restore_run_files(ckpt, args.resume, run_dir, summary, best)
-    if ends_the_run(args, ckpt, planned):
-        return None, best
-    print_extension(args, planned, ckpt.epoch, summary['iters_per_epoch'])
-    return ckpt.epoch, best
-
-
-def restore_training_state(learner, ckpt, args):
-    """Weights, optimizer, schedule and loss scale as the checkpoint left them."""
-    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch)
-    learner.optimizer.load_state_dict(ckpt.optimizer)
-    learner.scheduler.load_state_dict(ckpt.scheduler)
-    if learner.scaler is not None and ckpt.scaler:  # fp16: the scale it had reached
-        learner.scaler.load_state_dict(ckpt.scaler)
-    # the lr of the schedule's closed form at this iteration: it differs from the saved
-    # one when --epochs extends the run
-    scheduler = learner.scheduler
-    for group, base_lr, factor in zip(learner.optimizer.param_groups, scheduler.base_lrs,
-                                      scheduler.lr_lambdas):
-        group['lr'] = base_lr * factor(scheduler.last_epoch)
-    saved_world = ckpt.plan.get('world_size', 1)
-    if saved_world != world().size:
-        print(f'note: the run was trained by {saved_world} process(es), now by '
-              f'{world().size}: the global batches are the same, but BatchNorm statistics '
-              f'are per process, so the rest will not equal an uninterrupted run exactly')
-    print(f"=> resumed '{args.resume}' at epoch {ckpt.epoch} (best Acc@1 "
-          f"{ckpt.best_acc1:.2f})")
-
-
-def restore_weights(learner, ckpt, args):
-    """The weights of a checkpoint without a plan (run_plan.adopt_weights), and its
-    optimizer state where it has one that fits the model; the optimizer keeps the flags'
-    hyperparameters and the schedule's learning rate at the start epoch."""
-    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch)
-    if ckpt.optimizer is None:
-        return
-    optimizer = learner.optimizer
-    ours = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(ckpt.optimizer)
-    except (ValueError, KeyError, TypeError) as exc:
-        print(f"note: the optimizer state of '{args.resume}' does not fit ({one_line(exc)}); "
-              f"the optimizer starts afresh")
-        return
-    for group, settings in zip(optimizer.param_groups, ours):
-        group.update(settings)
 
 
 def run_epochs(args, learner, train_loader, val_loader, device, run_dir, summary, best,

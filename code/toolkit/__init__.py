@@ -13,6 +13,7 @@ networks.py     building models and optimizers: the --arch names, the convolutio
 run_folder.py   the run folder: its lock, the commit of an epoch, the resume state
 run_plan.py     what a run is asked to do, checked before any work, and what a resume may change
 run_record.py   the summary.json schema and the TensorBoard tags, defined once
+resume.py       resuming a run: the training state to go on from, in one step
 safe_files.py   the one lock and the one atomic write (run folder, data cache, submission zip)
 speed.py        --amp, --channels-last, --compile, --data-cache: the speed settings
 """
