@@ -13,6 +13,7 @@ import pytest
 import student_code
 from custom_dataloader import MiniPlacesLoader
 from make_real_data import FASHION_CLASSES, FASHION_DIR, make_fashion_mnist
+from test_real_data import read_pairs
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_real_data.py")
 HAVE_PACKAGE = os.path.isfile(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
@@ -28,11 +29,6 @@ def reference(prefix):
     with gzip.open(os.path.join(FASHION_DIR, f"{prefix}-labels-idx1-ubyte.gz")) as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
     return images, labels
-
-
-def read_pairs(path):
-    with open(path) as f:
-        return [(p, int(n)) for p, n in (line.split() for line in f.read().splitlines())]
 
 
 @pytest.fixture(scope="module")
