@@ -444,3 +444,25 @@ def test_a_result_on_a_checkpoint_changed_since_is_shown_stale(tmp_path):
     assert f'its evaluation result is stale: {best} (epoch 1 when evaluated) has changed' in err
     os.remove(best)
     assert '| 1 | **stale**: gone |' in evaluation_row()[0]
+
+
+def test_an_interrupted_report_leaves_the_previous_one_whole(logs, tmp_path, monkeypatch):
+    """Ctrl-C while results.md is being written: the figures, curves.csv and results.md of
+    the previous report are still there, whole, and no temporary file is left beside them."""
+    out = tmp_path / 'cmp'
+    assert report.main([str(logs), '--out', str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == set(report.OUTPUTS)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, 'results_markdown', interrupted)
+    for name in ('curves.csv', 'top1.png'):      # so that a rewrite would show
+        (out / name).write_bytes(before[name] + b'old')
+    with pytest.raises(KeyboardInterrupt):
+        report.main([str(logs), '--out', str(out)])
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(report.OUTPUTS), sorted(after)   # no temporary file
+    assert after['results.md'] == before['results.md']
+    assert after['curves.csv'] == before['curves.csv']        # written anew, whole
+    assert after['top1.png'][:8] == b'\x89PNG\r\n\x1a\n'

@@ -13,6 +13,9 @@ ones TensorBoard shows, and RUN/summary.json. It writes into --out:
     curves.csv                         every logged scalar: run, tag, split, step, epoch, value
     results.md                         comparison table, evaluation and attack results
 
+Each file is written whole or not at all (a temporary file renamed over the old one), so
+an interrupted report leaves the previous one readable.
+
 The x axes are in epochs. Values logged every few iterations (training loss,
 learning rate) sit at (step + 1) / iters_per_epoch, the epochs of training done
 when they were logged; values logged once per epoch sit at the end of their
@@ -41,6 +44,7 @@ from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
 import _paths  # noqa: E402,F401  code/ and tools/ on sys.path: runs from any directory
 from toolkit import run_folder  # noqa: E402
+from toolkit import safe_files  # noqa: E402
 from toolkit import run_record as rr  # noqa: E402
 
 # tags main.py logs every print-freq iterations (step = global iteration);
@@ -353,26 +357,34 @@ def overview_figure(runs):
     return fig
 
 
+def save_png(fig, path, dpi):
+    """fig as a PNG at `path`, written whole or not at all (a report rewritten while a
+    viewer has the old figure open never shows half a file)."""
+    with safe_files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format='png')
+
+
 def save_figures(runs, out):
     for curve in CURVES:
         fig = curve_figure(runs, curve)
-        fig.savefig(os.path.join(out, f'{curve}.png'), dpi=150)
+        save_png(fig, os.path.join(out, f'{curve}.png'), dpi=150)
         plt.close(fig)
     fig = overview_figure(runs)
-    fig.savefig(os.path.join(out, 'overview.png'), dpi=120)
+    save_png(fig, os.path.join(out, 'overview.png'), dpi=120)
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- tables
 def write_csv(runs, path):
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
+    def write(f):
+        writer = csv.writer(f, lineterminator='\n')  # text mode gives the platform's ending
         writer.writerow(['run', 'tag', 'split', 'step', 'epoch', 'value'])
         for run in runs:
             for (tag, split), points in sorted(run['series'].items()):
                 for step, value in points:
                     writer.writerow([run['label'], tag, split, step,
                                      round(epoch_of(run, tag, step), 6), repr(float(value))])
+    safe_files.atomic_write(path, write)
 
 
 def run_records(run):
@@ -580,8 +592,8 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         save_figures(runs, args.out)
         write_csv(runs, os.path.join(args.out, 'curves.csv'))
-        with open(os.path.join(args.out, 'results.md'), 'w') as f:
-            f.write(results_markdown(runs, stats, command))
+        safe_files.atomic_write(os.path.join(args.out, 'results.md'),
+                                lambda f: f.write(results_markdown(runs, stats, command)))
     except OSError as e:  # read-only, a file in the way, /proc, a full disk ...
         raise SystemExit(out_error(args.out, e))
     print('\n'.join(comparison_table(runs, stats)))
