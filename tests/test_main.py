@@ -390,11 +390,13 @@ def test_a_handout_checkpoint_and_bare_weights_are_evaluated_attacked_and_resume
 
 
 def test_bare_weights_of_another_model_ask_for_arch(demo, trained_run, tmp_path, capsys):
-    """Bare weights name no model: -e tries the default CNN, and its refusal says how to
-    name the model (the run was a SimpleNet)."""
+    """Bare weights name no model: -e, -a and --resume try the default CNN, and the
+    refusal says how to name the model (the run was a SimpleNet)."""
     _, bare = handout_files(trained_run, str(tmp_path))
-    expect_error([demo, '-e', '--resume', bare, '-j', '0', '--log-dir', str(tmp_path / 'l')],
-                 capsys, 'does not fit the model (resnet10)', 'say which it is with --arch')
+    for mode in (['-e'], ['-a'], ['--epochs', '3', '-b', '8', '--device', 'cpu']):
+        expect_error([demo, '--resume', bare, '-j', '0', '--log-dir', str(tmp_path / 'l')]
+                     + mode, capsys, 'does not fit the model (resnet10)',
+                     'say which it is with --arch')
 
 
 @pytest.mark.parametrize('damage, words', [

@@ -57,7 +57,8 @@ def restore_weights(learner, ckpt, args):
     """The weights of a checkpoint without a plan (run_plan.adopt_weights), and its
     optimizer state where it has one that fits the model; the optimizer keeps the flags'
     hyperparameters and the schedule's learning rate at the start epoch."""
-    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch)
+    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch,
+                     ckpt.names_its_model)
     if ckpt.optimizer is None:
         return
     optimizer = learner.optimizer
