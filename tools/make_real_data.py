@@ -207,16 +207,20 @@ def kept_indices(labels, max_count):
     return np.sort(np.concatenate(balanced_first(per_class, max_count)))
 
 
-def make_fashion_mnist(out_dir, idx_dir=FASHION_DIR, size=28, max_train=None,
-                       max_val=None):
-    """Write Fashion-MNIST to out_dir; deterministic given the arguments. Returns
-    {"train": n_train, "val": n_val}."""
+def check_fashion_options(size, max_train, max_val):
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
     for flag, value in (("max_train", max_train), ("max_val", max_val)):
         if value is not None and value < len(FASHION_CLASSES):
             raise ValueError(f"{flag} must be at least {len(FASHION_CLASSES)} (one image "
                              f"per class), got {value}")
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
+
+
+def make_fashion_mnist(out_dir, idx_dir=FASHION_DIR, size=28, max_train=None,
+                       max_val=None):
+    """Write Fashion-MNIST to out_dir; deterministic given the arguments. Returns
+    {"train": n_train, "val": n_val}."""
+    check_fashion_options(size, max_train, max_val)
     sets = load_fashion_mnist(idx_dir)       # every file is read before anything is deleted
     prepare_out_dir(out_dir, FASHION_MARKER, "Fashion-MNIST set", OUR_FILES)
     with open(os.path.join(out_dir, FASHION_MARKER), "w") as f:
