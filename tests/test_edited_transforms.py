@@ -99,9 +99,9 @@ def test_edited_replaced_and_subclassed_transforms_are_refused_by_name(monkeypat
 def test_an_edited_to_tensor_turns_the_uint8_handover_off(monkeypatch):
     """The per-image path's uint8 hand-over replaces ToTensor and Normalize by a
     normalization on the device: only where they are the shipped ones."""
-    assert fd.uint8_transforms(student_code.get_train_transforms()) is not None
+    assert loaders.uint8_transforms(student_code.get_train_transforms()) is not None
     monkeypatch.setattr(T.ToTensor, '__call__', lambda self, img: torch.zeros(3, 4, 4))
-    assert fd.uint8_transforms(student_code.get_train_transforms()) is None
+    assert loaders.uint8_transforms(student_code.get_train_transforms()) is None
 
 
 # ------------------------------------------------------------------ what trains

@@ -320,7 +320,7 @@ def test_normalize_on_device_is_to_tensor_and_normalize():
 
 
 def test_uint8_handover_of_the_per_image_path():
-    transforms, mean, std = fd.uint8_transforms(student_code.get_train_transforms())
+    transforms, mean, std = loaders.uint8_transforms(student_code.get_train_transforms())
     assert (mean, std) == (MEAN, STD) and 'ToUint8Tensor()' in repr(transforms)
     img = render_image(np.random.default_rng(2), 4, 100)
     random.seed(7)
@@ -329,7 +329,7 @@ def test_uint8_handover_of_the_per_image_path():
     handed = transforms(img)
     assert handed.dtype == torch.uint8 and handed.shape == (3, 128, 128)
     torch.testing.assert_close(fd.normalize_on_device(handed[None], mean, std)[0], expected)
-    assert fd.uint8_transforms(T.Compose([T.Scale(10)])) is None
+    assert loaders.uint8_transforms(T.Compose([T.Scale(10)])) is None
 
 
 ################################################################################

@@ -68,7 +68,7 @@ def test_fp32_training_equals_the_float_handover_of_before(demo, tmp_path, capsy
     handing over float32 (the code before the uint8 hand-over), bit for bit."""
     run_new, out = train(demo, tmp_path / 'new', capsys, *FP32, epochs=1)
     assert '=> speed: amp off | channels-last off | compile off | data-cache off' in out
-    monkeypatch.setattr(fast_data, 'uint8_transforms', lambda transforms: None)
+    monkeypatch.setattr(loaders, 'uint8_transforms', lambda transforms: None)
     run_old, _ = train(demo, tmp_path / 'old', capsys, *FP32, epochs=1)
     assert_same_weights(weights(run_new), weights(run_old))
 

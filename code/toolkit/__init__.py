@@ -8,7 +8,7 @@ data_cache.py   the decoded-image cache: every image decoded once, shared by the
 data_order.py   the training order and each image's augmentation seed, from (seed, epoch)
 distributed.py  torchrun and DistributedDataParallel: processes, their share, their batches
 fast_data.py    the fused augmentation that reads the cache: the fast input pipeline
-loaders.py      the data loaders, per-image and cached; the class count
+loaders.py      the data loaders, per-image and cached; the uint8 hand-over; the class count
 networks.py     building models and optimizers: the --arch names, the convolution swap
 run_folder.py   the run folder: its lock, the commit of an epoch, the resume state
 run_plan.py     what a run is asked to do, checked before any work, and what a resume may change

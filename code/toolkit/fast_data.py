@@ -16,7 +16,7 @@ at ~4k images/s. Here, top to bottom:
   5. device execution: the cache lives in GPU memory and whole batches are warped with
      affine_grid/grid_sample (augment_on_device, DeviceLoader);
   6. normalization happens on the device (normalize_on_device): workers hand over uint8,
-     a quarter of the bytes of float32.
+     a quarter of the bytes of float32 (the per-image path does the same: loaders.py).
 
 Pixel coordinates. A pixel's centre is at its integer index (x, y) (OpenCV's convention):
 an image of width W covers x in [-0.5, W - 0.5]. cv2.resize(src -> dst) maps a destination
@@ -525,40 +525,3 @@ class DeviceLoader:
                 params = draw_params(self.plan, len(indices), seeds)
                 batch = augment_on_device(images, params, self.plan)
             yield batch, self.labels.index_select(0, idx)
-
-
-################################################################################
-# 6. The per-image path, handing over uint8 too
-################################################################################
-class ToUint8Tensor:
-    """H x W x C uint8 image -> C x H x W uint8 tensor (no scaling: that is done on the
-    device by normalize_on_device)."""
-
-    def __call__(self, img):
-        if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-            raise TypeError(f"ToUint8Tensor expects a uint8 numpy image, got "
-                            f"{getattr(img, 'dtype', type(img).__name__)}: a transform before "
-                            f"it returns another type; the uint8 hand-over cannot be used")
-        if img.ndim == 2:
-            img = img[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-
-    def __repr__(self):
-        return f"{self.__class__.__name__}()"
-
-
-def uint8_transforms(transforms):
-    """(transforms ending in ToUint8Tensor instead of ToTensor [+ Normalize], mean, std)
-    for the per-image path's workers, or None when the pipeline does not end that way."""
-    items = list(getattr(transforms, "transforms", ()))
-    if items and type(items[-1]) is T.Normalize:
-        items, (mean, std) = items[:-1], (items[-1].mean, items[-1].std)
-    else:
-        mean, std = [0.0] * 3, [1.0] * 3
-    if type(transforms) is not T.Compose or not items or type(items[-1]) is not T.ToTensor:
-        return None
-    try:            # the hand-over stands in for the shipped ToTensor and Normalize
-        check_shipped([("ToTensor", T.ToTensor), ("Normalize", T.Normalize)])
-    except Unsupported:
-        return None
-    return T.Compose(items[:-1] + [ToUint8Tensor()]), list(mean), list(std)

@@ -18,6 +18,7 @@ from toolkit import distributed
 from toolkit import data_cache
 from toolkit import data_order
 from toolkit import fast_data
+import custom_transforms as T
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
 from toolkit.distributed import world
 from toolkit.speed import memory_format
@@ -162,11 +163,47 @@ class OnDevice(object):
                    target.to(self.device, non_blocking=non_blocking))
 
 
+# The per-image path's hand-over: its workers send uint8 images (a quarter of the bytes
+# of float32) and OnDevice normalizes them on the device, as the cached path does
+class ToUint8Tensor:
+    """H x W x C uint8 image -> C x H x W uint8 tensor (no scaling: that is done on the
+    device by OnDevice)."""
+
+    def __call__(self, img):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+            raise TypeError(f'ToUint8Tensor expects a uint8 numpy image, got '
+                            f'{getattr(img, "dtype", type(img).__name__)}: a transform before '
+                            f'it returns another type; the uint8 hand-over cannot be used')
+        if img.ndim == 2:
+            img = img[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}()'
+
+
+def uint8_transforms(transforms):
+    """(transforms ending in ToUint8Tensor instead of ToTensor [+ Normalize], mean, std)
+    for the per-image path's workers, or None when the pipeline does not end that way."""
+    items = list(getattr(transforms, 'transforms', ()))
+    if items and type(items[-1]) is T.Normalize:
+        items, (mean, std) = items[:-1], (items[-1].mean, items[-1].std)
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    if type(transforms) is not T.Compose or not items or type(items[-1]) is not T.ToTensor:
+        return None
+    try:            # the hand-over stands in for the shipped ToTensor and Normalize
+        fast_data.check_shipped([('ToTensor', T.ToTensor), ('Normalize', T.Normalize)])
+    except fast_data.Unsupported:
+        return None
+    return T.Compose(items[:-1] + [ToUint8Tensor()]), list(mean), list(std)
+
+
 def uint8_handover(dataset):
     """(uint8 transforms, (mean, std)) for a per-image dataset's workers, or None where its
     transforms do not end in ToTensor [+ Normalize] or a step before them yields no uint8
     image (tried on the first image, the random state put back afterwards)."""
-    found = fast_data.uint8_transforms(dataset.transforms)
+    found = uint8_transforms(dataset.transforms)
     if found is None:
         return None
     transforms, mean, std = found
