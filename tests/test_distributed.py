@@ -335,7 +335,7 @@ def test_a_batchnorm_runs_figure_is_its_checkpoints_figure(real600, tmp_path, ca
     reports what -a on one process does."""
     import json
     logs = str(tmp_path)
-    flags = ['--arch', 'resnet10', '--epochs', '2', '--warmup', '0', '-b', '32', '--lr', '0.05',
+    flags = ['--arch', 'resnet10', '--epochs', '1', '--warmup', '0', '-b', '32', '--lr', '0.05',
              '--num-classes', '10', '--seed', '1', '-j', '0', '-p', '100', '--device', 'cpu',
              '--no-compile', '--no-amp']
     done = torchrun([real600, '--log-dir', logs] + flags)

@@ -4,7 +4,10 @@ The same run of main.py (model, data, seed, schedule) with only the input path o
 precision changed must reach the same validation accuracy within noise:
 - the cached path (decoded uint8 cache, one fused warp per image) against the per-image
   path (decode + get_train_transforms), on the demo set and on real digit scans;
-- bf16 autocast (--amp) against fp32 for the default CNN on real digit scans.
+- bf16 autocast (--amp) with channels-last against fp32 for the default CNN on real
+  digit scans; every one of these runs learns them well above chance (10 %): at least 30 %
+  after 4 short epochs at the handout's lr 0.1 (SimpleNet does not: docs/benchmarks.md,
+  "Training recipe on real images").
 
 Tolerance: 10 points of best val top-1. These short runs end where the curve is still
 steep: at seed 0 on this CPU the real runs ended at 61.8 (per-image), 61.0 (cached) and
@@ -66,7 +69,9 @@ def test_cached_path_and_amp_train_like_fp32_per_image_on_real_images(real600, t
                                                                      capsys):
     plain = real_run(real600, tmp_path / 'plain', capsys, *FP32, *PER_IMAGE)
     cached = real_run(real600, tmp_path / 'cached', capsys, *FP32, *CACHED)
-    amp = real_run(real600, tmp_path / 'amp', capsys, *AMP, *CACHED)
-    assert plain[0] >= 30.0, plain              # it learned: chance is 10 %
+    # every fast setting at once: bf16, channels-last, the cache
+    amp = real_run(real600, tmp_path / 'amp', capsys, *AMP, *CACHED, '--channels-last')
+    for run in (plain, cached, amp):            # it learned: chance is 10 %
+        assert run[0] >= 30.0, (plain, cached, amp)
     assert cached[0] >= plain[0] - TOLERANCE, (cached, plain)
     assert amp[0] >= cached[0] - TOLERANCE, (amp, cached)
