@@ -39,8 +39,11 @@ AMX_BF16 = {
 def cpu_amp_setting(arch):
     """(on, why) of the CPU's auto --amp for the model `arch`."""
     if not cpu_has_amx():
-        return (False, 'bf16 is slower than fp32 on a CPU without AMX' +
-                (' (even with AVX512-BF16)' if cpu_has_bf16() else ''))
+        # with AVX512-BF16 alone the measurements disagree between CPUs (docs/benchmarks.md,
+        # "CPU training step"): fp32, never wrong, stays the default there
+        return (False, 'bf16 without AMX tiles: slower than fp32 on one CPU measured, '
+                       '1.4-2.1x faster on another; ask with --amp' if cpu_has_bf16() else
+                'this CPU computes bf16 in software, slower than fp32')
     return AMX_BF16.get(arch, (False, f'bf16 not measured for {arch} on AMX; ask with --amp'))
 
 
