@@ -57,7 +57,7 @@ from toolkit.networks import (ARCHS, build_model, build_optimizer, load_model_st
                               to_device)
 from toolkit.run_plan import (adopt_checkpoint_plan, adopt_evaluation_plan,  # noqa: E402
                               adopt_weights, check_args, finished_cleanly, freeze, given_flags,
-                              refuse_unresumable, settle_new_run)
+                              names_the_model, refuse_unresumable, settle_new_run)
 from toolkit.resume import resume  # noqa: E402
 from toolkit.speed import (autocast, eager, forward_fn, gradient_autocast,  # noqa: E402
                            resolve_speed_settings, speed_line)
@@ -265,7 +265,8 @@ def train(args, given, ckpt, device, hold):
     summary = rr.new_summary(run_dir, args, num_params=student_code.count_params(model),
                              device=device, iters_per_epoch=n_iters, epochs_planned=args.epochs,
                              world_size=world().size, dist_backend=world().backend)
-    start_epoch, best = resume(args, ckpt, exact, planned, learner, run_dir, summary)
+    start_epoch, best = resume(args, ckpt, exact, planned, learner, run_dir, summary,
+                               ckpt is not None and names_the_model(ckpt, given))
     if start_epoch is None:  # killed between its last checkpoint and its summary
         summary['status'] = rr.FINISHED
         run_folder.write_summary(run_dir, summary)
@@ -516,7 +517,7 @@ def evaluate_or_attack(args, given, ckpt, ckpt_file, device):
     args, (_, val_loader), _ = settle_data_and_speed(args, device, source, with_train=False)
     model = build_model(args, from_checkpoint=True)
     load_model_state(model, ckpt.state_dict, args.resume, args.arch,
-                     ckpt.names_its_model or bool(given & {'arch', 'use_vit', 'use_resnet18'}))
+                     names_the_model(ckpt, given))
     model, criterion = to_device(model, args, device), nn.CrossEntropyLoss()
 
     mode = 'attack' if args.attack else 'eval'

@@ -397,6 +397,11 @@ def test_bare_weights_of_another_model_ask_for_arch(demo, trained_run, tmp_path,
         expect_error([demo, '--resume', bare, '-j', '0', '--log-dir', str(tmp_path / 'l')]
                      + mode, capsys, 'does not fit the model (resnet10)',
                      'say which it is with --arch')
+        # named by --arch: the refusal does not ask for what was given
+        code, out, err = run_main([demo, '--resume', bare, '-j', '0', '--arch', 'resnet10',
+                                   '--log-dir', str(tmp_path / 'l')] + mode, capsys)
+        assert code == 1 and 'does not fit the model (resnet10)' in err, err
+        assert 'say which it is' not in err, err
 
 
 @pytest.mark.parametrize('damage, words', [

@@ -12,16 +12,17 @@ from toolkit.run_plan import ends_the_run, print_extension
 from utils import one_line
 
 
-def resume(args, ckpt, exact, planned, learner, run_dir, summary):
+def resume(args, ckpt, exact, planned, learner, run_dir, summary, model_named):
     """The training state to go on from, in one step: (start epoch, best so far
     {'epoch', 'acc1', 'weights'}). A new run starts at --start-epoch; an exact resume
     restores the learner and the run's files (summary included) from the checkpoint, and
     returns start epoch None where the checkpoint already holds the run's last epoch; a
-    checkpoint without a plan gives its weights (restore_weights)."""
+    checkpoint without a plan gives its weights (restore_weights; model_named: the file
+    or the flags said which model they are for, run_plan.names_the_model)."""
     best = {'epoch': None, 'acc1': None, 'weights': None}
     if ckpt is None or not exact:
         if ckpt is not None:
-            restore_weights(learner, ckpt, args)
+            restore_weights(learner, ckpt, args, model_named)
         return args.start_epoch, best
     restore_training_state(learner, ckpt, args)
     run_folder.restore_run_files(ckpt, args.resume, run_dir, summary, best)
@@ -53,12 +54,11 @@ def restore_training_state(learner, ckpt, args):
           f"{ckpt.best_acc1:.2f})")
 
 
-def restore_weights(learner, ckpt, args):
+def restore_weights(learner, ckpt, args, model_named):
     """The weights of a checkpoint without a plan (run_plan.adopt_weights), and its
     optimizer state where it has one that fits the model; the optimizer keeps the flags'
     hyperparameters and the schedule's learning rate at the start epoch."""
-    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch,
-                     ckpt.names_its_model)
+    load_model_state(learner.model, ckpt.state_dict, args.resume, args.arch, model_named)
     if ckpt.optimizer is None:
         return
     optimizer = learner.optimizer

@@ -61,6 +61,13 @@ def requested_arch(args):
     return args.arch
 
 
+def names_the_model(ckpt, given):
+    """The checkpoint (its arch or the handout's model_arch) or the flags (--arch,
+    --use-vit, --use-resnet18) say which model its weights are for; otherwise the model
+    built for bare weights is only a guess, and a refusal says how to name it."""
+    return ckpt.names_its_model or bool(given & {'arch', 'use_vit', 'use_resnet18'})
+
+
 def check_args(args, given):
     """Reject bad flags and combinations before any work starts (one line each); the
     data folder is checked by MiniPlacesLoader, built before the model."""
