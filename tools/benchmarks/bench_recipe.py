@@ -58,6 +58,9 @@ DEFAULT_CONFIGS = list(RECIPE_CONFIGS)
 # slow, but learns as it would with it: the same numerics)
 RECIPE_CONFIGS.update({f'b64-scaled-{precision}': RECIPE_CONFIGS['b64-scaled'] + [flag]
                        for precision, flag in (('fp32', '--no-amp'), ('bf16', '--amp'))})
+# a short budget (a few epochs): is one epoch of warm-up, half of a 2-epoch run, a waste?
+# argparse keeps the last --warmup
+RECIPE_CONFIGS['b64-scaled-warmup0'] = RECIPE_CONFIGS['b64-scaled'] + ['--warmup', '0']
 VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
 # --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
 # workers: to see that every cell runs, not to measure anything
