@@ -3,15 +3,15 @@
 The same run of main.py (model, data, seed, schedule) with only the input path or the
 precision changed must reach the same validation accuracy within noise:
 - the cached path (decoded uint8 cache, one fused warp per image) against the per-image
-  path (decode + get_train_transforms), on the demo set and on real digit scans;
-- bf16 autocast (--amp) with channels-last against fp32 for the default CNN on real
-  digit scans; every one of these runs learns them well above chance (10 %): at least 30 %
-  after 4 short epochs at the handout's lr 0.1 (SimpleNet does not: docs/benchmarks.md,
-  "Training recipe on real images").
+  path (decode + get_train_transforms) on the demo set's colour textures;
+- every fast setting at once (the cache, bf16 autocast, channels-last) against fp32 on
+  the per-image path, for the default CNN on real digit scans; both runs learn them well
+  above chance (10 %): at least 30 % after 4 short epochs at the handout's lr 0.1
+  (SimpleNet does not: docs/benchmarks.md, "Training recipe on real images").
 
 Tolerance: 10 points of best val top-1. These short runs end where the curve is still
-steep: at seed 0 on this CPU the real runs ended at 61.8 (per-image), 61.0 (cached) and
-59.6 % (cached, amp), the demo runs at 88 and 81 %, and another seed or CPU moves such
+steep: at seed 0 on this CPU the real runs ended at 55.7 (per-image) and 60.4 % (cached,
+bf16, channels-last), the demo runs at 73 and 78 %, and another seed or CPU moves such
 runs by several points. A broken path (a wrong normalization, a flipped warp, bf16
 gradients that do not flow) falls towards chance (10 %), far outside the tolerance.
 `python tools/benchmark.py train` measures the same comparisons on longer runs at 5
@@ -57,7 +57,7 @@ def real_run(real600, tmp_path, capsys, *flags):
 @pytest.mark.slow
 def test_cached_path_trains_like_the_per_image_path_on_the_demo_set(demo200, tmp_path,
                                                                      capsys):
-    common = ['--epochs', '6', '--warmup', '1', '-b', '32', '--lr', '0.05'] + FP32
+    common = ['--epochs', '4', '--warmup', '1', '-b', '32', '--lr', '0.05'] + FP32
     per_image = best_top1(demo200, tmp_path / 'per_image', capsys, *common, *PER_IMAGE)
     cached = best_top1(demo200, tmp_path / 'cached', capsys, *common, *CACHED)
     assert per_image[0] >= 50.0, per_image      # it learned: chance is 10 %
@@ -65,13 +65,14 @@ def test_cached_path_trains_like_the_per_image_path_on_the_demo_set(demo200, tmp
 
 
 @pytest.mark.slow
-def test_cached_path_and_amp_train_like_fp32_per_image_on_real_images(real600, tmp_path,
-                                                                     capsys):
+def test_every_fast_setting_at_once_trains_like_fp32_per_image_on_real_images(real600,
+                                                                             tmp_path,
+                                                                             capsys):
+    """bf16, channels-last and the cache together against the plainest path; the cache
+    alone is compared on the demo set above (colour images), so a failure here that the
+    demo test does not share points at bf16 or channels-last."""
     plain = real_run(real600, tmp_path / 'plain', capsys, *FP32, *PER_IMAGE)
-    cached = real_run(real600, tmp_path / 'cached', capsys, *FP32, *CACHED)
-    # every fast setting at once: bf16, channels-last, the cache
-    amp = real_run(real600, tmp_path / 'amp', capsys, *AMP, *CACHED, '--channels-last')
-    for run in (plain, cached, amp):            # it learned: chance is 10 %
-        assert run[0] >= 30.0, (plain, cached, amp)
-    assert cached[0] >= plain[0] - TOLERANCE, (cached, plain)
-    assert amp[0] >= cached[0] - TOLERANCE, (amp, cached)
+    fast = real_run(real600, tmp_path / 'fast', capsys, *AMP, *CACHED, '--channels-last')
+    for run in (plain, fast):                   # it learned: chance is 10 %
+        assert run[0] >= 30.0, (plain, fast)
+    assert fast[0] >= plain[0] - TOLERANCE, (fast, plain)
