@@ -199,7 +199,14 @@ def test_pipeline_runs_on_a_set_smaller_than_its_device_batch(tmp_path, capsys):
     from make_demo_data import make_demo_dataset
     data = str(tmp_path / 'tiny')
     make_demo_dataset(data, num_classes=10, train_per_class=4, val_per_class=1, size=32)
-    benchmark.main(['pipeline', '--data', data, '--repeats', '1', '--images', '8'])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)        # a count of the caller's own, not the benchmark's 1
+    try:
+        benchmark.main(['pipeline', '--data', data, '--repeats', '1', '--images', '8'])
+        # it times one thread, and gives the caller's thread count back
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert 'ratio cached/per-image' in out and 'normalize_on_device on cpu' in out, out
 

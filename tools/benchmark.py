@@ -210,13 +210,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if hasattr(args, 'device'):
         check_device(args, parser.commands[args.which])
+    import cv2
     import torch
+    # some benchmarks time one thread; a caller of main() in-process keeps its own counts
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     if getattr(args, 'threads', 0) > 0:       # only the in-process benchmarks have --threads
         torch.set_num_threads(args.threads)
     try:
         return BENCHMARKS[args.which](args)
     except RecipeError as e:
         sys.exit(f"benchmark.py {args.which}: error: {e}")
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
 
 
 if __name__ == '__main__':
