@@ -546,14 +546,24 @@ data_cache.load_or_build_cache(sys.argv[1], 'train', rebuild=sys.argv[2] == 'reb
 """
 
 
+TRAIN_CACHE_BYTES = 24 * 128 * 128 * 3 + 128     # the train split's .npy: images + header
+
+
 def start_slow_build(data_folder, how='build'):
-    """The slow build's process, returned once it writes its temporary file (it then
-    holds the lock until its end)."""
+    """The slow build's process, returned once its temporary file has its full size (it
+    then decodes for seconds, holding the lock until its end). Not at the file's first
+    appearance: numpy writes the 128-byte header before it sizes the file."""
     proc = subprocess.Popen([sys.executable, '-c', SLOW_BUILD, data_folder, how], cwd=CODE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pattern = os.path.join(data_folder, 'cache', f'.*.tmp-*-{proc.pid}')
+
+    def sized():
+        try:
+            return any(os.path.getsize(f) == TRAIN_CACHE_BYTES for f in glob.glob(pattern))
+        except FileNotFoundError:           # renamed into place between glob and stat
+            return False
     deadline = time.time() + 120
-    while not glob.glob(pattern):
+    while not sized():
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f'the slow build did not start: {proc.communicate()[0]}')
@@ -590,7 +600,7 @@ def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, cap
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     (leftover,) = leftovers(folder)
-    assert os.path.getsize(leftover) == 24 * 128 * 128 * 3 + 128      # reserved up front
+    assert os.path.getsize(leftover) == TRAIN_CACHE_BYTES              # reserved up front
     data_cache.load_or_build_cache(data_copy, 'train')                         # the lock is free
     out = capsys.readouterr().out
     assert f'removed {leftover}' in out and 'decoding the 24 images' in out
