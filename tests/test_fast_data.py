@@ -627,6 +627,10 @@ from toolkit import loaders
 for split in ('train', 'val'):
     loaders.MiniPlacesLoader(sys.argv[1], split, num_classes=None)
     loaders.np.load(loaders.data_cache.cache_paths(sys.argv[1], split)[0], mmap_mode='r')
+# the transforms' source, read once and kept: a clone in a folder only root may enter
+from student_code import get_train_transforms, get_val_transforms
+for transforms in (get_train_transforms(), get_val_transforms()):
+    loaders.fast_data.fused_path_supported(transforms)
 if os.geteuid() == 0:
     try:
         os.setgroups([])
