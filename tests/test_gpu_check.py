@@ -76,6 +76,25 @@ def test_run_check_records_each_outcome():
     assert late['status'] == 'skipped (no time left)'
 
 
+def test_run_checks_runs_two_at_once_and_waits_before_a_run_folder(tmp_path, capsys):
+    """The rehearsal's two at a time: 'a' and 'b' each wait for the other to have started
+    (one at a time, the first would give up and fail); 'c' names a run folder that 'a'
+    makes a second after 'b' has ended, so 'c' passes only if it waits for 'a' too."""
+    meet = ('import os, sys, time; open(sys.argv[1], "w").close(); end = time.time() + 20\n'
+            'while not os.path.exists(sys.argv[2]) and time.time() < end: time.sleep(0.02)\n'
+            'time.sleep(float(sys.argv[4])); os.makedirs(sys.argv[3])\n'
+            'sys.exit(not os.path.exists(sys.argv[2]))')
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    checks = [('a', [sys.executable, '-c', meet, a, b, str(tmp_path / 'exp_1_a'), '1'], 30),
+              ('b', [sys.executable, '-c', meet, b, a, str(tmp_path / 'b_done'), '0'], 30),
+              ('c', [sys.executable, '-c', 'import os, sys; sys.exit(not os.path.isdir('
+                     'sys.argv[1]))', str(tmp_path / 'exp_*_a')], 30)]
+    records = gpu_check.run_checks(checks, time.monotonic() + 60, jobs=2)
+    assert [(r['name'], r['status']) for r in records] == [('a', 'passed'), ('b', 'passed'),
+                                                           ('c', 'passed')]
+    assert capsys.readouterr().out.splitlines()[-1].startswith('  c: passed')
+
+
 def test_expand_fills_in_a_run_folder(tmp_path):
     (tmp_path / 'exp_1_auto' / 'models').mkdir(parents=True)
     pattern = str(tmp_path / 'exp_*_auto' / 'models')
@@ -111,7 +130,7 @@ def test_the_cpu_rehearsal_runs_every_check_and_writes_the_report(tmp_path):
     """`gpu_check.py --rehearse`: the GPU's plan on the CPU, every check passes (a fault of
     the script shows here, not in GPU minutes), the torchrun run trains through a process
     group (gloo here, NCCL on the GPU), and the report sets the auto run's top-1 beside the
-    fp32 run's. About 3 minutes on a quiet 2-core machine."""
+    fp32 run's. Under a minute on a quiet 2-core machine."""
     done = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'gpu_check.py'),
                            '--rehearse', '--out', str(tmp_path)],
                           capture_output=True, text=True, timeout=900)

@@ -16,8 +16,9 @@ results/gpu-check/<date>-<gpu>.md, with the same in JSON beside it.
 
 On a machine without CUDA it says so in one line and exits 0. --rehearse runs the plan
 on the CPU instead (gloo for torchrun, tiny data, one repetition, torch.compile off: the
-inductor takes minutes on a CPU), within a smaller budget, and writes the same report as
-<date>-cpu-rehearsal.md: it checks the script, it measures nothing.
+inductor takes minutes on a CPU; two checks at a time), within a smaller budget, and
+writes the same report as <date>-cpu-rehearsal.md: it checks the script, it measures
+nothing.
 """
 import argparse
 import datetime
@@ -46,7 +47,7 @@ TRAIN = ['--num-classes', str(CLASSES), '--epochs', '3', '--warmup', '1', '-b', 
 BUDGET = 480          # seconds for the whole plan on a GPU
 # The rehearsal: the same commands, each with these flags after its own (argparse keeps
 # the last value of a flag), so that every one runs in seconds on a CPU
-REHEARSAL_BUDGET = 600     # about 3 minutes on a quiet 2-core machine; room for a busy one
+REHEARSAL_BUDGET = 600     # under a minute on a quiet 2-core machine; room for a busy one
 REHEARSAL_DATA = ['--train-per-class', '4', '--val-per-class', '2', '--size', '32']
 REHEARSAL_FLAGS = {'train': ['--epochs', '2', '-b', '8', '-j', '0'],
                    '-e/-a': ['-j', '0'],
@@ -56,6 +57,9 @@ REHEARSAL_FLAGS = {'train': ['--epochs', '2', '-b', '8', '-j', '0'],
 # --compile runs, compiling nothing; one thread each, as tiny models need no more and a
 # busy machine's other jobs then slow a check down the least
 REHEARSAL_ENV = {'TORCH_COMPILE_DISABLE': '1', 'OMP_NUM_THREADS': '1'}
+# ... and two checks at a time: most of a rehearsal check's seconds are the imports of one
+# Python process, which a second core halves. On the GPU one at a time: they measure.
+REHEARSAL_JOBS = 2
 
 
 def plan(python, data, logs, device, rehearse=False):
@@ -133,6 +137,27 @@ def run_check(name, command, seconds, deadline, env=None):
                          for x in (exc.stdout, exc.stderr))
     return dict(record, status=status, seconds=round(time.monotonic() - start, 1),
                 output=output)
+
+
+def run_checks(checks, deadline, env=None, jobs=1):
+    """run_check for each (name, command, seconds), `jobs` at once, each printed as it ends
+    and recorded in plan order. A check whose command names an earlier check's run folder
+    (a glob: -e and -a of the auto run) starts after every check before it has ended."""
+    from concurrent.futures import ThreadPoolExecutor
+    records, started = [], []
+
+    def wait_for(count):
+        while len(records) < count:
+            records.append(started[len(records)].result())
+            print(f"  {records[-1]['name']}: {records[-1]['status']} "
+                  f"({records[-1]['seconds']} s)", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for name, command, seconds in checks:
+            if any('*' in word for word in command):
+                wait_for(len(started))
+            started.append(pool.submit(run_check, name, command, seconds, deadline, env))
+        wait_for(len(started))
+    return records
 
 
 def figures(output, lines=14):
@@ -287,10 +312,7 @@ def main(argv=None):
     print(f"gpu-check: {facts['gpu']}, torch {facts['torch']}, {budget:.0f} s; data and runs "
           f"in {work}", flush=True)
     make_data(data, args.rehearse)
-    records = []
-    for name, command, seconds in checks:
-        records.append(run_check(name, command, seconds, deadline, env))
-        print(f"  {name}: {records[-1]['status']} ({records[-1]['seconds']} s)", flush=True)
+    records = run_checks(checks, deadline, env, REHEARSAL_JOBS if args.rehearse else 1)
     report = write_report(args.out, facts, records, run_summaries(logs))
     shutil.rmtree(work, ignore_errors=True)
     print(f'gpu-check: report in {report}')
