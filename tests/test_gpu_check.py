@@ -81,7 +81,8 @@ def test_run_checks_runs_two_at_once_and_waits_before_a_run_folder(tmp_path, cap
     (one at a time, the first would give up and fail); 'c' names a run folder that 'a'
     makes a second after 'b' has ended, so 'c' passes only if it waits for 'a' too."""
     meet = ('import os, sys, time; open(sys.argv[1], "w").close(); end = time.time() + 20\n'
-            'while not os.path.exists(sys.argv[2]) and time.time() < end: time.sleep(0.02)\n'
+            'while not os.path.exists(sys.argv[2]) and time.time() < end:\n'
+            '    time.sleep(0.02)\n'
             'time.sleep(float(sys.argv[4])); os.makedirs(sys.argv[3])\n'
             'sys.exit(not os.path.exists(sys.argv[2]))')
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
