@@ -274,6 +274,40 @@ class FillsUp(object):
         self.f.flush()
 
 
+class SignalsOnItsFirstWrite(object):
+    """A file whose first write sends this process SIGTERM: the signal arrives inside
+    torch.save, as a Ctrl-C or a VM's preemption can."""
+
+    def __init__(self, f):
+        self.f, self.sent = f, False
+
+    def write(self, data):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_sigterm_during_a_checkpoint_save_ends_the_run_interrupted(demo, tmp_path, capsys,
+                                                                   monkeypatch):
+    """torch.save turns an exception raised in its write into "unexpected pos": a SIGTERM
+    mid-save must not end the run as a failed write (exit 1, status 'failed'). The save
+    ends whole, then the run stops as interrupted (143) with that checkpoint to resume."""
+    real_save = torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, f, *a, **k:
+                        real_save(obj, SignalsOnItsFirstWrite(f), *a, **k))
+    logs = tmp_path / 'logs'
+    code, out, err = run_main(train_args(demo, str(logs)), capsys)
+    monkeypatch.undo()
+    run = only_run(str(logs))
+    assert code == 143 and checkpoint_of(run) in err and 'cannot write' not in err, err
+    assert summary_of(run)['status'] == 'interrupted'
+    assert torch.load(checkpoint_of(run), weights_only=True)['epoch'] == 1
+
+
 def test_a_disk_that_fills_up_during_a_save_says_no_space_left(demo, stopped_run, tmp_path,
                                                               capsys, monkeypatch):
     """torch.save itself reports the failed write as "unexpected pos N vs M"."""

@@ -1,6 +1,7 @@
 """safe_files.py: the sweep of temporary files removes only those of dead writers of
 this machine; an atomic write that fails keeps the old file and leaves nothing."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,3 +42,31 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_file(t
     assert path.read_text() == 'old' and os.listdir(tmp_path) == ['summary.json']
     safe_files.atomic_write(str(path), lambda f: f.write('new'))
     assert path.read_text() == 'new' and os.listdir(tmp_path) == ['summary.json']
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_an_interrupt_during_an_atomic_write_comes_once_the_file_is_in_place(tmp_path,
+                                                                             signum):
+    """Ctrl-C or SIGTERM in the middle of a write is held until the new file is in place,
+    then delivered to the handler of before: the file is whole and the caller still stops."""
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop(signum)
+    path = tmp_path / 'checkpoint.pth.tar'
+    path.write_text('old')
+
+    def interrupted_half_way(f):
+        f.write('new, first half; ')
+        os.kill(os.getpid(), signum)
+        f.write('second half')
+    before = signal.signal(signum, stop)
+    try:
+        with pytest.raises(Stop):
+            safe_files.atomic_write(str(path), interrupted_half_way)
+        assert signal.getsignal(signum) is stop
+    finally:
+        signal.signal(signum, before)
+    assert path.read_text() == 'new, first half; second half'
+    assert os.listdir(tmp_path) == ['checkpoint.pth.tar']

@@ -4,7 +4,8 @@
 
     FileLock             an exclusive lock that dies with its holder, and only with it
     replacing(path)      write a temporary file, then rename it over `path`
-    atomic_write(...)    replacing() for a function that writes a file object
+    atomic_write(...)    replacing() for a function that writes a file object, with
+                         Ctrl-C and SIGTERM held until the file is in place
     temp_path(path)      the temporary name: hidden, beside `path`, with the writer's
                          host and pid, so that two writers never share one
     remove_dead_temp_files(folder)   the temporary files whose writer is dead
@@ -17,7 +18,9 @@ time keeps its own.
 import contextlib
 import os
 import re
+import signal
 import socket
+import threading
 
 try:
     import fcntl  # POSIX (Linux, macOS); absent on native Windows: locks do nothing
@@ -108,13 +111,40 @@ def replacing(path):
 
 
 def atomic_write(path, write_fn, binary=False):
-    """Write `path` with write_fn(file) through replacing(). The new file's mode is what
-    open() gives (0o666 less the umask), as for any other file the user writes: a group
-    may read it where the umask lets it (tempfile.mkstemp would make it private)."""
-    with replacing(path) as tmp:
+    """Write `path` with write_fn(file) through replacing(), Ctrl-C and SIGTERM held
+    until it is done (interrupts_held). The new file's mode is what open() gives (0o666
+    less the umask), as for any other file the user writes: a group may read it where
+    the umask lets it (tempfile.mkstemp would make it private)."""
+    with interrupts_held(), replacing(path) as tmp:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_BINARY', 0)
         with os.fdopen(os.open(tmp, flags, 0o666), 'wb' if binary else 'w') as f:
             write_fn(f)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold SIGINT (Ctrl-C) and SIGTERM that arrive in the block and deliver them, to the
+    handlers of before, when it ends. torch.save turns an exception raised inside one of
+    its writes into a RuntimeError ("unexpected pos N vs M"): a Ctrl-C in the middle of
+    a checkpoint would end the run as a failed write instead of an interrupted run. The
+    writes held are small (a checkpoint, a summary): a fraction of a second. Signal
+    handlers belong to the main thread; elsewhere, or where a handler was not set from
+    Python, nothing is held."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    if threading.current_thread() is not threading.main_thread() or None in before.values():
+        yield
+        return
+    arrived = []
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(arrived):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 ################################################################################
