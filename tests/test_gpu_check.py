@@ -96,6 +96,21 @@ def test_run_checks_runs_two_at_once_and_waits_before_a_run_folder(tmp_path, cap
     assert capsys.readouterr().out.splitlines()[-1].startswith('  c: passed')
 
 
+def test_ctrl_c_stops_the_checks_still_queued(tmp_path, monkeypatch):
+    """One at a time (the GPU's way) every check is queued at once; a Ctrl-C while the
+    first is reported must not leave the queue to run on: 'c' never starts."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpu_check, 'print', interrupted, raising=False)
+    mark = [sys.executable, '-c', 'import sys, time; time.sleep(float(sys.argv[2])); '
+            'open(sys.argv[1], "w").close()']
+    checks = [(name, mark + [str(tmp_path / name), pause], 30)
+              for name, pause in (('a', '0'), ('b', '1'), ('c', '0'))]
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_checks(checks, time.monotonic() + 60, jobs=1)
+    assert (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
+
+
 def test_expand_fills_in_a_run_folder(tmp_path):
     (tmp_path / 'exp_1_auto' / 'models').mkdir(parents=True)
     pattern = str(tmp_path / 'exp_*_auto' / 'models')

@@ -152,11 +152,15 @@ def run_checks(checks, deadline, env=None, jobs=1):
             print(f"  {records[-1]['name']}: {records[-1]['status']} "
                   f"({records[-1]['seconds']} s)", flush=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for name, command, seconds in checks:
-            if any('*' in word for word in command):
-                wait_for(len(started))
-            started.append(pool.submit(run_check, name, command, seconds, deadline, env))
-        wait_for(len(started))
+        try:
+            for name, command, seconds in checks:
+                if any('*' in word for word in command):
+                    wait_for(len(started))
+                started.append(pool.submit(run_check, name, command, seconds, deadline, env))
+            wait_for(len(started))
+        except BaseException:   # Ctrl-C: the checks still queued never start
+            pool.shutdown(cancel_futures=True)
+            raise
     return records
 
 
