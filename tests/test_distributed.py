@@ -201,14 +201,15 @@ def test_its_checkpoint_evaluates_with_one_process_and_with_two(two_process_run,
         assert attack[key] == pytest.approx(alone[key], abs=1e-6), key
 
 
-@pytest.mark.parametrize('flags, words', [
-    (['--dist-backend', 'nccl'], '--dist-backend nccl needs CUDA GPUs'),
-    (['-b', '7'], 'divide evenly over the 2 processes'),
-    (['--sync-bn'], '--sync-bn needs CUDA'),
-])
 @pytest.mark.slow
-def test_bad_launches_stop_every_process_with_one_line(demo, tmp_path, flags, words):
-    argv = [demo, '--log-dir', str(tmp_path)] + FAST + ['--epochs', '2'] + flags
+def test_a_bad_launch_stops_every_process_with_one_line(demo, tmp_path):
+    """A flag that check_launch refuses (the same line in every process, before any
+    process group exists); the other refusals take the same path
+    (test_launch_checks_refuse_what_the_cpu_cannot_run), and -b 7 is refused under
+    torchrun in test_rank_0_says_an_early_refusal_even_when_it_starts_last."""
+    words = '--dist-backend nccl needs CUDA GPUs'
+    argv = [demo, '--log-dir', str(tmp_path)] + FAST + ['--epochs', '2', '--dist-backend',
+                                                        'nccl']
     start = time.time()
     done = torchrun(argv)
     assert done.returncode != 0 and time.time() - start < 120
@@ -311,6 +312,18 @@ def test_fast_paths_adversarial_training_and_saliency_under_torchrun(two_process
                      '-j', '0', '--device', 'cpu', '--log-dir', logs])
     assert done.returncode == 0, done.stderr
     assert done.stdout.count('saliency maps written') == 1
+
+
+def test_launch_checks_refuse_what_the_cpu_cannot_run(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(distributed.UsageError, match='--dist-backend nccl needs CUDA GPUs'):
+        distributed.check_launch('auto', 'nccl', False)
+    with pytest.raises(distributed.UsageError, match='--sync-bn needs CUDA'):
+        distributed.check_launch('auto', 'auto', True)
+    with pytest.raises(distributed.UsageError, match='does not run on Apple MPS'):
+        distributed.check_launch('mps', 'auto', False)
+    assert distributed.check_launch('auto', 'auto', False) == ('gloo', False)
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch):
