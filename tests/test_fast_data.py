@@ -617,16 +617,20 @@ def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, cap
     assert captured.err == '' and leftovers(folder) == []
 
 
-# the driver's choice for a data folder it cannot write, printed as JSON; argv: the data
-# folder, "rebuild" for --rebuild-cache. Root writes into a chmod a-w folder anyway: it
-# becomes the user nobody, after the imports and a first pass over the checks (which
-# import modules lazily, from files only root may read; they only read the folder).
+# the driver's choice for data folders it cannot write, each printed as JSON after the
+# notes it printed; argv: pairs of a data folder and "rebuild" (for --rebuild-cache) or
+# "-". Root writes into a chmod a-w folder anyway: it becomes the user nobody, after the
+# imports and a first pass over the checks (which import modules lazily, from files only
+# root may read; they only read the folders). One process for every case: each pays the
+# imports of torch and torchvision, seconds here.
 SETTLE = """
 import argparse, json, os, sys
 from toolkit import loaders
-for split in ('train', 'val'):
-    loaders.MiniPlacesLoader(sys.argv[1], split, num_classes=None)
-    loaders.np.load(loaders.data_cache.cache_paths(sys.argv[1], split)[0], mmap_mode='r')
+cases = list(zip(sys.argv[1::2], sys.argv[2::2]))
+for folder, _ in cases:
+    for split in ('train', 'val'):
+        loaders.MiniPlacesLoader(folder, split, num_classes=None)
+        loaders.np.load(loaders.data_cache.cache_paths(folder, split)[0], mmap_mode='r')
 # the transforms' source, read once and kept: a clone in a folder only root may enter
 from student_code import get_train_transforms, get_val_transforms
 for transforms in (get_train_transforms(), get_val_transforms()):
@@ -639,59 +643,71 @@ if os.geteuid() == 0:
     except PermissionError:            # a container without the right to change users
         print(json.dumps('root only'))
         sys.exit(0)
-args = argparse.Namespace(data_folder=sys.argv[1], workers=0, data_cache=True,
-                          rebuild_cache=sys.argv[2] == 'rebuild')
-train_set, val_set = loaders.load_datasets(argparse.Namespace(data_folder=sys.argv[1],
-                                                               batch_size=1))
-loaders.settle_data_cache(args, {'train': train_set, 'val': val_set})
-if args.data_cache:
-    loaders.data_cache.load_or_build_cache(sys.argv[1], 'val')   # reads, writes nothing
-print(json.dumps(args.data_cache))
+for folder, how in cases:
+    args = argparse.Namespace(data_folder=folder, workers=0, data_cache=True,
+                              rebuild_cache=how == 'rebuild')
+    train_set, val_set = loaders.load_datasets(argparse.Namespace(data_folder=folder,
+                                                                   batch_size=1))
+    loaders.settle_data_cache(args, {'train': train_set, 'val': val_set})
+    if args.data_cache:
+        loaders.data_cache.load_or_build_cache(folder, 'val')   # reads, writes nothing
+    print(json.dumps(args.data_cache))
 """
 
 
-def settle_read_only(data_folder, how='-'):
-    """(args.data_cache, stdout) of settle_data_cache in a process that cannot write
-    data_folder (chmod a-w; see SETTLE)."""
-    proc = subprocess.run([sys.executable, '-c', SETTLE, data_folder, how], cwd=CODE,
+def settle_read_only(*cases):
+    """[(args.data_cache, what it printed)] of settle_data_cache for each (data folder,
+    how) in a process that cannot write the folders (chmod a-w; see SETTLE)."""
+    argv = [word for case in cases for word in case]
+    proc = subprocess.run([sys.executable, '-c', SETTLE] + argv, cwd=CODE,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
-    *lines, last = proc.stdout.splitlines()
-    if json.loads(last) == 'root only':
+    if proc.stdout.strip() == json.dumps('root only'):
         pytest.skip('root writes into read-only folders, and cannot become another user here')
-    return json.loads(last), '\n'.join(lines)
+    results, notes = [], []
+    for line in proc.stdout.splitlines():
+        if line in ('true', 'false'):
+            results.append((json.loads(line), '\n'.join(notes)))
+            notes = []
+        else:
+            notes.append(line)
+    assert len(results) == len(cases), proc.stdout
+    return results
 
 
 @pytest.mark.slow
 def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
-    # a folder of its own that the user nobody can reach (pytest's are private to root)
+    # folders of their own that the user nobody can reach (pytest's are private to root)
     top = tempfile.mkdtemp(prefix='read_only_')
-    data_folder = os.path.join(top, 'data')
-    cache_folder = os.path.join(data_folder, 'cache')
+    fresh, stale = os.path.join(top, 'fresh'), os.path.join(top, 'stale')
+    writable = []
     try:
         os.chmod(top, 0o755)
-        shutil.copytree(demo, data_folder, ignore=shutil.ignore_patterns('cache'))
-        for split in ('train', 'val'):
-            data_cache.load_or_build_cache(data_folder, split)
-        for folder in (cache_folder, data_folder):
-            os.chmod(folder, 0o555)
-        # fresh: used as it is, nothing written
-        assert settle_read_only(data_folder) == (True, '')
-        # stale (an image touched): the per-image path, with a note saying why
-        loader = MiniPlacesLoader(data_folder, 'train', num_classes=None)
+        for data_folder in (fresh, stale):
+            shutil.copytree(demo, data_folder, ignore=shutil.ignore_patterns('cache'))
+            for split in ('train', 'val'):
+                data_cache.load_or_build_cache(data_folder, split)
+        # stale: an image touched after its cache was built
+        loader = MiniPlacesLoader(stale, 'train', num_classes=None)
         os.utime(os.path.join(loader.img_folder, loader.file_list[0]))
-        used, out = settle_read_only(data_folder)
-        assert used is False and out.count('\n') == 0, out
+        for data_folder in (fresh, stale):
+            for folder in (os.path.join(data_folder, 'cache'), data_folder):
+                os.chmod(folder, 0o555)
+                writable.append(folder)
+        (used_fresh, out_fresh), (used_stale, out), (used_rebuild, out_rebuild) = \
+            settle_read_only((fresh, '-'), (stale, '-'), (stale, 'rebuild'))
+        # fresh: used as it is, nothing written
+        assert (used_fresh, out_fresh) == (True, '')
+        # stale: the per-image path, with a note saying why
+        assert used_stale is False and out.count('\n') == 0, out
         assert out.startswith('note: --data-cache was asked for, but ') and 'is read-only '\
             'and its cache of train is stale (images changed' in out \
             and out.endswith('this run uses the per-image path')
         # --rebuild-cache cannot be done there either
-        used, out = settle_read_only(data_folder, 'rebuild')
-        assert used is False and '--rebuild-cache cannot rebuild' in out
+        assert used_rebuild is False and '--rebuild-cache cannot rebuild' in out_rebuild
     finally:
-        for folder in (data_folder, cache_folder):
-            if os.path.isdir(folder):
-                os.chmod(folder, 0o755)
+        for folder in writable:
+            os.chmod(folder, 0o755)
         shutil.rmtree(top)
 
 
