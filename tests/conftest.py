@@ -73,6 +73,24 @@ def strict_json(path):
         return json.load(f, parse_constant=refuse)
 
 
+def fashion_mnist_installed():
+    """Whether the four IDX files of Debian's dataset-fashion-mnist are where
+    make_real_data.py --set fashion-mnist looks for them (found as it finds them)."""
+    from make_real_data import FASHION_DIR, FASHION_FILES, idx_path
+    try:
+        for names in FASHION_FILES.values():
+            for name in names:
+                idx_path(FASHION_DIR, name)
+    except ValueError:
+        return False
+    return True
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not fashion_mnist_installed(), reason="Fashion-MNIST is not installed in "
+    "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
+
+
 @pytest.fixture(autouse=True)
 def cpu_without_amx(monkeypatch):
     """The suite's in-process runs see a CPU without AMX, whatever this machine has: the

@@ -1,11 +1,9 @@
 """benchmark.py accuracy-time: the time to a validation top-1 read from a run's epochs."""
-import os
-
 import pytest
 
 import benchmark
 from benchmarks.bench_accuracy_time import accuracy_time_lines, epochs_to_reach
-from make_real_data import FASHION_DIR
+from conftest import needs_fashion_mnist
 
 
 def epoch(n, top1, seconds):
@@ -26,8 +24,7 @@ def test_the_first_epoch_at_the_target_counts_the_training_seconds_before_it():
     assert lines[-1].startswith('best top-1 after 3 epochs: 89.50 %; wall time 50 s')
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"Fashion-MNIST is not installed "
-                    f"in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_a_quick_run_converts_trains_and_reports(capsys):
     benchmark.main(['accuracy-time', '--quick'])

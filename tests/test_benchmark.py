@@ -12,7 +12,7 @@ from benchmarks import bench_recipe
 from benchmarks import bench_runs
 from benchmarks import bench_timing
 from benchmarks.bench_timing import SavedForBackwardMeter, interleaved_times
-from make_real_data import FASHION_DIR
+from conftest import fashion_mnist_installed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ def test_recipe_quick_sets_fit_one_short_epoch(tmp_path):
     import main as driver
     for name in bench_recipe.RECIPE_DATASETS:
         out = str(tmp_path / name)
-        if name == 'fashion' and not os.path.isdir(FASHION_DIR):
+        if name == 'fashion' and not fashion_mnist_installed():
             # without Debian's package the set is refused in one line that says how to get it
             with pytest.raises(bench_recipe.RecipeError, match='apt-get install') as info:
                 bench_recipe.build_recipe_data(name, out, quick=True)

@@ -12,23 +12,23 @@ import pytest
 
 import student_code
 from custom_dataloader import MiniPlacesLoader
-from make_real_data import FASHION_CLASSES, FASHION_DIR, make_fashion_mnist
+from conftest import needs_fashion_mnist
+from make_real_data import FASHION_CLASSES, FASHION_DIR, idx_path, make_fashion_mnist
 from test_real_data import read_pairs
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_real_data.py")
-HAVE_PACKAGE = os.path.isfile(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
-needs_package = pytest.mark.skipif(
-    not HAVE_PACKAGE, reason=f"Fashion-MNIST is not installed in {FASHION_DIR} "
-                             f"(apt-get install dataset-fashion-mnist)")
 
 
 def reference(prefix):
-    """(images N x 28 x 28, labels N) read straight from the package's gzipped files."""
-    with gzip.open(os.path.join(FASHION_DIR, f"{prefix}-images-idx3-ubyte.gz")) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(os.path.join(FASHION_DIR, f"{prefix}-labels-idx1-ubyte.gz")) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return images, labels
+    """(images N x 28 x 28, labels N) read straight from the package's files (gzipped
+    as Debian ships them, or not)."""
+    def raw(name):
+        path = idx_path(FASHION_DIR, name)
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            return f.read()
+    images = np.frombuffer(raw(f"{prefix}-images-idx3-ubyte"), np.uint8, offset=16)
+    labels = np.frombuffer(raw(f"{prefix}-labels-idx1-ubyte"), np.uint8, offset=8)
+    return images.reshape(-1, 28, 28), labels
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def fashion_subset(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_package
+@needs_fashion_mnist
 def test_the_whole_set_converts_with_its_counts(tmp_path):
     out = str(tmp_path / "fashion")
     counts = make_fashion_mnist(out)
@@ -52,7 +52,7 @@ def test_the_whole_set_converts_with_its_counts(tmp_path):
     assert np.array_equal(val_labels, reference("t10k")[1])
 
 
-@needs_package
+@needs_fashion_mnist
 def test_a_subset_is_balanced_and_its_pixels_are_the_idx_files(fashion_subset):
     out, counts = fashion_subset
     assert counts == {"train": 1000, "val": 500}
@@ -72,7 +72,7 @@ def test_a_subset_is_balanced_and_its_pixels_are_the_idx_files(fashion_subset):
         assert labels[path] == ref_labels[index]
 
 
-@needs_package
+@needs_fashion_mnist
 def test_the_loader_reads_it_with_the_handout_transforms(fashion_subset):
     out, _ = fashion_subset
     val = MiniPlacesLoader(out, "val", student_code.get_val_transforms(), num_classes=10)

@@ -680,7 +680,7 @@ def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
     # folders of their own that the user nobody can reach (pytest's are private to root)
     top = tempfile.mkdtemp(prefix='read_only_')
     fresh, stale = os.path.join(top, 'fresh'), os.path.join(top, 'stale')
-    writable = []
+    made_read_only = []
     try:
         os.chmod(top, 0o755)
         for data_folder in (fresh, stale):
@@ -693,7 +693,7 @@ def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
         for data_folder in (fresh, stale):
             for folder in (os.path.join(data_folder, 'cache'), data_folder):
                 os.chmod(folder, 0o555)
-                writable.append(folder)
+                made_read_only.append(folder)
         (used_fresh, out_fresh), (used_stale, out), (used_rebuild, out_rebuild) = \
             settle_read_only((fresh, '-'), (stale, '-'), (stale, 'rebuild'))
         # fresh: used as it is, nothing written
@@ -706,7 +706,7 @@ def test_read_only_folder_with_a_stale_cache_uses_the_per_image_path(demo):
         # --rebuild-cache cannot be done there either
         assert used_rebuild is False and '--rebuild-cache cannot rebuild' in out_rebuild
     finally:
-        for folder in writable:
+        for folder in made_read_only:
             os.chmod(folder, 0o755)
         shutil.rmtree(top)
 
