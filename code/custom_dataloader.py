@@ -36,7 +36,8 @@ def read_label_file(label_file, num_classes):
     byte-order mark is ignored. An image listed more than once with the same label is kept,
     and named in one warning line on stderr (a merged or hand-edited list, trained on
     twice); with two different labels it is an error naming both lines (which one is right
-    cannot be guessed)."""
+    cannot be guessed). A path that leads outside DIR/images/ (up with .., or absolute) is
+    an error naming the line."""
     with open(label_file, "rb") as f:
         raw = f.read()
     try:
@@ -66,6 +67,13 @@ def read_label_file(label_file, num_classes):
             negative = (line_no, label)
         # one image however its path is spelled: ./a/x.jpg, a//x.jpg and a/x.jpg
         image = os.path.normpath(parts[0])
+        if os.path.isabs(image) or image == os.pardir or image.startswith(os.pardir + os.sep):
+            # a list that reaches outside the data set trains on files it does not hold
+            # (or fails later, far from this line: /etc/passwd is "not an image")
+            images = os.path.join(os.path.dirname(label_file), "images")
+            raise DatasetError(f"{label_file}, line {line_no}: image path {parts[0]!r} "
+                               f"leads outside the data set's images folder (the paths are "
+                               f"relative to {images})")
         if image in first_line:
             first_no, first_index = first_line[image]
             if label_list[first_index] != label:  # which label is right cannot be guessed
@@ -148,6 +156,9 @@ class MiniPlacesLoader(data.Dataset):
     `transforms` makes of it (a C x H x W tensor with the handout's transforms)."""
 
     def __init__(self, root_folder, split="train", transforms=None, num_classes=100):
+        if os.path.isfile(root_folder):
+            raise DatasetError(f"data folder {root_folder} is a file, not a folder (DATA is "
+                               f"the folder that holds train.txt, val.txt and images/)")
         if not os.path.isdir(root_folder):
             raise DatasetError(f"data folder {root_folder} does not exist ({GET_DATA_HINT})")
         label_file = os.path.join(root_folder, split + ".txt")

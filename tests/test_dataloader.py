@@ -311,3 +311,38 @@ def test_opencv_runs_without_its_thread_pool_before_workers_fork():
                            capture_output=True, text=True, check=True).stdout.split()
     assert after[0] == '1', after                 # cv2 calls run in the calling thread
     assert int(after[1]) <= int(before[1]), (before, after)   # no pool thread started
+
+
+def test_data_that_is_a_file_is_named_as_a_file(tmp_path):
+    """`main.py some_file.txt`: the path exists, it is a file, not a data folder."""
+    some_file = tmp_path / "some_file.txt"
+    some_file.write_text("not a data set\n")
+    msg = one_line_error(MiniPlacesLoader, str(some_file))
+    assert str(some_file) in msg and "is a file, not a folder" in msg, msg
+    assert "does not exist" not in msg
+
+
+@pytest.mark.parametrize("escape", ["../../elsewhere/x.jpg", "/etc/passwd",
+                                    "train/../../../x.jpg"])
+def test_a_label_path_that_leaves_the_image_folder_is_refused(tmp_path, escape):
+    """A label file's paths are relative to DIR/images/: one that leads out of it (up
+    with .., or absolute) is refused with the file and line, before any image is read,
+    even where a file is there to be read (/etc/passwd, a sibling folder's image)."""
+    root = tmp_path / "data"
+    write_set(root, [("a.png", 0, np.zeros((4, 4, 3), np.uint8))])
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    cv2.imwrite(str(outside / "x.jpg"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "x.jpg"), np.zeros((4, 4, 3), np.uint8))
+    with open(root / "train.txt", "a") as f:
+        f.write(f"{escape} 1\n")
+    msg = one_line_error(MiniPlacesLoader, str(root), num_classes=2)
+    assert "train.txt, line 2" in msg and repr(escape) in msg, msg
+    assert "images" in msg and "outside" in msg, msg
+
+
+def test_a_label_path_that_stays_inside_is_kept_however_spelled(tmp_path):
+    write_set(tmp_path, [("train/a/x.png", 0, np.zeros((4, 4, 3), np.uint8))])
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("train/a/../a/x.png 0\n./train//a/x.png 0\n")
+    assert len(MiniPlacesLoader(str(tmp_path), num_classes=1)) == 3
