@@ -2,6 +2,8 @@
 the recipe's flags and table (its training runs are checked by hand: minutes each)."""
 import os
 import shlex
+import subprocess
+import sys
 from statistics import mean, stdev
 
 import pytest
@@ -417,3 +419,83 @@ def test_every_help_text_prints(capsys):
             benchmark.build_parser().parse_args(argv)
         assert exit_info.value.code == 0, argv
     assert 'accuracy-time' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- Ctrl-C
+def interrupted(argv, capsys):
+    """benchmark.main(argv) stopped by Ctrl-C: its exit code and what it printed."""
+    import benchmark
+    try:
+        benchmark.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    except KeyboardInterrupt:   # what Python prints as a traceback
+        pytest.fail('KeyboardInterrupt escaped benchmark.main')
+    else:
+        pytest.fail('benchmark.main returned')
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize('which', ['conv', 'attention', 'attack', 'models', 'recipe',
+                                   'pipeline', 'train', 'step', 'ddp', 'scale', 'shared',
+                                   'accuracy-time'])
+def test_ctrl_c_in_any_benchmark_is_one_line_and_exit_130(which, monkeypatch, capsys):
+    import benchmark
+    assert which in benchmark.BENCHMARKS
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(benchmark.BENCHMARKS, which, ctrl_c)
+    code, out, err = interrupted([which], capsys)
+    assert code == 130, (code, err)
+    assert err.strip() == f'benchmark.py {which}: interrupted', err
+    assert 'Traceback' not in out + err
+
+
+def test_ctrl_c_in_models_gives_no_advice_into_the_removed_folder(tmp_path, own_tempdir,
+                                                                 monkeypatch, capsys):
+    """models runs main.py in-process: Ctrl-C stops main.py, which says where to resume
+    from, a folder inside the benchmark's temporary one. That folder is removed: the advice
+    stays in the removed console log; the benchmark says one line and exits 130."""
+    import main as driver
+    (tmp_path / 'train.txt').write_text('x.jpg 0\n')
+
+    def stopped_training(argv):
+        log_dir = argv[argv.index('--log-dir') + 1]
+        resume = os.path.join(log_dir, 'exp_1', 'models', 'checkpoint.pth.tar')
+        print(f'\nmain.py: interrupted; the last finished epoch is in {resume}: continue '
+              f'with --resume={resume}', file=sys.stderr)
+        sys.exit(130)
+    monkeypatch.setattr(driver, 'main', stopped_training)
+    code, out, err = interrupted(['models', '--data', str(tmp_path), '--epochs', '1'], capsys)
+    assert code == 130, (code, err)
+    assert err.strip() == 'benchmark.py models: interrupted', err
+    assert '--resume' not in out + err and not work_folders(own_tempdir)
+
+
+def test_a_main_py_cell_stopped_by_ctrl_c_stops_the_benchmark(tmp_path, monkeypatch):
+    """A cell's main.py that exits 130 (Ctrl-C reached it first) is an interruption, not a
+    failed cell whose last line, main.py's --resume advice, goes into the table."""
+    def interrupted_run(command, stdout, **kwargs):
+        stdout.write('main.py: interrupted; continue with --resume=/tmp/x/checkpoint.pth.tar\n')
+        return subprocess.CompletedProcess(command, 130)
+    monkeypatch.setattr(bench_recipe.subprocess, 'run', interrupted_run)
+    with pytest.raises(KeyboardInterrupt):
+        bench_recipe.run_recipe_cell(str(tmp_path), [], str(tmp_path / 'logs'))
+
+
+def test_the_shared_benchmark_child_stops_quietly_on_ctrl_c(monkeypatch, capsys):
+    """Ctrl-C reaches every process of the terminal: a timed child of `shared` exits 130
+    without a traceback of its own."""
+    from benchmarks import bench_shared
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench_shared, 'time_steps', ctrl_c)
+    with pytest.raises(SystemExit) as info:
+        try:
+            bench_shared.child_main(['cnn', '2', '1'])
+        except KeyboardInterrupt:
+            pytest.fail('KeyboardInterrupt escaped the child')
+    assert info.value.code == 130 and capsys.readouterr().err == ''

@@ -18,6 +18,7 @@ WHICH's own options. Figures are recorded in docs/benchmarks.md.
 import argparse
 import inspect
 import os
+import signal
 import sys
 
 import _paths  # noqa: F401  code/ and tools/ on sys.path: runs from any directory
@@ -220,6 +221,11 @@ def main(argv=None):
         return BENCHMARKS[args.which](args)
     except RecipeError as e:
         sys.exit(f"benchmark.py {args.which}: error: {e}")
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's 130 (128 + SIGINT). By now the work folder is
+        # removed (or, with --keep, named), and no advice of main.py's points into it
+        print(f"benchmark.py {args.which}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv2_threads)

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -138,10 +139,24 @@ def run_recipe_cell(data, flags, log_dir, processes=1):
                                           '--log-dir', log_dir] + flags,
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if done.returncode != 0:
-        with open(console) as log:
-            raise RecipeError(f"main.py exited with {done.returncode}: {_last_line(log.read())}")
+        raise main_py_failure(done.returncode, console)
     (run,) = [d for d in os.listdir(log_dir) if os.path.isdir(os.path.join(log_dir, d))]
     return rr.read_summary(os.path.join(log_dir, run))
+
+
+# main.py's exit codes when Ctrl-C or SIGTERM stopped it (128 + the signal's number)
+STOPPED_BY_SIGNAL = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def main_py_failure(code, console):
+    """What to raise for a run of main.py that exited with `code`, its output in the file
+    `console`: a run stopped by Ctrl-C stops the benchmark (KeyboardInterrupt), whose
+    folder, where main.py's advice to resume points, is about to go; any other is a
+    failed cell (RecipeError) named by main.py's last line."""
+    if code in STOPPED_BY_SIGNAL:
+        return KeyboardInterrupt()
+    with open(console) as log:
+        return RecipeError(f"main.py exited with {code}: {_last_line(log.read())}")
 
 
 RECIPE_HEADER = ("| dataset | model | config | seed | best val top-1 | final val top-1 "

@@ -3,14 +3,15 @@
 Each compares runs at the same data, seed and schedule and prints images/s and
 validation accuracy; train and ddp run every cell in a subprocess of its own.
 """
+import contextlib
 import itertools
 import os
 from statistics import mean
 
 from toolkit import run_record as rr
 from benchmarks.bench_recipe import (REPO, RECIPE_MODELS, VIT_FLAGS, RecipeError, best_and_final,
-                                     build_recipe_data, model_label, run_recipe_cell, where,
-                                     work_folder)
+                                     build_recipe_data, main_py_failure, model_label,
+                                     run_recipe_cell, where, work_folder)
 from benchmarks.bench_timing import machine
 
 
@@ -25,7 +26,6 @@ def bench_models(args):
     """Accuracy at equal epochs on the demo set (the target: the default CNN beats
     SimpleNet, and CustomConv2d trains like nn.Conv2d): three runs of main.py
     with the same data, seed, schedule and batch size."""
-    import contextlib
     import main as driver
     from make_demo_data import make_demo_dataset
     data = args.data or os.path.join(REPO, 'data', 'demo')
@@ -44,18 +44,32 @@ def bench_models(args):
               f'batch 32, seed 0, device {args.device}; {where(logs, args.keep)}',
               flush=True)
         for label, extra in runs:
-            with open(os.path.join(logs, 'console.log'), 'a') as log, \
-                    contextlib.redirect_stdout(log):
-                summary = driver.main(common + extra)
-            rows.append((label, summary))
+            rows.append((label, main_in_process(driver, common + extra, logs)))
     print(f"{'model':<28}{'arch':<11}{'params':>10}{'best val top-1':>16}"
           f"{'final val top-1':>17}{'images/s':>10}")
     for label, summary in rows:
-        final = summary['epochs'][-1]
+        best, final = best_and_final(summary)  # best_acc1 is None where no epoch scored
         speed = sum(e['images_per_s'] for e in summary['epochs']) / len(summary['epochs'])
         print(f"{label:<28}{summary['arch']:<11}{summary['num_params']:>10,}"
-              f"{summary['best_acc1']:>16.2f}{final['val_top1']:>17.2f}{speed:>10.1f}")
+              f"{best:>16.2f}{final:>17.2f}{speed:>10.1f}")
     return rows
+
+
+def main_in_process(driver, argv, logs):
+    """driver.main(argv) (main.py in this process) with all its output in logs/console.log,
+    as a cell run in a subprocess has it: main.py's advice after Ctrl-C names a checkpoint
+    in `logs`, a temporary folder. A stopped or failed run raises main_py_failure's."""
+    console = os.path.join(logs, 'console.log')
+    with open(console, 'a') as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            return driver.main(argv)
+        except SystemExit as stop:
+            code = stop.code
+            if isinstance(code, str):        # the message Python would print, exit 1
+                print(code, file=log)
+                code = 1
+    raise main_py_failure(code, console)
 
 
 # ---------------------------------------------------------------- train

@@ -36,6 +36,17 @@ def run_processes(count, policy, model, batch, steps):
     procs = [subprocess.Popen(child_command(model, batch, steps), env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
              for _ in range(count)]
+    try:
+        return timed_together(procs)
+    finally:                                 # Ctrl-C or an error: no child outlives us
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def timed_together(procs):
+    """Let the started processes time their steps together; each one's ms per step."""
     for proc in procs:                       # each says 'warm' after its warm-up steps
         proc.stdout.readline()
     for proc in procs:                       # then all go at once
@@ -44,6 +55,8 @@ def run_processes(count, policy, model, batch, steps):
     times = []
     for proc in procs:
         out, _ = proc.communicate()
+        if proc.returncode == 130:           # Ctrl-C reached the child first
+            raise KeyboardInterrupt
         if proc.returncode != 0:
             raise SystemExit(f'benchmark.py shared: error: a timed process failed '
                              f'(exit {proc.returncode}; its error is above)')
@@ -92,5 +105,14 @@ def time_steps(model_name, batch, steps):
     print(f'ms/step {(time.perf_counter() - start) / steps * 1000:.1f}')
 
 
+def child_main(argv):
+    """A timed process: MODEL BATCH STEPS. Ctrl-C reaches every process of the terminal;
+    the parent says it, a child exits 130 without a traceback of its own."""
+    try:
+        time_steps(argv[0], int(argv[1]), int(argv[2]))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 if __name__ == '__main__':
-    time_steps(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    child_main(sys.argv[1:])
