@@ -22,6 +22,8 @@ from toolkit import run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPE = 6  # iterations per epoch of the fake runs (logged every 2nd iteration)
+# the resumed session's values differ by this much: its accuracies stay percentages
+RESUMED = 7.0
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +32,7 @@ def logs(tmp_path_factory):
     root = tmp_path_factory.mktemp('logs')
     fake_runs.make_run(str(root / 'exp_20240101_000000_native'), 8, IPE, name='native')
     fake_runs.make_run(str(root / 'exp_20240101_000100_custom'), 4, IPE, name='custom')
-    fake_runs.make_resumed_run(str(root / 'exp_20240101_000200_resumed'), IPE, offset=100.0)
+    fake_runs.make_resumed_run(str(root / 'exp_20240101_000200_resumed'), IPE, offset=RESUMED)
     return root
 
 
@@ -104,12 +106,12 @@ def test_resumed_run_keeps_the_later_write_of_a_repeated_step(report_out):
     val = curve(rows, 'resumed', 'data/top1_accuracy', 'val')
     assert sorted(val) == [1, 2, 3, 4, 5]
     assert val[2][1] == pytest.approx(fake_runs.acc_at(2, 'val'))           # written once
-    assert val[3][1] == pytest.approx(fake_runs.acc_at(3, 'val', 1, 100))   # twice: resumed wins
+    assert val[3][1] == pytest.approx(fake_runs.acc_at(3, 'val', 1, RESUMED))  # twice: resumed wins
     loss = curve(rows, 'resumed', 'data/training_loss', 'train')
     assert sorted(loss) == list(range(0, 5 * IPE, 2))
     assert loss[2][1] == pytest.approx(fake_runs.loss_at(2), rel=1e-6)
     # epoch 4 was cut short in the first session, re-run in the second
-    assert loss[18][1] == pytest.approx(fake_runs.loss_at(18, 100), rel=1e-6)
+    assert loss[18][1] == pytest.approx(fake_runs.loss_at(18, RESUMED), rel=1e-6)
 
 
 def test_table_matches_what_the_runs_wrote(report_out):
@@ -125,7 +127,7 @@ def test_table_matches_what_the_runs_wrote(report_out):
     assert native['Wall time'] == '0:01:56'                      # 11 + ... + 18 = 116 s
     assert rows['custom']['Epochs'] == '4/4'
     assert rows['custom']['Final top-5'] == f"{fake_runs.acc_at(4, 'val', 5):.2f}"
-    assert rows['resumed']['Final top-1'] == f"{fake_runs.acc_at(5, 'val', 1, 100):.2f}"
+    assert rows['resumed']['Final top-1'] == f"{fake_runs.acc_at(5, 'val', 1, RESUMED):.2f}"
     md = (report_out / 'results.md').read_text()
     assert '![top1](top1.png)' in md and 'Evaluation' not in md and 'Adversarial' not in md
 
@@ -467,3 +469,91 @@ def test_an_interrupted_report_leaves_the_previous_one_whole(logs, tmp_path, mon
     assert after['results.md'] == before['results.md']
     assert after['curves.csv'] == before['curves.csv']        # written anew, whole
     assert after['top1.png'][:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# a field of the wrong type (or a number out of its range) in an otherwise good summary:
+# run name -> (field, value, the start of its note)
+WRONG_FIELDS = {
+    'epoch_a': ('epochs', [{'epoch': 'a'}], "epochs[2].epoch is 'a'"),   # after the 2 good
+    'wall': ('wall_time_s', 'x', "wall_time_s is 'x'"),
+    'eval': ('evaluation', {'checkpoint': 'm.pth.tar', 'top1': 'x', 'top5': 70.0},
+             "evaluation.top1 is 'x'"),
+    'best': ('best_acc1', 250.0, 'best_acc1 is 250.0'),
+    'name': ('name', 7, 'name is 7'),
+    'lots': ('epochs', 'lots', "epochs is 'lots', not a list"),
+}
+
+
+@pytest.fixture(scope='module')
+def damaged(tmp_path_factory):
+    """Runs whose summary.json is valid JSON with a field of the wrong type, and a run whose
+    event files are cut to 100 bytes (a partial copy), reported together into a folder
+    whose name has a space: (root, out, argv, the notes printed, the cut files)."""
+    root = tmp_path_factory.mktemp('damaged')
+    for name, (field, value, _) in WRONG_FIELDS.items():
+        run = str(root / name)
+        summary = fake_runs.make_run(run, 2, IPE, name=name)
+        summary[field] = summary['epochs'] + value if name == 'epoch_a' else value
+        with open(os.path.join(run, 'summary.json'), 'w') as f:
+            json.dump(summary, f)
+    fake_runs.make_run(str(root / 'cut'), 3, IPE, name='cut')
+    cut = sorted((root / 'cut').rglob('events.out.tfevents.*'))
+    for path in cut:
+        with open(path, 'r+b') as f:
+            f.truncate(100)
+    out = root / 'my results'
+    argv = [str(root), '--out', str(out)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert report.main(argv) == 0
+    return root, out, argv, err.getvalue().strip().split('\n'), cut
+
+
+@pytest.mark.parametrize('name', list(WRONG_FIELDS))
+def test_a_field_of_the_wrong_type_is_one_note_and_the_report_is_written(damaged, name):
+    """One note naming the file and the field, and the rest of the run in the report."""
+    root, out, _, lines, _ = damaged
+    notes = [line for line in lines if f'{root / name}/summary.json' in line]
+    assert len(notes) == 1 and WRONG_FIELDS[name][2] in notes[0], lines
+    assert 'left out' in notes[0] and 'killed' not in notes[0]
+    row = table_rows(out / 'results.md')[name]
+    assert row['Final top-1'] == f"{fake_runs.acc_at(2, 'val'):.2f}"   # the rest is read
+    assert row['Epochs'] == '2/2'        # "epochs": "lots": the event files stand in
+
+
+def test_a_wrong_field_leaves_out_only_itself(damaged):
+    _, out, _, lines, _ = damaged
+    rows = table_rows(out / 'results.md')
+    assert rows['wall']['Wall time'] == report.fmt_time(11.0 + 12.0)  # the epochs' times
+    assert rows['best']['Best top-1'] == f"{fake_runs.acc_at(2, 'val'):.2f}"
+    assert '| eval | `m.pth.tar` | – | – | – | 70.00 |' in (out / 'results.md').read_text()
+    assert not any('killed' in line for line in lines), lines   # "lots" is no lost epoch
+
+
+def test_the_summary_kinds_cover_the_run_record():
+    """Every key of the run record has a kind to be checked against."""
+    assert set(report.SUMMARY_KINDS) == set(fake_runs.rr.SUMMARY_KEYS)
+    assert set(report.EPOCH_KINDS) == set(fake_runs.rr.EPOCH_KEYS)
+
+
+def test_event_files_cut_short_are_named_once_each(damaged):
+    """TensorBoard's reader stops at a cut record without a word: the report names each
+    cut file in one note (and no whole one) and plots the rest."""
+    _, out, _, lines, cut = damaged
+    assert len(cut) > 1      # the run folder's and the add_scalars sub-folders'
+    for path in cut:
+        notes = [line for line in lines if str(path) in line]
+        assert len(notes) == 1 and 'cut short' in notes[0], (path, lines)
+    assert sum('cut short' in line for line in lines) == len(cut), lines
+    assert table_rows(out / 'results.md')['cut']['Epochs'] == '3/3'
+
+
+def test_the_command_in_results_md_pastes(damaged):
+    """results.md names the command that made it, quoted so that it pastes in a shell:
+    a folder with a space stays one argument."""
+    import shlex
+    _, out, argv, _, _ = damaged
+    made_by = next(line for line in (out / 'results.md').read_text().splitlines()
+                   if line.startswith('Made by'))
+    command = made_by[len('Made by `'):-len('`.')]
+    assert shlex.split(command)[2:] == argv, command

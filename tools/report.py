@@ -23,6 +23,10 @@ epoch, so "epoch 3" means "after 3 epochs" on every curve. A run that diverged (
 summary's status) is marked so in the legend, and the loss axis keeps to the runs
 that did not: a loss of 1e34 would flatten every other curve.
 
+Damaged input is a note, and the report is made of the rest: a summary.json field that
+does not hold its kind (a text where a number belongs, a top-1 of 250) is left out, and an
+event file that ends in a cut record (TensorBoard's reader stops there quietly) is named.
+
 The one thing it writes into a run folder: a run whose summary says 'running' but
 whose lock no process holds was killed (kill -9); it is marked 'interrupted', as the
 next main.py in its --log-dir would (run_folder.close_dead_run).
@@ -32,7 +36,10 @@ import csv
 import json
 import math
 import os
+import shlex
+import struct
 import sys
+from collections import namedtuple
 from statistics import median
 
 import matplotlib
@@ -41,6 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa: E402
 
 import _paths  # noqa: E402,F401  code/ and tools/ on sys.path: runs from any directory
 from toolkit import run_folder  # noqa: E402
@@ -115,6 +123,7 @@ def read_scalars(run_dir):
                                  if os.path.isdir(os.path.join(run_dir, d)))
     series = {}
     for folder in filter(has_events, folders):
+        note_cut_event_files(folder)
         # size_guidance 0 = keep every value (the default keeps a random sample of 10000)
         acc = event_accumulator.EventAccumulator(
             folder, size_guidance={event_accumulator.SCALARS: 0})
@@ -130,12 +139,44 @@ def read_scalars(run_dir):
     return series
 
 
+def note_cut_event_files(folder):
+    """One note for each event file of `folder` that ends in a cut or damaged record:
+    TensorBoard's reader stops there without a word (it waits for a writer to finish the
+    record), so the curves would end early and look whole."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith('events.out.tfevents') and os.path.isfile(path):
+            end, size = whole_records_end(path), os.path.getsize(path)
+            if end < size:
+                note(f'{path} is cut short or damaged after {end:,} of its {size:,} bytes '
+                     f'(a copy or a write cut short?); what it logged after that is missing')
+
+
+def whole_records_end(path):
+    """The number of bytes of the whole records an event file starts with. Each record is
+    framed (TFRecord) as its length (8 bytes), the masked CRC-32C of the length (4), the
+    data, and the data's CRC (4): the framing is walked, the data skipped."""
+    end = 0
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return end
+            length, crc = struct.unpack('<QI', header)
+            if crc != masked_crc32c(header[:8]) or end + 12 + length + 4 > size:
+                return end
+            end += 12 + length + 4
+            f.seek(end)
+
+
 def read_summary(run_dir):
-    """run_record.read_summary; a summary of an unknown schema version stops the report
-    (one line); a damaged one (not JSON, or JSON that is no run summary: `[]`, `null`) or
-    an unreadable one is skipped with a note."""
+    """run_record.read_summary, each field checked against its kind (checked_summary); a
+    summary of an unknown schema version stops the report (one line); a damaged one (not
+    JSON, or JSON that is no run summary: `[]`, `null`) or an unreadable one is skipped
+    with a note."""
     try:
-        return rr.read_summary(run_dir)
+        return checked_summary(rr.read_summary(run_dir), rr.summary_path(run_dir))
     except rr.SchemaError as e:
         if not is_damaged(run_dir):  # a summary of a newer layout: its figures would be misread
             raise SystemExit(f'report.py: {e}')
@@ -143,6 +184,98 @@ def read_summary(run_dir):
     except (OSError, ValueError) as e:
         note(f'cannot read {rr.summary_path(run_dir)} ({e}); using the event files only')
     return {}
+
+
+# ----------------------------------------------------------------------------- typed fields
+Kind = namedtuple('Kind', 'words test')
+
+
+def is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+TEXT = Kind('a text', lambda v: isinstance(v, str))
+OBJECT = Kind('an object', lambda v: isinstance(v, dict))
+RECORDS = Kind('a list of epoch records', lambda v: isinstance(v, list))
+EPOCH_RECORD = Kind('an epoch record (an object)', lambda v: isinstance(v, dict))
+COUNT = Kind('a whole number >= 0', is_count)
+EPOCH = Kind('a whole number >= 1', lambda v: is_count(v) and v >= 1)
+AMOUNT = Kind('a number >= 0', lambda v: is_number(v) and v >= 0)   # seconds, MB, lr, loss
+PERCENT = Kind('a percentage (0-100)', lambda v: is_number(v) and 0 <= v <= 100)
+
+# the kind of every field of the run record (run_record.py); JSON null is allowed in each
+# (main.py writes null for a figure it has not measured, or for NaN) but an epoch's number
+SUMMARY_KINDS = {'schema': COUNT, 'run_dir': TEXT, 'name': TEXT, 'status': TEXT,
+                 'args': OBJECT, 'arch': TEXT, 'num_params': COUNT, 'device': TEXT,
+                 'iters_per_epoch': COUNT, 'epochs_planned': COUNT, 'epochs': RECORDS,
+                 'best_epoch': COUNT, 'best_acc1': PERCENT, 'wall_time_s': AMOUNT,
+                 'world_size': COUNT, 'dist_backend': TEXT,
+                 rr.EVALUATION: OBJECT, rr.ATTACK: OBJECT}
+EPOCH_KINDS = {key: EPOCH if key == 'epoch' else
+               PERCENT if key.endswith(('_top1', '_top5')) else AMOUNT
+               for key in rr.EPOCH_KEYS}
+ACCURACIES = ('top1', 'top5', 'clean_top1', 'clean_top5', 'adv_top1', 'adv_top5',
+              'clean_top1_noflip', 'clean_top5_noflip', 'adv_top1_noflip', 'adv_top5_noflip',
+              'success_rate', 'target_hit_rate')
+RESULT_KINDS = {'checkpoint': TEXT, 'epoch': COUNT, 'file': OBJECT, 'loss': AMOUNT,
+                'num_steps': COUNT, 'step_size': AMOUNT, 'epsilon': AMOUNT, 'time_s': AMOUNT,
+                **dict.fromkeys(ACCURACIES, PERCENT)}
+
+
+def checked_summary(summary, path):
+    """The summary with every field that does not hold its kind (a hand-edited or damaged
+    file: valid JSON, a text where a number belongs) left out, each named in one note; an
+    epoch record without a valid epoch number is left out whole. The report is made of
+    the rest, as of a run that did not record those fields."""
+    # field -> [where it is first wrong, that value, its kind's words, what is left out,
+    # how many records it is wrong in]
+    problems = {}
+
+    def fits(kind, value, where, field=None, dropped='left out', required=False):
+        if kind is None or (value is None and not required) or (
+                value is not None and kind.test(value)):
+            return True
+        problems.setdefault(field or where, [where, value, kind.words, dropped, 0])[4] += 1
+        return False
+
+    clean = {k: v for k, v in summary.items() if fits(SUMMARY_KINDS.get(k), v, k)}
+    for key in rr.RESULT_KEYS:
+        if key in clean:
+            clean[key] = {k: v for k, v in clean[key].items()
+                          if fits(RESULT_KINDS.get(k), v, f'{key}.{k}')}
+    if 'epochs' in clean:
+        clean['epochs'] = checked_epochs(clean['epochs'], fits)
+    for where, value, words, dropped, count in problems.values():
+        more = f' (and in {count - 1} more records)' if count > 1 else ''
+        what = 'missing' if value is None else f'{shorten(value)}, not {words}'
+        note(f'{path}: {where} is {what}; {dropped}{more}')
+    return clean
+
+
+def checked_epochs(records, fits):
+    """summary.json's epoch records through checked_summary's `fits`: a record that is no
+    object or lacks a valid epoch number is left out whole, a wrong figure by itself."""
+    kept = []
+    for i, record in enumerate(records):
+        where, whole = f'epochs[{i}]', 'the record left out'
+        if not fits(EPOCH_RECORD, record, where, 'epochs[]', whole, required=True) or \
+                not fits(EPOCH_KINDS['epoch'], record.get('epoch'), f'{where}.epoch',
+                         'epochs[].epoch', whole, required=True):
+            continue
+        kept.append({k: v for k, v in record.items()
+                     if fits(EPOCH_KINDS.get(k), v, f'{where}.{k}', f'epochs[].{k}')})
+    return kept
+
+
+def shorten(value, limit=40):
+    """repr(value), at most `limit` characters: a note stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def is_damaged(run_dir):
@@ -587,7 +720,9 @@ def main(argv=None):
     note_stale_results(runs)
     assign_styles(runs)
     stats = [run_stats(run) for run in runs]
-    command = 'python tools/report.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    # quoted, so that it pastes into a shell (a folder name with a space stays one word)
+    command = shlex.join(['python', 'tools/report.py']
+                         + (argv if argv is not None else sys.argv[1:]))
     try:
         os.makedirs(args.out, exist_ok=True)
         save_figures(runs, args.out)
