@@ -620,7 +620,10 @@ def checkpoint_state(result):
     fingerprint = result.get('file')
     if not (isinstance(fingerprint, dict) and {'bytes', 'mtime_ns', 'sha256'} <= set(fingerprint)):
         return '–'
-    return run_folder.file_changed(result.get('checkpoint', ''), fingerprint) or 'current'
+    path = result.get('checkpoint') or ''
+    if os.path.isdir(path):  # main.py's -e/-a of a run folder read its best model
+        path = rr.checkpoint_path(path, rr.BEST)
+    return run_folder.file_changed(path, fingerprint) or 'current'
 
 
 def checkpoint_cells(result):

@@ -92,11 +92,14 @@ def log_attack_images(writer, step, input, adv_input, epsilon):
 
 
 def print_attack_result(result):
-    print(f"\n{'':<22}{'clean':>10}{'adversarial':>14}")
-    for label, suffix in (('with flip (handout)', ''), ('without flip', '_noflip')):
-        for k in (1, 5):
-            print(f"{f'Acc@{k} {label}':<22}{result[f'clean_top{k}{suffix}']:>10.2f}"
-                  f"{result[f'adv_top{k}{suffix}']:>14.2f}")
+    rows = [(f'Acc@{k} {label}', result[f'clean_top{k}{suffix}'],
+             result[f'adv_top{k}{suffix}'])
+            for label, suffix in (('with flip (handout)', ''), ('without flip', '_noflip'))
+            for k in (1, 5)]
+    width = max(len(label) for label, _, _ in rows)  # the labels' column fits the longest
+    print(f"\n{'':<{width}}{'clean':>10}{'adversarial':>14}")
+    for label, clean, adversarial in rows:
+        print(f"{label:<{width}}{clean:>10.2f}{adversarial:>14.2f}")
     print(f"PGD: {result['num_steps']} steps of {result['step_size']} within epsilon "
           f"{result['epsilon']} (normalized units, images kept in the valid pixel range); "
           f"attack success rate {result['success_rate']:.2f}% of correctly classified "

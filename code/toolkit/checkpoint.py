@@ -10,6 +10,7 @@ entry, so that a damaged or hand-edited file is one line naming the entry.
 """
 import dataclasses
 import math
+import reprlib
 from typing import Optional
 
 import torch
@@ -79,13 +80,14 @@ def from_file(raw, path):
         raw = {'state_dict': raw}  # bare weights: torch.save(model.state_dict(), path)
     if not isinstance(raw, dict) or not isinstance(raw.get('state_dict'), dict):
         raise CheckpointError(f"'{path}' is not a checkpoint of this toolkit (no state_dict)")
+    # the handout's main.py saves best_acc1 as a tensor: every numeric entry becomes one
+    # Python number (or one line naming it) before anything computes with it
+    raw = {**raw, **{name: one_number(raw[name], name, path)
+                     for name in NUMBER_ENTRIES if raw.get(name) is not None}}
     check_kinds(raw, path)
-    best_acc1 = raw.get('best_acc1')
-    if torch.is_tensor(best_acc1):             # the handout's main.py saves a tensor
-        best_acc1 = float(best_acc1)
     known = {field.name for field in dataclasses.fields(Checkpoint)}
     values = {name: value for name, value in raw.items() if name in known}
-    values.update(best_acc1=best_acc1, wall_time_s=raw.get('wall_time_s') or 0.0)
+    values.update(wall_time_s=raw.get('wall_time_s') or 0.0)
     bad = non_finite_part(raw)
     if bad is not None:
         what, key = bad
@@ -93,6 +95,32 @@ def from_file(raw, path):
                               f"the run diverged before it was saved; use an earlier "
                               f"checkpoint or train again with a lower --lr")
     return Checkpoint(**values)
+
+
+# the numeric entries of a checkpoint: what each must be, and the test of it
+NUMBER_ENTRIES = {
+    'epoch': ('a whole number >= 0', lambda v: isinstance(v, int) and v >= 0),
+    'best_epoch': ('a whole number >= 0', lambda v: isinstance(v, int) and v >= 0),
+    'best_acc1': ('a percentage (0-100)', lambda v: 0 <= v <= 100),
+    'wall_time_s': ('a number >= 0', lambda v: v >= 0)}
+
+
+def one_number(value, name, path):
+    """A checkpoint's numeric entry as one Python number: a tensor of one element (the
+    handout's best_acc1) gives its value; a tensor of another shape, a value that is no
+    finite number or one out of its range is a damaged entry, said in one line (float()
+    of a two-element tensor is a ValueError naming neither file nor entry)."""
+    words, test = NUMBER_ENTRIES[name]
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise CheckpointError(f"'{path}' is damaged: its '{name}' is a tensor of shape "
+                                  f"{tuple(value.shape)}, not {words}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not test(value):
+        raise CheckpointError(f"'{path}' is damaged: its '{name}' is "
+                              f"{reprlib.repr(value)}, not {words}")
+    return value
 
 
 # the kind of value of each flag a checkpoint's 'args' may hold (None: any)

@@ -262,7 +262,18 @@ def load_checkpoint(path):
 
 def read_checkpoint(path):
     """load_checkpoint, and the fingerprint of the very file it read (file_fingerprint):
-    what an -e or -a records of the checkpoint it evaluated."""
+    what an -e or -a records of the checkpoint it evaluated. A run folder stands for its
+    best model, RUN/models/model_best.pth.tar (said in one line)."""
+    if os.path.isdir(path):
+        best = rr.checkpoint_path(path, rr.BEST)
+        if not os.path.isfile(best):
+            raise CheckpointError(f"'{path}' is a folder, not a checkpoint file, and {best} "
+                                  f"(a run folder's best model) is not there: give a "
+                                  f"checkpoint file, e.g. RUN/models/{rr.BEST}")
+        from toolkit.distributed import launch_rank  # once under torchrun: rank 0 says it
+        if launch_rank() == 0:
+            print(f"=> '{path}' is a run folder: reading its best model {best}")
+        path = best
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint found at '{path}'")
     try:
