@@ -2,8 +2,9 @@
 
 Why: the per-image path (custom_dataloader + get_train_transforms()) decodes a JPEG and
 resamples every image three times (Scale, RandomRotate, RandomSizedCrop), then colours,
-converts and normalizes it in float: about 1,100 images/s per core, so 4 workers cap a GPU
-at ~4k images/s. Here, top to bottom:
+converts and normalizes it in float: several times slower per core than this path
+(docs/benchmarks.md measures both), so a few workers cannot keep a GPU busy. Here, top to
+bottom:
 
   1. the cache: every image decoded once (data_cache.py);
   2. parameters: drawn by the transforms' own get_params, in the order their __call__ draws
