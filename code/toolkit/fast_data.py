@@ -19,6 +19,12 @@ bottom:
   6. normalization happens on the device (normalize_on_device): workers hand over uint8,
      a quarter of the bytes of float32 (the per-image path does the same: loaders.py).
 
+What it reproduces: custom_transforms.py as it is shipped, as a whole (its code, that is;
+comments and docstrings may change), and pipelines of exactly its classes in which no
+object holds an attribute its class does not set. Anything else, such as a student's edit,
+takes the per-image path, which runs it, with one note line saying what differs
+(module_difference, make_plan).
+
 Pixel coordinates. A pixel's centre is at its integer index (x, y) (OpenCV's convention):
 an image of width W covers x in [-0.5, W - 0.5]. cv2.resize(src -> dst) maps a destination
 pixel to x_src = (x_dst + 0.5) * W_src / W_dst - 0.5 (INTER_LINEAR / INTER_CUBIC; OpenCV's
@@ -33,10 +39,12 @@ resamplings; the fused path resamples once, with the interpolation drawn by the 
 that resamples the image (RandomSizedCrop's, normally), so its distribution is the same
 as the per-image path's last resize.
 """
+import ast
 import functools
 import hashlib
 import inspect
 import math
+import os
 import random
 
 import cv2
@@ -86,60 +94,142 @@ class Unsupported(ValueError):
     """The fused path cannot reproduce this pipeline (the message says why)."""
 
 
-# The fused path reproduces these parts of custom_transforms.py as they are shipped: the
-# sha256 of each one's source (source_fingerprint). A part whose source differs (a student
-# tried another augmentation) makes the run take the per-image path, which calls the
-# edited code. Changing one on purpose: make the fused path match it, then put the new
-# fingerprint here (tests/test_edited_transforms.py fails until then, and prints it).
-# The module's functions that compute the classes' pixels count too (PIXEL_HELPERS).
-PIXEL_HELPERS = ("_resize", "_keep_channels", "largest_rotated_rect")
-SHIPPED_FINGERPRINTS = {
-    'Compose': '7b994fe32ffb926fb626e1174fff521bf6666bde8bb15913b3ea21f6fdb3b3b3',
-    'Scale': '69d4d8e53277ecf194af238fc0f4d742fd8687820f1928b46dee4e9efbc6aa1f',
-    'RandomHorizontalFlip': 'b247ceac7ef5db43d23513b0ac0cffe7eccbf3f20d9d0959685b43d80e61e710',
-    'RandomColor': 'f4de28af1d856536e4bb52b1b1541771c4b8b29b93930d5a6ba15d11614c7b4a',
-    'RandomRotate': '1064a826b8c13eee66ad2153f3494ce7acae1acbe80de65ddaa84a625eb0b8c5',
-    'RandomSizedCrop': 'd83c795d716a5b6685354c4ba85e1a50efc48e9bfd1738c729a91b4b80e1eda5',
-    'CenterCrop': '76b437ec001c2f541adf4fb6754a9d87c1cbdbf9ae68ca358a4a48f3c0653224',
-    'ToTensor': '941908f2afe9b4b57af0db8579f6678d6ba14ee960f3589dcd2f8eeb86b28279',
-    'Normalize': 'd90e1d80705bf9b9d2ff362f762a228f5a73015b9e6ad60d9f0b96eb5cfe68a9',
-    '_resize': '29504d17813f785652a373d57c8e7bb22cc86652806fe2242248679286e5d28a',
-    '_keep_channels': '6ff0fe22d3fe8f34188c91828ff8949e8a0acf12d6d932a56ac270f2899931c0',
-    'largest_rotated_rect': 'a309d2c3f7d4b7a93c1622278effd5898d8788da07546dd201dcbb5430d5d763',
-}
+# The fused path reproduces custom_transforms.py as it is shipped, as a whole: any part may
+# call any other (every __call__ calls _check_image first), so a list of the parts that
+# matter would miss one. Its code is compared, not its text: the fingerprint is taken of
+# the syntax tree without docstrings (comments are not in it), so notes and docstrings
+# may change. Any other edit makes the run take the per-image path, which calls the
+# edited code, with one note line. Changing the file on purpose: make the fused path
+# reproduce it, then put here what this prints, run in code/:
+#   python -c "from toolkit import fast_data as f; print(f.source_fingerprint(f.T))"
+SHIPPED_FINGERPRINT = "79fcbffbc4f0f16f44e84d9c04a4e4c8514fb4fca7976f814c6555220260877f"
 
 
-def source_fingerprint(obj):
-    """sha256 of what a function or class of custom_transforms does now: a function's
-    source; for a class, its bases and every attribute it defines (a function's source,
-    else its repr; not the docstring), so a method replaced at run time counts too."""
-    if not inspect.isclass(obj):
-        return hashlib.sha256(_source(obj).encode()).hexdigest()
-    parts = [f"{obj.__name__}({', '.join(base.__qualname__ for base in obj.__bases__)})"]
-    for name, value in sorted(vars(obj).items()):
-        value = getattr(value, "__func__", getattr(value, "fget", value))  # static, property
-        if callable(value):
-            parts.append(_source(value))
-        elif not name.startswith("__"):  # not __doc__, __module__, __firstlineno__, ...
-            parts.append(f"{name} = {value!r}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+def source_fingerprint(module):
+    """sha256 of the code of a module's file: its syntax tree without docstrings."""
+    return _on_disk(module.__file__, module.__name__)[0]
+
+
+def module_difference(module):
+    """Why `module` (custom_transforms, or a copy of its file) is not the code the fused
+    path reproduces, or None: its file's code differs from the shipped one, or a name of
+    the imported module differs from what a fresh run of the file defines (a function or
+    method replaced at run time, or the file changed since the import)."""
+    name = os.path.basename(module.__file__)
+    try:
+        fingerprint, _, fresh = _on_disk(module.__file__, module.__name__)
+    except (OSError, SyntaxError, ValueError) as e:
+        return (f"{name} cannot be read ({' '.join(str(e).split())}), so the fused cache "
+                f"path cannot check it")
+    if fingerprint != SHIPPED_FINGERPRINT:
+        return (f"{name} differs from the version the fused cache path reproduces (in its "
+                f"code: comments and docstrings do not count)")
+    part = _first_difference(_names(vars(module)), _names(fresh), "")
+    if part is not None:
+        return (f"{module.__name__}.{part} is not what {name} defines (replaced at run "
+                f"time, or the file changed since the import)")
+    return None
+
+
+def check_shipped(parts=()):
+    """Unsupported saying why, unless custom_transforms is the code the fused path
+    reproduces (module_difference). The whole module counts, whatever `parts` (the
+    (name, class) pairs a caller stands in for) are: any part may call any other."""
+    why = module_difference(T)
+    if why is not None:
+        raise Unsupported(why)
 
 
 @functools.lru_cache(maxsize=None)
-def _source(function):
+def _on_disk(path, name):
+    """(source fingerprint, {class: the attributes its methods set on self}, namespace)
+    of the module file at `path`, read once and kept (a run may drop the right to read it
+    later). The namespace is that of a fresh run of the file as module `name`, made only
+    where the code is the shipped one (a student's file is never run twice)."""
+    with open(path, "rb") as f:
+        source = f.read()
+    tree = ast.parse(source, path)
+    attributes = {node.name: _attributes_set(node) for node in tree.body
+                  if isinstance(node, ast.ClassDef)}
+    fingerprint = hashlib.sha256(_canonical(_without_docstrings(tree)).encode()).hexdigest()
+    fresh = None
+    if fingerprint == SHIPPED_FINGERPRINT:
+        fresh = {"__name__": name, "__file__": path}
+        exec(compile(source, path, "exec", dont_inherit=True), fresh)   # as an import does
+    return fingerprint, attributes, fresh
+
+
+def _attributes_set(class_node):
+    """The names a class's own code assigns as self.NAME: all an instance of it holds."""
+    return frozenset(node.attr for node in ast.walk(class_node)
+                     if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                     and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+
+def _without_docstrings(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                node.body = node.body[1:]
+    return tree
+
+
+def _canonical(node):
+    """A syntax tree written out field by field, without the empty ones: ast.dump's text
+    changes between Pythons (3.12 adds type_params=[] to every def), this does not."""
+    if isinstance(node, ast.AST):
+        fields = [f"{field}={_canonical(value)}" for field, value in ast.iter_fields(node)
+                  if value is not None and value != []]
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(_canonical(value) for value in node)}]"
+    return repr(node)
+
+
+def _names(namespace):
+    # a module's own dunders (__file__, __loader__, __builtins__, ...) differ by nature
+    return {k: v for k, v in namespace.items() if not (k.startswith("__") and k.endswith("__"))}
+
+
+def _first_difference(live, fresh, prefix):
+    """The first name (prefix + name) whose value differs between two namespaces, or None."""
+    for name in sorted(set(live) | set(fresh)):
+        if name not in live or name not in fresh:
+            return prefix + name
+        found = _difference(prefix + name, live[name], fresh[name])
+        if found is not None:
+            return found
+    return None
+
+
+def _difference(name, live, fresh):
+    """None where `live` (a value of the imported module) is `fresh` (the same name in a
+    fresh run of its file), else the dotted name of the part that differs: a class's
+    attributes and bases are compared one by one, a function by its code and defaults."""
+    if live is fresh:                     # modules, builtins, object
+        return None
+    if inspect.isclass(live) and inspect.isclass(fresh):
+        if len(live.__bases__) != len(fresh.__bases__) or any(
+                _difference(name, a, b) for a, b in zip(live.__bases__, fresh.__bases__)):
+            return name
+        per_class = ("__dict__", "__weakref__")   # descriptors of each class object
+        return _first_difference({k: v for k, v in vars(live).items() if k not in per_class},
+                                 {k: v for k, v in vars(fresh).items() if k not in per_class},
+                                 name + ".")
+    if type(live) is not type(fresh):
+        return name
+    if isinstance(live, (staticmethod, classmethod)):
+        return _difference(name, live.__func__, fresh.__func__)
+    if inspect.isfunction(live):
+        same = (live.__code__ == fresh.__code__ and live.__defaults__ == fresh.__defaults__
+                and live.__kwdefaults__ == fresh.__kwdefaults__)
+        return None if same else name
     try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):         # typed in at a prompt, a builtin, a partial
-        return f"{getattr(function, '__qualname__', function)}: no source"
-
-
-def check_shipped(parts):
-    """Unsupported naming the first of `parts`, (name, class or function) pairs of
-    custom_transforms, whose source is not the version the fused path reproduces."""
-    for name, part in parts:
-        if source_fingerprint(part) != SHIPPED_FINGERPRINTS.get(name):
-            raise Unsupported(f"custom_transforms.{name} differs from the version the fused "
-                              f"cache path reproduces")
+        return None if bool(live == fresh) else name
+    except Exception:                     # no comparison: count it as changed
+        return name
 
 
 def _one_line(t):
@@ -156,7 +246,28 @@ def _check_interpolations(t, position):
 def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
     """FusedPlan of a custom_transforms.Compose applied to in_hw images, or Unsupported.
     Known: Scale, RandomHorizontalFlip, RandomColor, RandomRotate, RandomSizedCrop and
-    CenterCrop in any order and number, then ToTensor and optionally Normalize (3 channels)."""
+    CenterCrop in any order and number, then ToTensor and optionally Normalize (3 channels),
+    all of the shipped custom_transforms (check_shipped) and none with an attribute of its
+    own (_check_objects)."""
+    items, mean, std = _image_steps(transforms)
+    kinds = [_step_kind(t, position) for position, t in enumerate(items, start=1)]
+    check_shipped()
+    _check_objects(transforms)
+    steps, hw = [], tuple(in_hw)
+    for kind, t in zip(kinds, items):
+        if kind == "scale":
+            out = t.output_size(*hw)
+        elif kind in ("sized_crop", "center_crop"):
+            out = t.size
+        else:
+            out = hw
+        steps.append((kind, t, hw, tuple(out)))
+        hw = tuple(out)
+    return FusedPlan(steps, tuple(in_hw), hw, [float(m) for m in mean], [float(s) for s in std])
+
+
+def _image_steps(transforms):
+    """(the steps before ToTensor, mean, std of the Normalize after it), or Unsupported."""
     if type(transforms) is not T.Compose:
         raise Unsupported(f"the transforms are a {type(transforms).__name__}, not a "
                           f"custom_transforms.Compose")
@@ -171,35 +282,52 @@ def make_plan(transforms, in_hw=(CACHE_SIZE, CACHE_SIZE)):
     mean, std = (tail[0].mean, tail[0].std) if tail else ([0.0] * 3, [1.0] * 3)
     if len(mean) != 3:
         raise Unsupported(f"Normalize has {len(mean)} channels, the images have 3")
-    steps, hw = [], tuple(in_hw)
-    for position, t in enumerate(items[:to_tensor[0]], start=1):
-        kind = _STEP_KINDS.get(type(t))
-        parent = next((k for k in _STEP_KINDS if isinstance(t, k)), None)
-        if kind is None and parent is not None:
-            raise Unsupported(f"transform {position} ({_one_line(t)}) is a subclass of "
-                              f"custom_transforms.{parent.__name__}, which the fused cache "
+    return items[:to_tensor[0]], mean, std
+
+
+def _step_kind(t, position):
+    """The kind of an image step (_STEP_KINDS), or Unsupported: another class, a
+    subclass, an interpolation the warp lacks, a fallback other than RandomSizedCrop's."""
+    kind = _STEP_KINDS.get(type(t))
+    parent = next((k for k in _STEP_KINDS if isinstance(t, k)), None)
+    if kind is None and parent is not None:
+        raise Unsupported(f"transform {position} ({_one_line(t)}) is a subclass of "
+                          f"custom_transforms.{parent.__name__}, which the fused cache "
+                          f"path cannot reproduce")
+    if kind is None:
+        raise Unsupported(f"transform {position} ({_one_line(t)}) is not one the fused "
+                          f"path knows ({', '.join(k.__name__ for k in _STEP_KINDS)})")
+    _check_interpolations(t, position)
+    if kind == "sized_crop":
+        fallback = t.fallback
+        if type(fallback) is not T.Compose or [type(f) for f in fallback.transforms] != \
+                [T.Scale, T.CenterCrop]:
+            raise Unsupported(f"transform {position} ({_one_line(t)}) has a fallback other "
+                              f"than Compose([Scale, CenterCrop]), which the fused cache "
                               f"path cannot reproduce")
-        if kind is None:
-            raise Unsupported(f"transform {position} ({_one_line(t)}) is not one the fused "
-                              f"path knows ({', '.join(k.__name__ for k in _STEP_KINDS)})")
-        _check_interpolations(t, position)
-        if kind == "scale":
-            out = t.output_size(*hw)
-        elif kind in ("sized_crop", "center_crop"):
-            out = t.size
-        else:
-            out = hw
-        steps.append((kind, t, hw, tuple(out)))
-        hw = tuple(out)
-    # every class whose code the plan stands for (a RandomSizedCrop's fallback is a
-    # Scale and a CenterCrop), and the helpers they compute pixels with
-    used = {type(t) for t in [transforms] + items}
-    for kind, t, *_ in steps:
-        if kind == "sized_crop":
-            used |= {type(f) for f in t.fallback.transforms}
-    check_shipped(sorted(((part.__name__, part) for part in used), key=lambda p: p[0])
-                  + [(name, getattr(T, name)) for name in PIXEL_HELPERS])
-    return FusedPlan(steps, tuple(in_hw), hw, [float(m) for m in mean], [float(s) for s in std])
+        _check_interpolations(fallback.transforms[0], position)
+    return kind
+
+
+def _check_objects(transforms):
+    """Unsupported naming the first object of the pipeline (the Compose, a step, a
+    RandomSizedCrop's fallback and its steps) with an attribute that its class's code
+    never sets, such as `flip.apply = f`: the fused path would not run it. Call it once
+    check_shipped passed: the classes' code is the one read here."""
+    attributes = _on_disk(T.__file__, T.__name__)[1]
+    objects = [("the Compose", transforms)]
+    for position, t in enumerate(transforms.transforms, start=1):
+        where = f"transform {position} ({_one_line(t)})"
+        objects.append((where, t))
+        if type(t) is T.RandomSizedCrop:
+            objects += [(f"{where}'s fallback", t.fallback)] + [
+                (f"{where}'s fallback {type(f).__name__}", f) for f in t.fallback.transforms]
+    for where, obj in objects:
+        allowed = set().union(*(attributes.get(c.__name__, ()) for c in type(obj).__mro__))
+        extra = sorted(set(vars(obj)) - allowed)
+        if extra:
+            raise Unsupported(f"{where} has its own {extra[0]} (set on the object, not by "
+                              f"its class), which the fused cache path cannot reproduce")
 
 
 def fused_path_supported(transforms):
