@@ -532,7 +532,7 @@ def test_a_wrong_field_leaves_out_only_itself(damaged):
 
 def test_the_summary_kinds_cover_the_run_record():
     """Every key of the run record has a kind to be checked against."""
-    assert set(report.SUMMARY_KINDS) == set(fake_runs.rr.SUMMARY_KEYS)
+    assert set(fake_runs.rr.SUMMARY_KEYS) <= set(report.SUMMARY_KINDS)
     assert set(report.EPOCH_KINDS) == set(fake_runs.rr.EPOCH_KEYS)
 
 

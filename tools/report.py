@@ -211,8 +211,9 @@ PERCENT = Kind('a percentage (0-100)', lambda v: is_number(v) and 0 <= v <= 100)
 # the kind of every field of the run record (run_record.py); JSON null is allowed in each
 # (main.py writes null for a figure it has not measured, or for NaN) but an epoch's number
 SUMMARY_KINDS = {'schema': COUNT, 'run_dir': TEXT, 'name': TEXT, 'status': TEXT,
-                 'args': OBJECT, 'arch': TEXT, 'num_params': COUNT, 'device': TEXT,
-                 'iters_per_epoch': COUNT, 'epochs_planned': COUNT, 'epochs': RECORDS,
+                 'args': OBJECT, 'sources': OBJECT, 'arch': TEXT, 'num_params': COUNT,
+                 'device': TEXT, 'iters_per_epoch': COUNT, 'epochs_planned': COUNT,
+                 'epochs': RECORDS,
                  'best_epoch': COUNT, 'best_acc1': PERCENT, 'wall_time_s': AMOUNT,
                  'world_size': COUNT, 'dist_backend': TEXT,
                  rr.EVALUATION: OBJECT, rr.ATTACK: OBJECT}
