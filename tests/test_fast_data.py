@@ -2,7 +2,6 @@
 truncated, one-line refusals), the fused parameters (the per-image path's draws and
 ranges), the fused warp on the CPU (OpenCV) and on a device (the torch code, run here on
 the CPU) against the per-image transforms with fixed parameters, normalization, seeding."""
-import argparse
 import glob
 import json
 import os
@@ -504,9 +503,11 @@ def test_a_fingerprint_that_is_no_json_object_is_damaged(data_copy, capsys, cont
     assert capsys.readouterr().err == ''               # rebuilt: fresh again
 
 
-def cpu_args(data_folder, rebuild_cache=False):
-    return argparse.Namespace(data_folder=data_folder, workers=0, channels_last=False,
-                              data_cache=True, rebuild_cache=rebuild_cache)
+def cpu_plan(data_folder, rebuild_cache=False):
+    from toolkit.run_plan import plan_from_argv
+    argv = [data_folder, '-j', '0', '--no-channels-last', '--data-cache', '--seed', '0']
+    return plan_from_argv(argv + (['--rebuild-cache'] if rebuild_cache else []),
+                          torch.device('cpu'))[0]
 
 
 def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
@@ -517,7 +518,7 @@ def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
 
     def val_loader(**flags):
         val_set = MiniPlacesLoader(data_copy, 'val', num_classes=None)
-        return loaders.cached_loader(cpu_args(data_copy, **flags), torch.device('cpu'),
+        return loaders.cached_loader(cpu_plan(data_copy, **flags), torch.device('cpu'),
                                      val_set, student_code.get_val_transforms(), batch_size=4)
 
     val_loader()
@@ -624,7 +625,7 @@ def test_leftovers_of_killed_builds_are_removed_at_the_next_start(data_copy, cap
 # root may read; they only read the folders). One process for every case: each pays the
 # imports of torch and torchvision, seconds here.
 SETTLE = """
-import argparse, json, os, sys
+import json, os, sys
 from toolkit import loaders
 cases = list(zip(sys.argv[1::2], sys.argv[2::2]))
 for folder, _ in cases:
@@ -644,19 +645,16 @@ if os.geteuid() == 0:
         print(json.dumps('root only'))
         sys.exit(0)
 for folder, how in cases:
-    args = argparse.Namespace(data_folder=folder, workers=0, data_cache=True,
-                              rebuild_cache=how == 'rebuild')
-    train_set, val_set = loaders.load_datasets(argparse.Namespace(data_folder=folder,
-                                                                   batch_size=1))
-    loaders.settle_data_cache(args, {'train': train_set, 'val': val_set})
-    if args.data_cache:
+    datasets = loaders.load_datasets(folder)
+    used = loaders.cache_fallback(folder, how == 'rebuild', datasets, asked=False) is None
+    if used:
         loaders.data_cache.load_or_build_cache(folder, 'val')   # reads, writes nothing
-    print(json.dumps(args.data_cache))
+    print(json.dumps(used))
 """
 
 
 def settle_read_only(*cases):
-    """[(args.data_cache, what it printed)] of settle_data_cache for each (data folder,
+    """[(whether the cache serves, what it printed)] of cache_fallback for each (data folder,
     how) in a process that cannot write the folders (chmod a-w; see SETTLE)."""
     argv = [word for case in cases for word in case]
     proc = subprocess.run([sys.executable, '-c', SETTLE] + argv, cwd=CODE,

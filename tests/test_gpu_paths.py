@@ -127,9 +127,10 @@ def test_a_cache_that_does_not_fit_in_gpu_memory_stays_in_host_memory(demo, monk
     # OnDevice would put its normalization constants on the (absent) GPU
     monkeypatch.setattr(loaders, 'OnDevice', lambda loader, *rest: SimpleNamespace(
         loader=loader, device_bytes=0))
-    args = argparse.Namespace(data_folder=demo, workers=0, channels_last=False)
-    val_set = loaders.load_datasets(argparse.Namespace(data_folder=demo), train=False)[1]
-    loader = loaders.cached_loader(args, torch.device('cuda', 0), val_set,
+    from toolkit.run_plan import plan_from_argv
+    plan, datasets = plan_from_argv([demo, '-j', '0', '--no-channels-last', '--seed', '0'],
+                                    torch.device('cpu'))
+    loader = loaders.cached_loader(plan, torch.device('cuda', 0), datasets['val'],
                                    student_code.get_val_transforms(), batch_size=4)
     assert isinstance(loader.loader, torch.utils.data.DataLoader) and loader.device_bytes == 0
     out = capsys.readouterr().out

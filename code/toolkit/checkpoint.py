@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from toolkit import settings
 from utils import CheckpointError
 
 
@@ -123,42 +124,16 @@ def one_number(value, name, path):
     return value
 
 
-# the kind of value of each flag a checkpoint's 'args' may hold (None: any)
-ARG_KINDS = {**dict.fromkeys(('epochs', 'warmup', 'batch_size', 'num_classes', 'seed',
-                              'adv_steps', 'world_size', 'start_epoch', 'workers'), int),
-             **dict.fromkeys(('lr', 'weight_decay', 'momentum', 'clip_grad', 'adv_eps',
-                              'adv_ratio'), float),
-             **dict.fromkeys(('adv_train', 'amp', 'channels_last', 'data_cache', 'compile',
-                              'use_custom_conv'), bool),
-             **dict.fromkeys(('arch', 'name'), str)}
-KIND_WORDS = {int: 'a whole number >= 0', float: 'a finite number', bool: 'true or false',
-              str: 'a text'}
-
-
-def is_kind(value, kind):
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and value >= 0
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
 def check_kinds(raw, path):
-    """The run's flags, epoch and arch as a checkpoint holds them: a damaged or hand-edited
-    file is one line naming the entry, not a TypeError deep in a resume."""
-    saved = raw.get('args')
-    if saved is not None and not isinstance(saved, dict):
-        raise CheckpointError(f"'{path}' is damaged: its 'args' is a {type(saved).__name__}, "
-                              f"not the flags of its run")
-    entries = [(f"args['{key}']", value, ARG_KINDS.get(key)) for key, value in
-               (saved or {}).items()]
-    entries += [("'epoch'", raw.get('epoch'), int), ("'arch'", raw.get('arch'), str)]
-    for name, value, kind in entries:
-        if value is not None and kind is not None and not is_kind(value, kind):
-            raise CheckpointError(f"'{path}' is damaged: its {name} is {value!r}, not "
-                                  f"{KIND_WORDS[kind]}")
+    """The run's settings, epoch and arch as a checkpoint holds them, each checked as its
+    flag is (settings.check_stored: the same table): a damaged or hand-edited file is one
+    line naming the entry, not a TypeError deep in a resume."""
+    settings.check_stored(raw.get('args'), path)
+    for name, value, kind, words in (("'epoch'", raw.get('epoch'), int, 'a whole number >= 0'),
+                                     ("'arch'", raw.get('arch'), str, 'a text')):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                  or (kind is int and value < 0)):
+            raise CheckpointError(f"'{path}' is damaged: its {name} is {value!r}, not {words}")
 
 
 # the parts of a checkpoint that a resumed run trains on or writes out again (the best

@@ -23,7 +23,7 @@ from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_w
 from toolkit.distributed import world
 from toolkit.speed import memory_format
 from student_code import get_train_transforms, get_val_transforms
-from utils import ToolkitError, UsageError, one_line
+from utils import CheckpointError, ToolkitError, UsageError, one_line
 
 def seed_everything(seed):
     """Seed every generator the training touches (python, numpy, torch)."""
@@ -41,19 +41,16 @@ def seed_epoch(seed, epoch, train_loader):
     train_loader.sampler.set_epoch(seed, epoch)
 
 
-def load_datasets(args, train=True):
-    """(train set or None, val set), the training set at least one batch large; their
-    labels are checked by settle_num_classes."""
-    val_set = MiniPlacesLoader(args.data_folder, split='val', transforms=get_val_transforms(),
-                               num_classes=None)
-    if not train:
-        return None, val_set
-    train_set = MiniPlacesLoader(args.data_folder, split='train',
-                                 transforms=get_train_transforms(), num_classes=None)
-    if args.batch_size > len(train_set):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(train_set)} images): every batch would be dropped")
-    return train_set, val_set
+def load_datasets(data_folder, train=True):
+    """{'train': ..., 'val': ...} (no 'train' for -e/-a), each a MiniPlacesLoader with the
+    run's transforms; their labels are checked by class_count."""
+    datasets = {'val': MiniPlacesLoader(data_folder, split='val',
+                                        transforms=get_val_transforms(), num_classes=None)}
+    if train:
+        datasets['train'] = MiniPlacesLoader(data_folder, split='train',
+                                             transforms=get_train_transforms(),
+                                             num_classes=None)
+    return datasets
 
 
 # a class count the data can support: one with an image each at most, and at least this
@@ -81,13 +78,12 @@ def line_of_label(dataset, label):
     return None
 
 
-def settle_num_classes(args, datasets, source):
-    """The class count is the largest label + 1 of the label files, unless the flags
-    or the checkpoint (`source`) give one: fewer outputs than labels is refused,
-    more is warned about, and so are classes without a training image. A label or a
-    --num-classes beyond what the data can support (class_limit) is refused before
-    anything of that size is allocated."""
-    datasets = {name: ds for name, ds in datasets.items() if ds is not None}
+def class_count(requested, source, datasets):
+    """The class count: `requested` (given by `source`: '--num-classes' or the checkpoint's
+    words), else the largest label + 1 of the label files. Fewer outputs than labels is
+    refused, more is warned about, and so are classes without a training image. A label
+    or a count beyond what the data can support (class_limit) is refused before anything
+    of that size is allocated, whichever path the count came by."""
     labels = {name: set(ds.label_list) for name, ds in datasets.items()}
     needed = max(max(found) for found in labels.values()) + 1
     limit, images = class_limit(datasets)
@@ -95,20 +91,22 @@ def settle_num_classes(args, datasets, source):
         name = next(n for n, found in labels.items() if max(found) == needed - 1)
         line_no = line_of_label(datasets[name], needed - 1)
         raise DatasetError(f"{name}.txt, line {line_no}: label {needed - 1} is far beyond what "
-                         f"the data can support ({images}: at most {limit} classes); a typo?")
-    if source == '--num-classes' and args.num_classes is not None and \
-            args.num_classes > limit:
-        raise UsageError(f"--num-classes {args.num_classes} is more than the data can support "
-                         f"({images}: at most {limit} classes)")
-    if args.num_classes is None:
-        args.num_classes = needed
+                           f"the data can support ({images}: at most {limit} classes); a typo?")
+    if requested is None:
         print(f'=> {needed} classes (the largest label in the label files is {needed - 1})')
-    elif args.num_classes < needed:
-        name = next(n for n, found in labels.items() if max(found) >= args.num_classes)
-        raise UsageError(f"{source} gives {args.num_classes} classes, but {name}.txt has label "
+        requested = needed
+    elif requested > limit and source == '--num-classes':
+        raise UsageError(f"--num-classes {requested} is more than the data can support "
+                         f"({images}: at most {limit} classes)")
+    elif requested > limit:
+        raise CheckpointError(f"{source} gives {requested} classes, more than the data can "
+                              f"support ({images}: at most {limit} classes)")
+    elif requested < needed:
+        name = next(n for n, found in labels.items() if max(found) >= requested)
+        raise UsageError(f"{source} gives {requested} classes, but {name}.txt has label "
                          f"{max(labels[name])}: the model needs at least {needed} outputs")
-    elif args.num_classes > needed:
-        print(f'warning: {source} gives {args.num_classes} classes but the labels use only '
+    elif requested > needed:
+        print(f'warning: {source} gives {requested} classes but the labels use only '
               f'0..{needed - 1}: the extra outputs are never trained (and PGD targets them '
               f'as the least-confident labels)')
     if 'train' in labels:
@@ -117,6 +115,7 @@ def settle_num_classes(args, datasets, source):
             shown = ', '.join(map(str, missing[:10])) + (', ...' if len(missing) > 10 else '')
             print(f'warning: train.txt has no image of {len(missing)} of the labels '
                   f'0..{needed - 1} ({shown}): the model can never learn them')
+    return requested
 
 
 class OnDevice(object):
@@ -218,103 +217,103 @@ def uint8_handover(dataset):
     return transforms, (mean, std)
 
 
-def cache_refusal(args, splits, datasets):
+def cache_refusal(data_folder, rebuild, splits, datasets):
     """Why the cached path cannot be used (printed as a note), or None. splits: {split:
-    its transforms}; datasets: {split: its MiniPlacesLoader}."""
+    its transforms}; datasets: {split: its MiniPlacesLoader}; rebuild: --rebuild-cache."""
     for split, transforms in splits.items():
         supported, reason = fast_data.fused_path_supported(transforms)
         if not supported:
             return f'get_{split}_transforms(): {reason}'
-    if data_cache.cache_writable(args.data_folder):
+    if data_cache.cache_writable(data_folder):
         return None             # a missing or stale cache is (re)built
     # read-only: usable only where every cache is there and fresh (the same check the
     # cached path makes first: one stat per image)
-    if getattr(args, 'rebuild_cache', False):
-        return f'{args.data_folder} is read-only: --rebuild-cache cannot rebuild its cache'
+    if rebuild:
+        return f'{data_folder} is read-only: --rebuild-cache cannot rebuild its cache'
     for split in splits:
-        problem = data_cache.cache_problem(args.data_folder, split, dataset=datasets[split])
+        problem = data_cache.cache_problem(data_folder, split, dataset=datasets[split])
         if problem == 'missing':
-            return f'{args.data_folder} is read-only and holds no cache of {split}'
+            return f'{data_folder} is read-only and holds no cache of {split}'
         if problem is not None:
-            return f'{args.data_folder} is read-only and its cache of {split} is stale ({problem})'
+            return f'{data_folder} is read-only and its cache of {split} is stale ({problem})'
     return None
 
 
-def cached_loader(args, device, dataset, transforms, **kw):
+def cached_loader(plan, device, dataset, transforms, **kw):
     """A loader of the decoded cache: on CUDA whole batches warped on the GPU (DeviceLoader,
     the cache in GPU memory), elsewhere DataLoader workers warping uint8 with OpenCV."""
     # several processes: rank 0 builds a missing cache (or rebuilds it with
     # --rebuild-cache), the others then read it
-    rebuild = getattr(args, 'rebuild_cache', False) and world().rank == 0
+    rebuild = plan.rebuild_cache and world().rank == 0
     split = dataset.split
     cache = distributed.rank0_first(lambda: data_cache.load_or_build_cache(
-        args.data_folder, split, workers=args.workers, rebuild=rebuild, dataset=dataset))
+        plan.data_folder, split, workers=plan.workers, rebuild=rebuild, dataset=dataset))
     if device.type == 'cuda':
         try:
             loader = fast_data.DeviceLoader(cache, transforms, device, **kw)
-            return OnDevice(loader, device, None, memory_format(args))
+            return OnDevice(loader, device, None, memory_format(plan))
         except ToolkitError as exc:  # no room for it in GPU memory
             print(f'note: {one_line(exc)}; the {split} cache stays in host memory')
     dataset = fast_data.CachedDataset(cache, transforms)
-    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+    loader = DataLoader(dataset, num_workers=plan.workers, pin_memory=device.type == 'cuda',
                         worker_init_fn=seed_worker, **kw)
-    return OnDevice(loader, device, dataset.normalization, memory_format(args))
+    return OnDevice(loader, device, dataset.normalization, memory_format(plan))
 
 
-def per_image_loader(args, device, dataset, **kw):
+def per_image_loader(plan, device, dataset, **kw):
     handover = uint8_handover(dataset)
     if handover is not None:
         dataset.transforms = handover[0]
     if isinstance(kw['sampler'], data_order.TrainOrder):  # (index, seed) pairs
         dataset = data_order.SeededSamples(dataset)
-    loader = DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
+    loader = DataLoader(dataset, num_workers=plan.workers, pin_memory=device.type == 'cuda',
                         worker_init_fn=seed_worker, **kw)
-    return OnDevice(loader, device, handover and handover[1], memory_format(args))
+    return OnDevice(loader, device, handover and handover[1], memory_format(plan))
 
 
-def settle_data_cache(args, datasets, auto=()):
-    """Keep --data-cache only where the cached path can serve the run: else one note says
-    why, and whether the cache was asked for or on by default (`auto`: the flags chosen
-    automatically), and the reason is returned for the start line (else None).
-    args.data_cache is then what the run really does, for its summary. A cache that does
-    not fit on the disk is left out when it was auto, and refused when it was asked for
-    (or is the resumed run's). datasets: {split: its MiniPlacesLoader}, 'val' and, for
-    training, 'train'."""
-    if not args.data_cache:
-        return None
+def cache_fallback(data_folder, rebuild, datasets, asked):
+    """Why the cached path cannot serve the run (the run then takes the per-image path,
+    and one note says so), or None where it can. A cache that does not fit on the disk is
+    left out when the cache was on by default, and refused when it was `asked` for (or is
+    the resumed run's). datasets: {split: its MiniPlacesLoader}, 'val' and, for training,
+    'train'."""
     splits = {'val': get_val_transforms()}
     if 'train' in datasets:
         splits['train'] = get_train_transforms()
-    refusal = cache_refusal(args, splits, datasets)
+    refusal = cache_refusal(data_folder, rebuild, splits, datasets)
     if refusal is None:
-        refusal = data_cache.build_shortfall(args.data_folder, list(splits),
-                                             rebuild=getattr(args, 'rebuild_cache', False),
+        refusal = data_cache.build_shortfall(data_folder, list(splits), rebuild=rebuild,
                                              datasets=datasets)
-        if refusal is not None and 'data_cache' not in auto:
+        if refusal is not None and asked:
             raise DatasetError(f'--data-cache: {refusal}: free some space or run with '
                                f'--no-data-cache')
     if refusal is not None:
-        asked = '' if 'data_cache' in auto else '--data-cache was asked for, but '
-        print(f'note: {asked}{refusal}; this run uses the per-image path')
-        args.data_cache = False
+        print(f"note: {'--data-cache was asked for, but ' if asked else ''}{refusal}; this "
+              f"run uses the per-image path")
     return refusal
 
 
-def build_loaders(args, device, train_set, val_set):
+def build_loaders(plan, device, datasets):
     """(train loader or None, val loader), both yielding this process's batches on the
-    device: the cached path (fast_data) with args.data_cache (see settle_data_cache), else
-    the per-image path. The training order is a TrainOrder (set each epoch by seed_epoch),
-    validation this process's share of the images (data_order.py)."""
-    val_kw = dict(batch_size=100, sampler=data_order.val_share(len(val_set)))
+    device: the cached path (fast_data) with plan.data_cache, else the per-image path.
+    The training order is a TrainOrder (set each epoch by seed_epoch), validation this
+    process's share of the images (data_order.py)."""
+    train_set, val_set = datasets.get('train'), datasets['val']
+    val_kw = dict(batch_size=plan.val_batch_size, sampler=data_order.val_share(len(val_set)))
     if train_set is not None:
-        order = data_order.TrainOrder(len(train_set), args.batch_size)
+        order = data_order.TrainOrder(len(train_set), plan.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
-    if args.data_cache:
-        val_loader = cached_loader(args, device, val_set, get_val_transforms(), **val_kw)
+    if plan.data_cache:
+        val_loader = cached_loader(plan, device, val_set, get_val_transforms(), **val_kw)
         train_loader = None if train_set is None else \
-            cached_loader(args, device, train_set, get_train_transforms(), **train_kw)
+            cached_loader(plan, device, train_set, get_train_transforms(), **train_kw)
     else:
-        val_loader = per_image_loader(args, device, val_set, **val_kw)
+        val_loader = per_image_loader(plan, device, val_set, **val_kw)
         train_loader = None if train_set is None else \
-            per_image_loader(args, device, train_set, **train_kw)
+            per_image_loader(plan, device, train_set, **train_kw)
     return train_loader, val_loader
+
+
+# images per validation batch (all of a process's share of the validation set, for
+# training and for -e/-a alike)
+VAL_BATCH = 100

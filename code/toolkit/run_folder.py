@@ -9,7 +9,6 @@ checkpoint.pth.tar is the commit point of an epoch (commit_epoch). It holds ever
 written first; model_best.pth.tar and summary.json are derived from it, written after
 it, and rewritten from it when the run is resumed (restore_run_files).
 """
-import contextlib
 import datetime
 import hashlib
 import json
@@ -21,7 +20,6 @@ import socket
 import torch
 
 from toolkit import checkpoint
-from toolkit import distributed
 from toolkit import run_record as rr
 from toolkit import safe_files
 from toolkit.checkpoint import Checkpoint
@@ -165,26 +163,6 @@ def end_running(run_dir, status):
     summary['status'] = status
     write_json_atomic(rr.summary_path(run_dir), summary)
     return True
-
-
-@contextlib.contextmanager
-def status_on_error(run_dir):
-    """Held with the run lock while a training run runs: an exception that ends the run
-    while its summary still says 'running' (an error in student_code.py, a lost torchrun
-    process, an unreadable image mid-epoch) leaves 'failed' there, and Ctrl-C leaves
-    'interrupted'. train() writes 'diverged' and 'interrupted' itself; those stay."""
-    try:
-        yield
-    except (Exception, KeyboardInterrupt) as exc:
-        if distributed.lost_process(exc):
-            distributed.ignore_sigterm()  # torchrun's stop must not cut the write short
-        status = rr.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else rr.FAILED
-        try:
-            with summary_lock(run_dir):
-                end_running(run_dir, status)
-        except (RunFolderError, OSError):
-            pass  # a full disk, say: the error that ended the run says more
-        raise
 
 
 def close_dead_run(run_dir):
@@ -352,7 +330,7 @@ def run_dir_of_checkpoint(path):
 ################################################################################
 # A training run's folder: open, commit an epoch, restore on resume
 ################################################################################
-def open_run_folder(args, ckpt, hold):
+def open_run_folder(plan, ckpt, hold):
     """The run folder, locked for as long as `hold` (an ExitStack's enter_context) keeps
     the lock, or None in processes other than rank 0. A resumed run continues the
     checkpoint's own folder; a new run, or a checkpoint copied out of its folder, gets a
@@ -360,12 +338,11 @@ def open_run_folder(args, ckpt, hold):
     a kill ended are marked so (close_dead_runs; a new folder's make_run_dir does that)."""
     if not is_main():
         return None
-    run_dir = run_dir_of_checkpoint(args.resume) if ckpt is not None else None
+    run_dir = run_dir_of_checkpoint(plan.resume) if ckpt is not None else None
     resumed = run_dir is not None
     if not resumed:
-        run_dir = make_run_dir(args.log_dir, args.name)
+        run_dir = make_run_dir(plan.log_dir, plan.name)
     lock = hold(run_lock(run_dir))
-    hold(status_on_error(run_dir))  # entered after the lock: leaves while it is still held
     if resumed:
         print_closed(close_dead_runs(os.path.dirname(run_dir), skip=run_dir))
     if lock.previous_holder:
@@ -377,7 +354,7 @@ def open_run_folder(args, ckpt, hold):
     return run_dir
 
 
-def commit_epoch(run_dir, args, learner, summary, record, best):
+def commit_epoch(run_dir, plan, learner, summary, record, best):
     """Save one finished epoch: the checkpoint first (the commit point), then the files
     derived from it. `best` is {'epoch', 'acc1', 'weights'}; updated in place, as is
     `summary`. Processes other than rank 0 (run_dir None) write nothing."""
@@ -389,12 +366,12 @@ def commit_epoch(run_dir, args, learner, summary, record, best):
     if run_dir is None:
         return
     scaler = learner.scaler
-    ckpt = Checkpoint(schema=rr.SCHEMA_VERSION, epoch=record['epoch'], arch=args.arch,
+    ckpt = Checkpoint(schema=rr.SCHEMA_VERSION, epoch=record['epoch'], arch=plan.arch,
                       state_dict=learner.model.state_dict(),
                       optimizer=learner.optimizer.state_dict(),
                       scheduler=learner.scheduler.state_dict(), best_acc1=best['acc1'],
                       best_epoch=best['epoch'], best_state_dict=best['weights'],
-                      history=history, wall_time_s=summary['wall_time_s'], args=vars(args),
+                      history=history, wall_time_s=summary['wall_time_s'], args=plan.as_dict(),
                       scaler=scaler.state_dict() if scaler is not None else None)
     save_checkpoint(ckpt, run_dir)
     if is_best:

@@ -1,141 +1,139 @@
-"""The run plan: what a run is asked to do, checked before any work starts, and what a
-resume may change.
+"""The run plan: every setting of a run decided once, by resolve, into a frozen RunPlan.
 
-A new training run takes its plan from the flags (check_args, settle_new_run). A resumed
-run continues its checkpoint's own plan: the PLAN flags come from the checkpoint, and a
-flag given with another value is refused, except a larger --epochs, which extends the run
-(adopt_checkpoint_plan). -e and -a take the model, its class count and the speed settings
-that change the numbers from the checkpoint (adopt_evaluation_plan).
+resolve turns the parsed flags (read-only), the checkpoint (--resume, -e, -a), the data
+and the device into the plan, and records where each value came from: 'flag',
+'default', 'checkpoint', 'rule: ...', 'auto: ...' (the device's measured best) or
+'fell back: ...'. Nothing writes into the flags, and nothing changes the plan after.
+Every check of a value applies to the resolved plan, so it holds on every path (a new
+run, a resume, the handout's checkpoint, bare weights, -e and -a).
+
+    a new run          the flags; the rules fill what they leave open
+    an exact resume    the run's own plan from its checkpoint (settings.KEEP rows; a flag
+                       given with another value is refused, but a larger --epochs)
+    other checkpoints  (the handout's, bare weights) a new run of the flags' plan from
+                       their weights, at their epoch
+    -e / -a            the checkpoint's model, class count and speed settings
 """
-import argparse
-import math
 import os
 import random
-
-import torch
+import types
 
 from toolkit import run_record as rr
-from toolkit.distributed import check_global_batch, launch_size
+from toolkit import settings
+from toolkit.distributed import check_global_batch, world
+from toolkit.loaders import VAL_BATCH, cache_fallback, class_count
 from toolkit.networks import ARCHS, check_arch
-from student_code import cnn_models, vit_models, default_cnn_model, default_vit_model
 from toolkit.run_folder import run_dir_of_checkpoint
+from toolkit.settings import KEEP, GROW, FOLLOW, flag_name
+from toolkit import speed
+from student_code import cnn_models, vit_models, default_cnn_model, default_vit_model
 from utils import UsageError, CheckpointError, warmup_cosine_factor
 
-# the flags that define a training run: --resume takes them from the checkpoint
-PLAN = ('epochs', 'warmup', 'batch_size', 'lr', 'weight_decay', 'momentum', 'arch',
-        'num_classes', 'seed', 'clip_grad', 'adv_train', 'adv_steps', 'adv_eps', 'adv_ratio',
-        'amp', 'channels_last', 'data_cache')
+# the handout's learning rate, and the batch it belongs to
+HANDOUT_LR, HANDOUT_BATCH = 0.1, 256
 
 
-# the speed flags that change the numbers (PLAN above), and their value for a checkpoint
-# written before they existed: fp32, contiguous, per-image (what that code did)
-SPEED_PLAN = {'amp': False, 'channels_last': False, 'data_cache': False}
+def resolve(flags, given, ckpt, datasets, device):
+    """The run's RunPlan. flags: the read-only parsed flags; given: the dests written on
+    the command line; ckpt: the --resume checkpoint (or None); datasets: {'val', and
+    'train' unless -e/-a}; device: where it runs."""
+    values = {s.dest: getattr(flags, s.dest) for s in settings.SETTINGS}
+    sources = {s.dest: 'flag' if s.dest in given else 'default' for s in settings.SETTINGS}
+
+    def decide(dest, value, source):
+        values[dest], sources[dest] = value, source
+
+    if flags.evaluate or flags.attack:
+        from_evaluated_checkpoint(decide, values, given, ckpt, flags.resume)
+    elif ckpt is not None and is_exact(ckpt):
+        from_run_checkpoint(decide, values, given, ckpt, flags.resume)
+    else:
+        if ckpt is not None:
+            from_weights(decide, values, given, ckpt, flags.resume)
+        new_run_rules(decide, values, given)
+    for dest, value in values.items():    # the flags were checked; these came from a file
+        if sources[dest] == 'checkpoint':
+            settings.check_value(dest, value, flags.resume)
+    classes_from = '--num-classes' if sources['num_classes'] == 'flag' else 'the checkpoint'
+    decide('num_classes', class_count(values['num_classes'], classes_from, datasets),
+           sources['num_classes'] if values['num_classes'] else 'data: largest label + 1')
+    speed_rules(decide, values, sources, device, datasets, training='train' in datasets)
+    check_plan(values, datasets)
+    amp_dtype = speed.amp_dtype_for(device) if values['amp'] else None
+    return settings.RunPlan(**values, amp_dtype=amp_dtype,
+                            world_size=world().size, val_batch_size=VAL_BATCH,
+                            sources=types.MappingProxyType(sources))
 
 
-_NOT_GIVEN = object()
-
-
-def given_flags(parser, argv, args):
-    """The dests of the flags written on the command line (not left at their default):
-    argparse fills in a default only where the namespace has no value yet."""
-    probe = argparse.Namespace(**{dest: _NOT_GIVEN for dest in vars(args)})
-    parser.parse_args(argv, namespace=probe)
-    return {dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN}
-
-
-def registry_name(builder, models, which):
-    for name, model in models.items():
-        if model is builder:
-            return name
-    raise UsageError(f"student_code.{which} ({getattr(builder, '__name__', builder)}) is not "
-                     f"registered: add a line for it to "
-                     f"student_code.{'vit' if 'vit' in which else 'cnn'}_models")
-
-
-def requested_arch(args):
-    """The --arch name the flags ask for (None: they leave it open)."""
-    if args.use_resnet18:
-        return 'resnet18'
-    if args.use_vit:
-        return registry_name(default_vit_model, vit_models, 'default_vit_model')
-    return args.arch
-
-
-def names_the_model(ckpt, given):
-    """The checkpoint (its arch or the handout's model_arch) or the flags (--arch,
-    --use-vit, --use-resnet18) say which model its weights are for; otherwise the model
-    built for bare weights is only a guess, and a refusal says how to name it."""
-    return ckpt.names_its_model or bool(given & {'arch', 'use_vit', 'use_resnet18'})
-
-
-def check_args(args, given):
-    """Reject bad flags and combinations before any work starts (one line each); the
-    data folder is checked by MiniPlacesLoader, built before the model."""
-    if args.evaluate and args.attack:
+def check_flags(flags, given):
+    """Every flag given, checked against its row (settings.check_value), and the
+    combinations that cannot run: one line each, before any work starts."""
+    for dest in given:
+        settings.check_value(dest, getattr(flags, dest))
+    if flags.evaluate and flags.attack:
         raise UsageError("-e/--evaluate and -a/--attack are exclusive: run them one at a time")
-    if (args.evaluate or args.attack) and not args.resume:
-        raise UsageError(f"{'-e' if args.evaluate else '-a'} needs a trained model: "
+    if (flags.evaluate or flags.attack) and not flags.resume:
+        raise UsageError(f"{'-e' if flags.evaluate else '-a'} needs a trained model: "
                          f"add --resume=PATH/TO/model_best.pth.tar")
-    if args.use_vit and args.use_resnet18:
+    if flags.use_vit and flags.use_resnet18:
         raise UsageError("--use-vit and --use-resnet18 are exclusive")
-    wanted = requested_arch(args)
-    if args.arch and wanted != args.arch:
-        raise UsageError(f"--arch {args.arch} contradicts "
-                         f"{'--use-vit' if args.use_vit else '--use-resnet18'}")
-    if args.use_custom_conv and wanted in vit_models:
+    wanted = requested_arch(flags)
+    if flags.arch and wanted != flags.arch:
+        raise UsageError(f"--arch {flags.arch} contradicts "
+                         f"{'--use-vit' if flags.use_vit else '--use-resnet18'}")
+    if flags.use_custom_conv and wanted in vit_models:
         raise UsageError("--use-custom-conv swaps the convolutions of CNNs, not of the ViT")
-    if args.compile and (args.evaluate or args.attack):
-        raise UsageError(f"--compile is for training: {'-e' if args.evaluate else '-a'} runs "
+    if flags.compile and (flags.evaluate or flags.attack):
+        raise UsageError(f"--compile is for training: {'-e' if flags.evaluate else '-a'} runs "
                          f"the model eagerly (one pass over the validation set does not repay "
                          f"the compilation)")
-    if args.resume and 'start_epoch' in given:
+    if flags.resume and 'start_epoch' in given:
         raise UsageError("--start-epoch cannot be combined with --resume: the checkpoint "
                          "says where the run continues")
-    for flag, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
-                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
-                             ('--warmup', args.warmup, 0), ('--adv-steps', args.adv_steps, 1),
-                             ('--num-classes', args.num_classes, 2),
-                             ('--attack-steps', args.attack_steps, 0),
-                             ('--start-epoch', args.start_epoch, 0),
-                             ('--stop-after', args.stop_after, 1)):
-        if value is not None and value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (('--lr', args.lr), ('--momentum', args.momentum),
-                        ('--wd', args.weight_decay), ('--clip-grad', args.clip_grad),
-                        ('--attack-eps', args.attack_eps),
-                        ('--attack-step-size', args.attack_step_size),
-                        ('--adv-eps', args.adv_eps), ('--adv-ratio', args.adv_ratio)):
-        # argparse's float() takes 'nan' and 'inf': a run would fail on them much later
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-        if value is not None and value < 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
-    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
-        # torch.manual_seed takes 64 bits, and seed_epoch multiplies the seed by 1000
-        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.name is not None and not is_one_path_component(args.name):
-        raise UsageError(f"--name {args.name!r} must be one folder name (no '/', not '.' or "
+    if flags.name is not None and not is_one_path_component(flags.name):
+        raise UsageError(f"--name {flags.name!r} must be one folder name (no '/', not '.' or "
                          f"'..'): it becomes the suffix of the run folder's name")
-    if 'gpu' in given and args.gpu >= 0 and args.device == 'auto' and not args.use_mps \
-            and not torch.cuda.is_available():
-        raise UsageError(f"--gpu {args.gpu}: CUDA is not available on this machine (--gpu -1 "
-                         f"or --device cpu runs on the CPU)")
-    if not (args.evaluate or args.attack or args.resume) and args.start_epoch >= args.epochs:
-        raise UsageError(f"--start-epoch {args.start_epoch} leaves no epoch to train: --epochs "
-                         f"is {args.epochs} (the run would stop at epoch {args.epochs})")
-    if not args.momentum < 1:  # at 1 a step never forgets a gradient: the run drifts off
-        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if not (args.evaluate or args.attack or args.resume) and args.warmup >= args.epochs:
-        raise UsageError(f"--warmup ({args.warmup}) must be smaller than --epochs ({args.epochs})")
-    if args.adv_train and not 0 < args.adv_ratio <= 1:
-        raise UsageError(f"--adv-ratio must be in (0, 1], got {args.adv_ratio}")
-    if not (args.evaluate or args.attack) and (not args.resume or 'batch_size' in given):
+    check_device_flags(flags, given)
+    if not (flags.evaluate or flags.attack) and (not flags.resume or 'batch_size' in given):
         # under torchrun: refused by every process before any loads anything (a resumed
-        # run's batch comes from its checkpoint: distributed.per_process_batch checks it)
-        check_global_batch(args.batch_size, launch_size())
+        # run's batch comes from its checkpoint: checked again on the plan)
+        from toolkit.distributed import launch_size
+        check_global_batch(flags.batch_size, launch_size())
 
 
-SEED_LIMIT = 2 ** 32
+def check_device_flags(flags, given):
+    """--gpu names a CUDA device: it cannot also say CPU, MPS or another device."""
+    if 'gpu' not in given or flags.gpu < 0:
+        return
+    if flags.device != 'auto' and flags.device != f'cuda:{flags.gpu}':
+        raise UsageError(f"--gpu {flags.gpu} picks a CUDA device, but --device {flags.device} "
+                         f"says where to run: give one of them (--device cuda:{flags.gpu} is "
+                         f"--gpu {flags.gpu})")
+    if flags.use_mps:
+        raise UsageError(f"--gpu {flags.gpu} picks a CUDA device, but --use-mps asks for Apple "
+                         f"MPS: give one of them")
+    import torch
+    if not torch.cuda.is_available():
+        raise UsageError(f"--gpu {flags.gpu}: CUDA is not available on this machine (--gpu -1 "
+                         f"or --device cpu runs on the CPU)")
+
+
+def check_plan(values, datasets):
+    """The checks between settings, on the resolved values: one line each."""
+    epochs, training = values['epochs'], 'train' in datasets
+    if training and values['start_epoch'] >= epochs:
+        raise UsageError(f"--start-epoch {values['start_epoch']} leaves no epoch to train: "
+                         f"--epochs is {epochs} (the run would stop at epoch {epochs})")
+    if training and values['warmup'] >= epochs:
+        raise UsageError(f"--warmup ({values['warmup']}) must be smaller than --epochs "
+                         f"({epochs})")
+    if values['adv_train'] and not 0 < values['adv_ratio'] <= 1:
+        raise UsageError(f"--adv-ratio must be in (0, 1], got {values['adv_ratio']}")
+    if training and values['batch_size'] > len(datasets['train']):
+        raise UsageError(f"--batch-size {values['batch_size']} is larger than the training "
+                         f"set ({len(datasets['train'])} images): every batch would be dropped")
+    if training:
+        check_global_batch(values['batch_size'], world().size)
 
 
 def is_one_path_component(name):
@@ -146,22 +144,59 @@ def is_one_path_component(name):
         and '\0' not in name
 
 
-# the handout's learning rate, and the batch it belongs to
-HANDOUT_LR, HANDOUT_BATCH = 0.1, 256
+################################################################################
+# The model
+################################################################################
+def registry_name(builder, models, which):
+    for name, model in models.items():
+        if model is builder:
+            return name
+    raise UsageError(f"student_code.{which} ({getattr(builder, '__name__', builder)}) is not "
+                     f"registered: add a line for it to "
+                     f"student_code.{'vit' if 'vit' in which else 'cnn'}_models")
 
 
-def settle_new_run(args, given):
-    """Fill in what a new training run's flags leave open: the model (or the one a
-    checkpoint without a plan named: adopt_weights), its gradient clipping (the ViT by
-    default, a CNN only when --clip-grad is given), the learning rate, the seed."""
-    args.arch = requested_arch(args) or args.arch or \
-        registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
-    if ARCHS[args.arch] != 'vit' and 'clip_grad' not in given:
-        args.clip_grad = 0.0
+def requested_arch(flags):
+    """The --arch name the flags ask for (None: they leave it open)."""
+    if flags.use_resnet18:
+        return 'resnet18'
+    if flags.use_vit:
+        return registry_name(default_vit_model, vit_models, 'default_vit_model')
+    return flags.arch
+
+
+def default_arch():
+    return registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
+
+
+def names_the_model(ckpt, given):
+    """The checkpoint (its arch or the handout's model_arch) or the flags (--arch,
+    --use-vit, --use-resnet18) say which model its weights are for; otherwise the model
+    built for bare weights is only a guess, and a refusal says how to name it."""
+    return ckpt.names_its_model or bool(given & {'arch', 'use_vit', 'use_resnet18'})
+
+
+################################################################################
+# The rules of a new run
+################################################################################
+def new_run_rules(decide, values, given):
+    """Fill in what a new training run's flags leave open: the model, its gradient
+    clipping (the ViT by default, a CNN only when --clip-grad is given), the learning
+    rate, the seed."""
+    requested = requested_arch(values_as_flags(values))   # --use-vit, --use-resnet18
+    if requested is not None:
+        decide('arch', requested, 'flag')
+    else:
+        decide('arch', default_arch(), 'rule: student_code.default_cnn_model')
+    if ARCHS[values['arch']] != 'vit' and 'clip_grad' not in given:
+        decide('clip_grad', 0.0, 'rule: CNNs train unclipped unless --clip-grad is given')
+    elif 'clip_grad' not in given:
+        decide('clip_grad', settings.BY_DEST['clip_grad'].handout, 'rule: the ViT clips at 1.0')
     if 'lr' not in given:
-        args.lr = scaled_lr(args.batch_size)
-    if args.seed is None:  # draw one, and record it so that the run can be replayed
-        args.seed = random.SystemRandom().randrange(2 ** 31)
+        batch = values['batch_size']
+        decide('lr', scaled_lr(batch), f'rule: {HANDOUT_LR:g} x {batch} / {HANDOUT_BATCH}')
+    if values['seed'] is None:  # draw one, and record it so that the run can be replayed
+        decide('seed', random.SystemRandom().randrange(2 ** 31), 'rule: drawn at random')
 
 
 def scaled_lr(batch_size):
@@ -169,53 +204,81 @@ def scaled_lr(batch_size):
     is a larger step per image, and SimpleNet diverged at batch 64 (docs/benchmarks.md,
     "Learning rate and batch size"). Scaled linearly to the (global) batch, as timm does
     when --lr is not given: 0.1 x batch / 256. The start line says so."""
-    lr = HANDOUT_LR * batch_size / HANDOUT_BATCH
-    if batch_size != HANDOUT_BATCH:
-        print(f'=> lr {lr:g}: the handout\'s {HANDOUT_LR:g} is for its batch of '
-              f'{HANDOUT_BATCH}, scaled to -b {batch_size} ({HANDOUT_LR:g} x {batch_size} / '
-              f'{HANDOUT_BATCH}); --lr sets it')
-    return lr
+    return HANDOUT_LR * batch_size / HANDOUT_BATCH
 
 
-def adopt_checkpoint_plan(args, given, ckpt, path):
-    """Resume continues the run's own plan: every PLAN flag comes from the checkpoint;
+def speed_rules(decide, values, sources, device, datasets, training):
+    """The speed settings still open (None: auto) get the device's measured best for the
+    model; a cache that cannot serve the run falls back to the per-image path."""
+    for key, (value, why) in speed.auto_speed_settings(device, values['arch']).items():
+        if values[key] is None:
+            if key == 'compile' and not training:
+                why = '-e and -a run the model eagerly'
+            decide(key, value, f'auto: {why}')
+    if values['data_cache']:
+        asked = not sources['data_cache'].startswith('auto: ')
+        reason = cache_fallback(values['data_folder'], values['rebuild_cache'], datasets,
+                                asked)
+        if reason is not None:
+            decide('data_cache', False, 'fell back: ' + (
+                f'--data-cache asked for, but {reason}' if asked else reason))
+
+
+################################################################################
+# Checkpoints: an exact resume, the handout's files and bare weights, -e and -a
+################################################################################
+def is_exact(ckpt):
+    """This toolkit's checkpoint (its best model is refused for training later); the
+    handout's checkpoint and bare weights lack what an exact resume needs."""
+    return ckpt.kind == 'best' or not ckpt.missing_for_resume()
+
+
+def from_run_checkpoint(decide, values, given, ckpt, path):
+    """Resume continues the run's own plan: every KEEP setting comes from the checkpoint;
     one given on the command line with another value is refused, except a larger
-    --epochs, which extends the run."""
+    --epochs (GROW), which extends the run. FOLLOW settings are the run's unless given."""
     saved = dict(ckpt.plan, arch=ckpt.arch)
-    requested = requested_arch(args)
+    requested = requested_arch(values_as_flags(values))
     if requested is not None:
-        args.arch = requested
+        decide('arch', requested, 'flag')
         given = given | {'arch'}
-    for key in PLAN:
-        if saved.get(key) is None:
+    for s in settings.SETTINGS:
+        stored = saved.get(s.dest, s.before)
+        if s.resume is None or stored is None:
             continue  # an older checkpoint without it: the flag's value stands
-        if key in given and getattr(args, key) != saved[key]:
-            if key == 'epochs' and args.epochs > saved['epochs']:
+        if s.dest in given and values[s.dest] != stored:
+            if s.resume == FOLLOW or (s.resume == GROW and values[s.dest] > stored):
                 continue
-            flag = '--' + {'weight_decay': 'wd'}.get(key, key).replace('_', '-')
-            if isinstance(saved[key], bool):  # --amp / --no-amp
-                raise UsageError(f"{flag.replace('--', '--no-') if saved[key] else flag}: the "
-                                 f"run in '{path}' was trained with "
-                                 f"{flag if saved[key] else flag.replace('--', '--no-')}; "
-                                 f"resume keeps the run's plan (start a new run to change it)")
-            raise UsageError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
-                             f"in '{path}': resume keeps the run's plan (start a new run to "
-                             f"change it; only --epochs can grow, to extend the run)")
-        if not (key == 'epochs' and key in given):
-            setattr(args, key, saved[key])
-    check_arch(args.arch, path)
-    fill_speed_plan(args, saved, given)
-    if args.compile is None and saved.get('compile') is not None:
-        args.compile = saved['compile']  # kept, but not refused: compiling is a choice of speed
-    elif saved.get('compile') is not None and args.compile != saved['compile']:
+            refuse_change(s, values[s.dest], stored, path)
+        if s.dest not in given:
+            decide(s.dest, stored, 'checkpoint')
+    check_arch(values['arch'], path)
+    if 'compile' in given and saved.get('compile') is not None and \
+            values['compile'] != saved['compile']:
         print(f"note: the run was trained {'with' if saved['compile'] else 'without'} "
               f"--compile: the compiled and the eager model differ in the last bits, so the "
               f"rest of the run will not equal an uninterrupted one exactly")
-    args.name = args.name or saved.get('name')
-    if saved.get('use_custom_conv') and not args.use_custom_conv:
+    if saved.get('use_custom_conv') and not values['use_custom_conv']:
         print('note: the checkpoint was trained with --use-custom-conv; continuing with '
               'nn.Conv2d (the weights are interchangeable)')
-    return saved.get('epochs')
+    planned = saved.get('epochs', values['epochs'])
+    refuse_unresumable(ckpt, path, planned, finished_cleanly(values['epochs'], ckpt, path))
+
+
+def values_as_flags(values):
+    return types.SimpleNamespace(**values)
+
+
+def refuse_change(setting, value, stored, path):
+    flag = flag_name(setting.dest)
+    if isinstance(stored, bool):  # --amp / --no-amp
+        no = flag.replace('--', '--no-')
+        raise UsageError(f"{no if stored else flag}: the run in '{path}' was trained with "
+                         f"{flag if stored else no}; resume keeps the run's plan (start a new "
+                         f"run to change it)")
+    raise UsageError(f"{flag} {value} differs from the run's {stored} in '{path}': resume "
+                     f"keeps the run's plan (start a new run to change it; only --epochs can "
+                     f"grow, to extend the run)")
 
 
 def refuse_unresumable(ckpt, path, planned, run_finished):
@@ -230,66 +293,85 @@ def refuse_unresumable(ckpt, path, planned, run_finished):
                          f"longer with --epochs N (N > {planned})")
 
 
-def ends_the_run(args, ckpt, planned):
+def planned_epochs(plan, ckpt):
+    """The epochs the checkpoint's run planned (the plan's own where it has none)."""
+    return ckpt.plan.get('epochs', plan.epochs)
+
+
+def ends_the_run(epochs, ckpt):
     """The checkpoint holds the run's last epoch, and --epochs does not extend it."""
-    return ckpt.epoch >= planned and args.epochs == planned
+    planned = ckpt.plan.get('epochs', epochs)
+    return ckpt.epoch >= planned and epochs == planned
 
 
-def finished_cleanly(args, ckpt, planned):
+def finished_cleanly(epochs, ckpt, path):
     """The checkpoint holds the run's last epoch and its summary says so."""
-    if not ends_the_run(args, ckpt, planned):
+    if not ends_the_run(epochs, ckpt):
         return False
-    run_dir = run_dir_of_checkpoint(args.resume)
+    run_dir = run_dir_of_checkpoint(path)
     return run_dir is not None and rr.read_summary(run_dir).get('status') == rr.FINISHED
 
 
-def print_extension(args, planned, start_epoch, n_iters):
+def print_extension(plan, planned, start_epoch, n_iters):
     """Where --epochs extends a resumed run, say how the learning rate changes."""
-    if args.epochs == planned:
+    if plan.epochs == planned:
         return
     it = start_epoch * n_iters
-    old = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, planned * n_iters)
-    new = args.lr * warmup_cosine_factor(it, args.warmup * n_iters, args.epochs * n_iters)
-    print(f'=> extending the run from {planned} to {args.epochs} epochs: the cosine now ends '
-          f'at epoch {args.epochs}, so the learning rate at epoch {start_epoch} goes from '
+    old = plan.lr * warmup_cosine_factor(it, plan.warmup * n_iters, planned * n_iters)
+    new = plan.lr * warmup_cosine_factor(it, plan.warmup * n_iters, plan.epochs * n_iters)
+    print(f'=> extending the run from {planned} to {plan.epochs} epochs: the cosine now ends '
+          f'at epoch {plan.epochs}, so the learning rate at epoch {start_epoch} goes from '
           f'{old:.6g} to {new:.6g} and decays from there')
 
 
-def fill_speed_plan(args, saved, given):
-    """The speed flags that change the numbers (SPEED_PLAN) of a checkpoint's run, where
-    the command line does not give them; a checkpoint written before a flag existed ran
-    without it."""
-    for key, before_flags in SPEED_PLAN.items():
-        if key not in given:
-            setattr(args, key, saved.get(key, before_flags))
-
-
-def adopt_evaluation_plan(args, given, ckpt):
+def from_evaluated_checkpoint(decide, values, given, ckpt, path):
     """-e/-a: the checkpoint's architecture (the flags may only confirm it), its class
-    count unless --num-classes is given, and its run's speed settings (its validation
-    numbers). Returns where the class count comes from, for settle_num_classes."""
+    count unless --num-classes is given, and its run's other settings that change what
+    they compute (KEEP rows that -e/-a use: the speed settings) unless given."""
     saved = ckpt.plan
-    arch, requested = ckpt.arch, requested_arch(args)
+    arch, requested = ckpt.arch, requested_arch(values_as_flags(values))
     if requested is not None and arch is not None and requested != arch:
-        raise CheckpointError(f"'{args.resume}' holds a '{arch}' model, but the flags build "
+        raise CheckpointError(f"'{path}' holds a '{arch}' model, but the flags build "
                               f"'{requested}'")
-    args.arch = arch or requested or handout_arch(ckpt, args.resume) or \
-        registry_name(default_cnn_model, cnn_models, 'default_cnn_model')
-    check_arch(args.arch, args.resume)
-    args.num_classes = args.num_classes or saved.get('num_classes') or \
-        classifier_size(ckpt.state_dict)
-    fill_speed_plan(args, saved, given)
-    return '--num-classes' if 'num_classes' in given else 'the checkpoint'
+    if arch is not None:
+        decide('arch', arch, 'checkpoint')
+    else:
+        handout = handout_arch(ckpt, path)
+        decide('arch', requested or handout or default_arch(),
+               'flag' if requested else 'checkpoint' if handout else
+               'rule: student_code.default_cnn_model')
+    check_arch(values['arch'], path)
+    if 'num_classes' not in given:
+        decide('num_classes', saved.get('num_classes') or classifier_size(ckpt.state_dict),
+               'checkpoint')
+    for s in settings.SETTINGS:  # the run's settings that change what -e/-a compute
+        stored = saved.get(s.dest, s.before)
+        if s.resume == KEEP and s.evaluation and s.dest not in given and stored is not None \
+                and s.dest not in ('arch', 'num_classes'):
+            decide(s.dest, stored, 'checkpoint')
+    for dest, value in attack_defaults().items():
+        if values[dest] is None:
+            decide(dest, value, "rule: student_code.default_attack's")
 
 
-################################################################################
-# Checkpoints without this toolkit's plan: the handout's main.py, bare state dicts
-################################################################################
+def attack_defaults():
+    """{--attack-* dest: the value student_code.default_attack takes when not given}."""
+    import inspect
+    from student_code import default_attack
+    params = inspect.signature(default_attack).parameters
+    names = {'attack_steps': 'num_steps', 'attack_step_size': 'step_size',
+             'attack_eps': 'epsilon'}
+    return {dest: params[name].default for dest, name in names.items()
+            if name in params and params[name].default is not inspect.Parameter.empty}
+
+
 def classifier_size(state_dict):
-    """The class count of a model's weights: the outputs of its last layer (None where no
-    tensor has a dimension: the labels then count the classes)."""
+    """The class count of a model's weights: the outputs of its classifier, the last
+    weight matrix or convolution (a trailing 1-d tensor is a bias or a buffer, not a
+    classifier); None where there is none (the labels then count the classes)."""
+    import torch
     return next((v.shape[0] for v in reversed(list(state_dict.values()))
-                 if torch.is_tensor(v) and v.ndim >= 1), None)
+                 if torch.is_tensor(v) and v.ndim >= 2), None)
 
 
 def handout_arch(ckpt, path):
@@ -306,47 +388,68 @@ def handout_arch(ckpt, path):
     return name
 
 
-def adopt_weights(args, given, ckpt, path):
-    """--resume of a checkpoint without what exact resumption needs (Checkpoint.missing_for_resume):
-    a new run of the flags' plan that starts from its weights, its optimizer state and
-    its epoch where it has them (the learning rate fast-forwarded to that epoch, as with
-    --start-epoch), saying in one line what is missing. The model is --arch's, else the
-    checkpoint's model_arch; the class count its classifier's unless --num-classes is
-    given."""
-    args.arch = requested_arch(args) or handout_arch(ckpt, path) or args.arch
-    settle_new_run(args, given)
-    check_arch(args.arch, path)
+def from_weights(decide, values, given, ckpt, path):
+    """--resume of a checkpoint without what exact resumption needs
+    (Checkpoint.missing_for_resume): a new run of the flags' plan that starts from its
+    weights, its optimizer state and its epoch where it has them (the learning rate
+    fast-forwarded to that epoch, as with --start-epoch), saying in one line what is
+    missing. The model is --arch's, else the checkpoint's model_arch; the class count
+    its classifier's unless --num-classes is given."""
+    handout = handout_arch(ckpt, path)
+    if requested_arch(values_as_flags(values)) is None and handout is not None:
+        decide('arch', handout, 'checkpoint')
+    elif requested_arch(values_as_flags(values)) is not None:
+        decide('arch', requested_arch(values_as_flags(values)), 'flag')
+    if values['arch'] is not None:
+        check_arch(values['arch'], path)
     if 'num_classes' not in given:
-        args.num_classes = classifier_size(ckpt.state_dict)
-    args.start_epoch = ckpt.epoch or 0
-    if args.start_epoch >= args.epochs:
-        raise UsageError(f"'{path}' is at epoch {args.start_epoch}: --epochs {args.epochs} "
-                         f"leaves no epoch to train (give --epochs N, N > {args.start_epoch})")
-    kept = ['weights'] + (['optimizer state'] if ckpt.optimizer is not None else [])
+        decide('num_classes', classifier_size(ckpt.state_dict), 'checkpoint')
+    decide('start_epoch', ckpt.epoch or 0, 'checkpoint')
+    if values['start_epoch'] >= values['epochs']:
+        raise UsageError(f"'{path}' is at epoch {values['start_epoch']}: --epochs "
+                         f"{values['epochs']} leaves no epoch to train (give --epochs N, "
+                         f"N > {values['start_epoch']})")
+    kept = 'weights' + (' (and optimizer state, where it fits the model)'
+                        if ckpt.optimizer is not None else '')
     print(f"note: '{path}' has no {', '.join(ckpt.missing_for_resume())}, which exact "
-          f"resumption needs: a new run starts from its {' and '.join(kept)} at epoch "
-          f"{args.start_epoch}, with the flags' plan ({args.arch}, --epochs {args.epochs})")
+          f"resumption needs: a new run starts from its {kept} at epoch "
+          f"{values['start_epoch']}, with the flags' plan "
+          f"({values['arch'] or default_arch()}, --epochs {values['epochs']})")
 
 
-class RunPlan(argparse.Namespace):
-    """A run's configuration once it is resolved: every flag as parsed, and what the
-    checkpoint, the data and the device settled (architecture, lr, seed, class count,
-    speed settings and amp dtype, the cache, the world size). Read-only: every function
-    after main.py's resolution reads it, none may change it. vars() gives what the
-    checkpoint and summary.json store as the run's args."""
+################################################################################
+# What the start line says
+################################################################################
+def settings_line(plan):
+    """The start line: every setting whose value differs from the handout's, or that was
+    decided for this run (by a rule, the data or the checkpoint), with where it came from.
+    The command's own flags (DIR, --resume, -e, -a, -v) are the command line; the speed
+    settings have their line (speed.speed_line)."""
+    from toolkit.speed import SPEED_SETTINGS
+    parts = []
+    for s in settings.SETTINGS:
+        value, source = getattr(plan, s.dest), plan.sources[s.dest]
+        if s.dest in SPEED_SETTINGS or s.dest in COMMAND or value is None or value is False \
+                or value == '':
+            continue
+        if value == s.handout or (s.handout is None and source == 'default'):
+            continue
+        shown = f'{value:g}' if isinstance(value, float) else value
+        parts.append(f"{flag_name(s.dest).lstrip('-')} {shown} ({source})")
+    return '=> settings: ' + (' | '.join(parts) if parts else "the handout's")
 
-    def __setattr__(self, name, value):
-        raise AttributeError(f"the run plan is resolved and read-only: '{name}' cannot be "
-                             f"changed after run_plan.freeze (settle it before)")
 
-    def __delattr__(self, name):
-        self.__setattr__(name, None)
+# the flags that say what the command does, not how: the command line shows them
+COMMAND = ('data_folder', 'resume', 'evaluate', 'attack', 'vis')
 
 
-def freeze(args):
-    """The resolved flags as a RunPlan (a copy: args itself stays as it was)."""
-    plan = RunPlan()
-    for key, value in vars(args).items():
-        object.__setattr__(plan, key, value)
-    return plan
-
+def plan_from_argv(argv, device, datasets=None):
+    """(the RunPlan main.py resolves for `argv` on `device` without a checkpoint, the
+    datasets): how the tools and tests build a plan, through the same table and the same
+    resolve, so that no caller makes one by hand."""
+    flags, given = settings.parse(settings.build_parser(), argv)
+    check_flags(flags, given)
+    if datasets is None:
+        from toolkit.loaders import load_datasets
+        datasets = load_datasets(flags.data_folder, train=not (flags.evaluate or flags.attack))
+    return resolve(flags, given, None, datasets, device), datasets

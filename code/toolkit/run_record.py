@@ -53,8 +53,8 @@ EPOCH_KEYS = ('epoch', 'lr', 'train_loss', 'train_top1', 'train_top5', 'epoch_ti
 EVALUATION, ATTACK = 'evaluation', 'attack'
 RESULT_KEYS = (EVALUATION, ATTACK)
 
-SUMMARY_KEYS = ('schema', 'run_dir', 'name', 'status', 'args', 'arch', 'num_params', 'device',
-                'iters_per_epoch', 'epochs_planned', 'epochs', 'best_epoch', 'best_acc1',
+SUMMARY_KEYS = ('schema', 'run_dir', 'name', 'status', 'args', 'sources', 'arch', 'num_params',
+                'device', 'iters_per_epoch', 'epochs_planned', 'epochs', 'best_epoch', 'best_acc1',
                 'wall_time_s', 'world_size', 'dist_backend') + RESULT_KEYS
 
 
@@ -62,18 +62,21 @@ class SchemaError(ToolkitError):
     """A summary.json of a layout this code does not know."""
 
 
-def new_summary(run_dir, plan, *, num_params, device, iters_per_epoch, epochs_planned,
-                world_size, dist_backend):
+def new_summary(run_dir, plan, *, num_params, device, iters_per_epoch, epochs_planned):
     """A run's summary before its first epoch (SUMMARY_KEYS less the results); plan: the
-    run's run_plan.RunPlan. run_dir is None in the processes of a torchrun launch other
-    than rank 0."""
+    run's run_plan.RunPlan. 'args' holds a copy of the settings the run used (for -e and
+    -a only those they use: settings.Setting.evaluation), 'sources' where each came from.
+    run_dir is None in the processes of a torchrun launch other than rank 0."""
+    from toolkit.distributed import world
+    used = plan.for_evaluation() if plan.evaluate or plan.attack else plan.as_dict()
     return {'schema': SCHEMA_VERSION, 'run_dir': run_dir and os.path.abspath(run_dir),
-            'name': plan.name, 'status': RUNNING, 'args': vars(plan), 'arch': plan.arch,
-            'num_params': num_params,
+            'name': plan.name, 'status': RUNNING, 'args': used,
+            'sources': {dest: plan.sources[dest] for dest in used if dest in plan.sources},
+            'arch': plan.arch, 'num_params': num_params,
             'device': str(device), 'iters_per_epoch': iters_per_epoch,
             'epochs_planned': epochs_planned, 'epochs': [], 'best_epoch': None,
-            'best_acc1': None, 'wall_time_s': 0.0, 'world_size': world_size,
-            'dist_backend': dist_backend}
+            'best_acc1': None, 'wall_time_s': 0.0, 'world_size': plan.world_size,
+            'dist_backend': world().backend}
 
 
 def summary_path(run_dir):

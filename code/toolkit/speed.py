@@ -79,44 +79,33 @@ def amp_dtype_for(device):
     return 'bfloat16'
 
 
-def resolve_speed_settings(args, device):
-    """Replace the speed flags left at None (auto) by the device's defaults and set
-    args.amp_dtype; returns {flag: why} of those chosen automatically. Runs after a resume
-    took the PLAN flags from its checkpoint, so only what is still open is auto."""
-    auto = {}
-    for key, (value, why) in auto_speed_settings(device, args.arch).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            auto[key] = why
-    args.amp_dtype = amp_dtype_for(device) if args.amp else None
-    return auto
+SPEED_SETTINGS = ('amp', 'channels_last', 'compile', 'data_cache')
 
 
-def speed_line(args, device, auto, fallen_back=None):
-    """The start line: each speed setting as resolved, auto ones with the reason, those
-    that fell back ({flag: why}) with why."""
+def speed_line(plan, device):
+    """The start line: each speed setting as resolved, and why where it was decided for
+    the run (its source in the plan: 'auto: why', or 'fell back: why')."""
     parts = []
-    fallen_back = fallen_back or {}
-    for key in ('amp', 'channels_last', 'compile', 'data_cache'):
-        value = getattr(args, key)
+    for key in SPEED_SETTINGS:
+        value, source = getattr(plan, key), plan.sources.get(key, 'default')
         text = f"{key.replace('_', '-')} {'on' if value else 'off'}"
         if key == 'amp' and value:
-            text = f"amp {args.amp_dtype}" + (' + GradScaler' if args.amp_dtype == 'float16'
+            text = f"amp {plan.amp_dtype}" + (' + GradScaler' if plan.amp_dtype == 'float16'
                                               else '')
             if device.type == 'cpu' and not cpu_has_bf16():
                 text += ' (no bf16 hardware on this CPU: expect it slower than fp32)'
-        if fallen_back.get(key):
-            asked = '' if key in auto else f"--{key.replace('_', '-')} asked for, but "
-            parts.append(f'{text} ({asked}{fallen_back[key]})')
-        else:
-            parts.append(text + (f' (auto: {auto[key]})' if key in auto else ''))
+        if source.startswith('auto: '):
+            text += f' ({source})'
+        elif source.startswith('fell back: '):
+            text += f" ({source[len('fell back: '):]})"
+        parts.append(text)
     return '=> speed: ' + ' | '.join(parts)
 
 
 def autocast(args, device):
     """The forward passes' context: torch.autocast in args.amp_dtype, or nothing (fp32
     then runs exactly the code it ran before these flags)."""
-    if not getattr(args, 'amp', False):
+    if not args.amp:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
 
@@ -127,13 +116,13 @@ def gradient_autocast(args, device):
     but float32 under fp16 amp, where the input gradients of an unscaled loss underflow
     to exactly 0 (the training step's GradScaler does not reach these passes) and the
     attack weakens. They are a small share of the time of a training step."""
-    if getattr(args, 'amp_dtype', None) == 'float16':
+    if args.amp_dtype == 'float16':
         return contextlib.nullcontext()
     return autocast(args, device)
 
 
 def memory_format(args):
-    return torch.channels_last if getattr(args, 'channels_last', False) else \
+    return torch.channels_last if args.channels_last else \
         torch.contiguous_format
 
 

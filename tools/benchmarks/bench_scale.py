@@ -10,7 +10,6 @@ divides each page among the processes that map it, so the memory-mapped cache th
 workers share counts once, and a worker holding a copy of its own would show it as
 private memory.
 """
-import argparse
 import math
 import os
 import time
@@ -195,13 +194,11 @@ def measure_path(folder, path, args, device):
     over `folder`, through the loaders main.py builds (its default memory format on this
     device; batches normalized on arrival), with the memory sampled during the epoch."""
     from toolkit import loaders
-    from toolkit.speed import auto_speed_settings
-    settings = auto_speed_settings(device, default_cnn_name())
-    run = argparse.Namespace(data_folder=folder, batch_size=args.batch_size,
-                             workers=args.workers, data_cache=path == 'cached',
-                             channels_last=settings['channels_last'][0])
-    train_set, val_set = loaders.load_datasets(run)
-    train_loader, val_loader = loaders.build_loaders(run, device, train_set, val_set)
+    from toolkit.run_plan import plan_from_argv
+    plan, datasets = plan_from_argv(
+        [folder, '-b', str(args.batch_size), '-j', str(args.workers), '--seed', '0',
+         '--data-cache' if path == 'cached' else '--no-data-cache'], device)
+    train_loader, val_loader = loaders.build_loaders(plan, device, datasets)
     loaders.seed_epoch(0, 0, train_loader)
     peaks = MemoryPeaks()
     images, seconds = timed_pass(train_loader, device, peaks)
