@@ -6,7 +6,6 @@ the class sets; else the run takes the per-image path, which calls the student's
 one line says what differs. The tests check the rule, on copies of the file and with
 replacements at run time, not the shipped bytes: the cases whose reason needs the shipped
 file are skipped where it is edited (every run then takes the per-image path for that)."""
-import argparse
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from conftest import CODE, FAST, only_run, run_main
 import custom_transforms as T
 from toolkit import fast_data as fd
 from toolkit import loaders
+from toolkit.run_plan import plan_from_argv
 import student_code
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -179,18 +179,26 @@ def test_an_edited_to_tensor_turns_the_uint8_handover_off(monkeypatch):
 
 
 # ------------------------------------------------------------------ what trains
-def first_training_batch(data_folder, auto):
-    """The data part of a training run as main.py does it, on the CPU with the cache
-    asked for (`auto`: the flags chosen automatically): (the fallback's reason,
-    args.data_cache after it, the training loader, its first batch)."""
-    args = argparse.Namespace(data_folder=data_folder, workers=0, channels_last=False,
-                              data_cache=True, rebuild_cache=False, batch_size=8)
-    train_set, val_set = loaders.load_datasets(args)
-    reason = loaders.settle_data_cache(args, {'train': train_set, 'val': val_set}, auto=auto)
-    train_loader, _ = loaders.build_loaders(args, torch.device('cpu'), train_set, val_set)
+def first_training_batch(data_folder, asked=False):
+    """The data part of a training run as main.py does it, on the CPU, the cache on by
+    default or `asked` for (--data-cache): (plan.data_cache, the training loader, its
+    first batch)."""
+    argv = [data_folder, '-j', '0', '--no-channels-last', '-b', '8', '--seed', '0']
+    plan, datasets = plan_from_argv(argv + (['--data-cache'] if asked else []),
+                                    torch.device('cpu'))
+    train_loader, _ = loaders.build_loaders(plan, torch.device('cpu'), datasets)
     loaders.seed_epoch(0, 0, train_loader)
     images, _ = next(iter(train_loader))
-    return reason, args.data_cache, train_loader, images
+    return plan.data_cache, train_loader, images
+
+
+def the_note(out):
+    """The reason of the one note line in `out` (what follows 'note: ', up to '; this
+    run uses the per-image path')."""
+    notes = [line for line in out.splitlines() if line.startswith('note: ')]
+    ending = '; this run uses the per-image path'
+    assert len(notes) == 1 and notes[0].endswith(ending), notes
+    return notes[0][len('note: '):-len(ending)]
 
 
 def is_black(images):
@@ -199,38 +207,36 @@ def is_black(images):
 
 @shipped_only
 def test_unchanged_transforms_keep_the_fused_path(demo, capsys):
-    reason, cached, loader, images = first_training_batch(demo, {'data_cache': 'auto'})
-    assert reason is None and cached and isinstance(loader.loader.dataset, fd.CachedDataset)
+    cached, loader, images = first_training_batch(demo)
+    assert cached and isinstance(loader.loader.dataset, fd.CachedDataset)
     assert 'note:' not in capsys.readouterr().out and not is_black(images)
 
 
 # the reason for both splits' transforms (the note names the split checked first)
-REPLACED = ('custom_transforms.{} is not what custom_transforms.py defines (replaced at run '
-            'time, or the file changed since the import)')
+REPLACED = ('(): custom_transforms.{} is not what custom_transforms.py defines (replaced at '
+            'run time, or the file changed since the import)')
 
 
 @shipped_only
 def test_an_edited_transform_trains_on_the_per_image_path(demo, capsys, monkeypatch):
     monkeypatch.setattr(T.RandomColor, 'apply', zeroed)
-    reason, cached, loader, images = first_training_batch(demo, {'data_cache': 'auto'})
+    cached, loader, images = first_training_batch(demo)
     assert not cached and not isinstance(loader.loader.dataset, fd.CachedDataset)
     assert is_black(images)                            # the edit is what trains
-    assert reason.endswith('(): ' + REPLACED.format('RandomColor.apply'))
-    assert capsys.readouterr().out == f'note: {reason}; this run uses the per-image path\n'
+    reason = the_note(capsys.readouterr().out)
+    assert reason.startswith('get_') and reason.endswith(REPLACED.format('RandomColor.apply'))
     # asked for with --data-cache: the edit still wins, and the line says so
-    first_training_batch(demo, auto={})
-    assert capsys.readouterr().out == (f'note: --data-cache was asked for, but {reason}; '
-                                       f'this run uses the per-image path\n')
+    first_training_batch(demo, asked=True)
+    assert the_note(capsys.readouterr().out) == f'--data-cache was asked for, but {reason}'
 
 
 @shipped_only
 def test_an_edited_helper_trains_on_the_per_image_path(demo, capsys, monkeypatch):
     """_check_image computes no pixel of the shipped code, yet an edit of it runs."""
     monkeypatch.setattr(T, '_check_image', blackened)
-    reason, cached, _, images = first_training_batch(demo, {'data_cache': 'auto'})
+    cached, _, images = first_training_batch(demo)
     assert not cached and is_black(images)
-    assert reason.endswith('(): ' + REPLACED.format('_check_image'))
-    assert capsys.readouterr().out.count('\n') == 1
+    assert the_note(capsys.readouterr().out).endswith(REPLACED.format('_check_image'))
 
 
 @shipped_only
@@ -243,10 +249,9 @@ def test_a_transform_of_ones_own_trains_on_the_per_image_path(demo, capsys, monk
                                                               step, why):
     monkeypatch.setattr(loaders, 'get_train_transforms', lambda: T.Compose(
         [T.Scale(48), step(), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)]))
-    reason, cached, _, images = first_training_batch(demo, {'data_cache': 'auto'})
+    cached, _, images = first_training_batch(demo)
     assert not cached and is_black(images)
-    out = capsys.readouterr().out
-    assert out.count('\n') == 1 and why in out and why in reason
+    assert why in the_note(capsys.readouterr().out)
 
 
 @shipped_only
@@ -256,9 +261,8 @@ def test_the_start_lines_say_why_the_cache_is_off(demo, tmp_path, capsys, monkey
     code, out, err = run_main([demo, '--log-dir', str(logs), '--epochs', '1'] + FAST
                               + ['--warmup', '0'], capsys)
     assert code == 0, err
-    why = REPLACED.format('RandomColor.apply')
-    (note,) = [line for line in out.splitlines() if line.startswith('note:')]
-    reason = note[len('note: '):-len('; this run uses the per-image path')]
-    assert reason.endswith(f'(): {why}') and f'data-cache off ({reason})' in out
+    reason = the_note(out)
+    assert reason.endswith(REPLACED.format('RandomColor.apply'))
+    assert f'data-cache off ({reason})' in out
     with open(os.path.join(only_run(str(logs)), 'summary.json')) as f:
         assert json.load(f)['args']['data_cache'] is False
