@@ -505,7 +505,7 @@ def test_a_fingerprint_that_is_no_json_object_is_damaged(data_copy, capsys, cont
 
 def cpu_plan(data_folder, rebuild_cache=False):
     from toolkit.run_plan import plan_from_argv
-    argv = [data_folder, '-j', '0', '--no-channels-last', '--data-cache', '--seed', '0']
+    argv = [data_folder, '-j', '0', '-b', '1', '--no-channels-last', '--data-cache', '--seed', '0']
     return plan_from_argv(argv + (['--rebuild-cache'] if rebuild_cache else []),
                           torch.device('cpu'))[0]
 
@@ -518,8 +518,10 @@ def test_rebuild_cache_flag_rebuilds_a_fresh_cache(data_copy, capsys):
 
     def val_loader(**flags):
         val_set = MiniPlacesLoader(data_copy, 'val', num_classes=None)
-        return loaders.cached_loader(cpu_plan(data_copy, **flags), torch.device('cpu'),
-                                     val_set, student_code.get_val_transforms(), batch_size=4)
+        plan = cpu_plan(data_copy, **flags)
+        capsys.readouterr()                            # what resolving the plan said
+        return loaders.cached_loader(plan, torch.device('cpu'), val_set,
+                                     student_code.get_val_transforms(), batch_size=4)
 
     val_loader()
     built = os.stat(path).st_ino, os.stat(path).st_ctime_ns
@@ -646,7 +648,7 @@ if os.geteuid() == 0:
         sys.exit(0)
 for folder, how in cases:
     datasets = loaders.load_datasets(folder)
-    used = loaders.cache_fallback(folder, how == 'rebuild', datasets, asked=False) is None
+    used = loaders.cache_fallback(folder, how == 'rebuild', datasets, asked=True) is None
     if used:
         loaders.data_cache.load_or_build_cache(folder, 'val')   # reads, writes nothing
     print(json.dumps(used))

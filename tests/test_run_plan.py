@@ -216,3 +216,18 @@ def test_a_runs_summary_and_epochs_hold_exactly_the_documented_keys(trained_run)
         summary = json.load(f)
     assert set(summary) - set(rr.RESULT_KEYS) == set(rr.SUMMARY_KEYS) - set(rr.RESULT_KEYS)
     assert all(set(epoch) == set(rr.EPOCH_KEYS) for epoch in summary['epochs'])
+
+
+def test_evaluating_a_run_folder_records_its_best_model_in_the_run(trained_run, tmp_path,
+                                                                   capsys):
+    """-e given the run folder evaluates its model_best.pth.tar, records that file (not the
+    folder) as the checkpoint, and adds the result to the training run's summary."""
+    data = json.load(open(os.path.join(trained_run, 'summary.json')))['args']['data_folder']
+    code, _, err = run_main([data, '--resume', trained_run, '-e', '-j', '0', '--log-dir',
+                             str(tmp_path)], capsys)
+    assert code == 0, err
+    best = checkpoint_of(trained_run, 'model_best.pth.tar')
+    with open(os.path.join(only_run(str(tmp_path)), 'summary.json')) as f:
+        assert json.load(f)['evaluation']['checkpoint'] == os.path.abspath(best)
+    with open(os.path.join(trained_run, 'summary.json')) as f:
+        assert json.load(f)['evaluation']['checkpoint'] == os.path.abspath(best)

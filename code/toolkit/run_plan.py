@@ -43,17 +43,21 @@ def resolve(flags, given, ckpt, datasets, device):
     def decide(dest, value, source):
         values[dest], sources[dest] = value, source
 
+    if flags.resume and os.path.isdir(flags.resume):  # a run folder: its best model
+        decide('resume', rr.checkpoint_path(flags.resume, rr.BEST), "rule: the run folder's "
+               "best model")
+    path = values['resume']
     if flags.evaluate or flags.attack:
-        from_evaluated_checkpoint(decide, values, given, ckpt, flags.resume)
+        from_evaluated_checkpoint(decide, values, given, ckpt, path)
     elif ckpt is not None and is_exact(ckpt):
-        from_run_checkpoint(decide, values, given, ckpt, flags.resume)
+        from_run_checkpoint(decide, values, given, ckpt, path)
     else:
         if ckpt is not None:
-            from_weights(decide, values, given, ckpt, flags.resume)
+            from_weights(decide, values, given, ckpt, path)
         new_run_rules(decide, values, given)
     for dest, value in values.items():    # the flags were checked; these came from a file
         if sources[dest] == 'checkpoint':
-            settings.check_value(dest, value, flags.resume)
+            settings.check_value(dest, value, path)
     classes_from = '--num-classes' if sources['num_classes'] == 'flag' else 'the checkpoint'
     decide('num_classes', class_count(values['num_classes'], classes_from, datasets),
            sources['num_classes'] if values['num_classes'] else 'data: largest label + 1')
