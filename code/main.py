@@ -13,13 +13,13 @@ Every run writes logs/exp_<timestamp>[_<name>]/ with TensorBoard events,
 summary.json and models/{checkpoint,model_best}.pth.tar
 (toolkit/run_record.py, toolkit/run_folder.py).
 
-Read it top to bottom, as PyTorch's examples/imagenet/main.py: the flags, main(),
-train() (plan -> data -> model -> optimizer and schedule -> run folder -> resume ->
-epochs), the epoch loop, train_one_epoch(), validate(), then -e and -a. The modules of
-toolkit/ each hold one concept: run_plan.py (what a run is asked to do), loaders.py
-(the data), networks.py (models and optimizers), run_folder.py (its files), resume.py
-(the state a resumed run goes on from), attack_eval.py (Part III), speed.py and
-distributed.py.
+Read it top to bottom, as PyTorch's examples/imagenet/main.py: main() and run() (the
+plan -> data -> model), train() (model, optimizer and schedule -> run folder -> resume ->
+epochs), the epoch loop, train_one_epoch(), validate(), then -e and -a. The flags are
+the rows of toolkit/settings.py; run_plan.resolve decides every setting once, into the
+frozen plan everything below reads. The rare cases (Ctrl-C, SIGTERM, exit codes, lost
+torchrun processes, a run's ending status) live in toolkit/run_guard.py; the other
+modules of toolkit/ each hold one concept (toolkit/__init__.py lists them).
 """
 import math
 import os

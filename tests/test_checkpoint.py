@@ -52,10 +52,24 @@ def test_a_damaged_file_is_one_line_naming_the_entry(raw, words):
         from_file(raw, 'x.pth')
 
 
-def test_no_other_module_reads_or_writes_checkpoint_entries_by_key():
-    """The keys live in checkpoint.py: elsewhere a checkpoint is a Checkpoint."""
+def checkpoint_key_uses(root):
+    """'path:line' of every line under root (every .py file, at any depth, but
+    checkpoint.py) that reads or writes a checkpoint's entries by key."""
     pattern = re.compile(r"ckpt(\[|\.get\()|\['state_dict'\]")
-    found = [f'{os.path.basename(path)}:{n}' for path in glob.glob(os.path.join(CODE, '*.py'))
-             if not path.endswith('checkpoint.py')
-             for n, line in enumerate(open(path), 1) if pattern.search(line)]
-    assert found == []
+    return [f'{os.path.relpath(path, root)}:{n}'
+            for path in glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
+            if os.path.basename(path) != 'checkpoint.py'
+            for n, line in enumerate(open(path), 1) if pattern.search(line)]
+
+
+def test_no_other_module_reads_or_writes_checkpoint_entries_by_key():
+    """The keys live in checkpoint.py: elsewhere (main.py, toolkit/, the tools) a
+    checkpoint is a Checkpoint."""
+    assert checkpoint_key_uses(CODE) == []
+    assert checkpoint_key_uses(os.path.join(os.path.dirname(CODE), 'tools')) == []
+
+
+def test_the_key_guard_finds_a_key_read_in_the_toolkit(tmp_path):
+    (tmp_path / 'toolkit').mkdir()
+    (tmp_path / 'toolkit' / 'resume.py').write_text("epoch = ckpt['epoch']\n")
+    assert checkpoint_key_uses(str(tmp_path)) == [os.path.join('toolkit', 'resume.py') + ':1']

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CODE, FAST, only_run, run_main
+from conftest import (EDITED_TRANSFORMS as EDITED, shipped_transforms_only, CODE, FAST,
+                      only_run, run_main)
 import custom_transforms as T
 from toolkit import fast_data as fd
 from toolkit import loaders
@@ -27,10 +28,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # what a zeroed image becomes after ToTensor + Normalize
 ZERO_IMAGE = (-torch.tensor(MEAN) / torch.tensor(STD))[:, None, None]
 
-# why the fused path is off for custom_transforms.py as it is (None: the shipped code)
-EDITED = fd.module_difference(T)
-shipped_only = pytest.mark.skipif(EDITED is not None, reason=f'{EDITED}: every run takes '
-                                  f'the per-image path for that reason')
+shipped_only = shipped_transforms_only
 
 
 def zeroed(self, img, factors):

@@ -24,12 +24,12 @@ from toolkit import data_cache
 from toolkit import fast_data as fd
 from toolkit import loaders
 import student_code
-from conftest import CODE
+from conftest import CODE, shipped_transforms_only
 from custom_dataloader import DatasetError, MiniPlacesLoader, load_image, seed_worker
 from toolkit.data_order import TrainOrder
 from make_demo_data import make_demo_dataset, render_image
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), shipped_transforms_only]
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -128,8 +128,8 @@ def test_a_cache_that_does_not_fit_in_gpu_memory_stays_in_host_memory(demo, monk
     monkeypatch.setattr(loaders, 'OnDevice', lambda loader, *rest: SimpleNamespace(
         loader=loader, device_bytes=0))
     from toolkit.run_plan import plan_from_argv
-    plan, datasets = plan_from_argv([demo, '-j', '0', '--no-channels-last', '--seed', '0'],
-                                    torch.device('cpu'))
+    plan, datasets = plan_from_argv([demo, '-j', '0', '-b', '1', '--no-channels-last',
+                                     '--seed', '0'], torch.device('cpu'))
     loader = loaders.cached_loader(plan, torch.device('cuda', 0), datasets['val'],
                                    student_code.get_val_transforms(), batch_size=4)
     assert isinstance(loader.loader, torch.utils.data.DataLoader) and loader.device_bytes == 0

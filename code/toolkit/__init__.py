@@ -11,9 +11,11 @@ fast_data.py    the fused augmentation that reads the cache: the fast input pipe
 loaders.py      the data loaders, per-image and cached; the uint8 hand-over; the class count
 networks.py     building models and optimizers: the --arch names, the convolution swap
 run_folder.py   the run folder: its lock, the commit of an epoch, the resume state
-run_plan.py     what a run is asked to do, checked before any work, and what a resume may change
+run_guard.py    how a run ends: signals, exit codes, one-line errors, the ending status
+run_plan.py     resolve: the flags, checkpoint, data and device into the frozen plan
 run_record.py   the summary.json schema and the TensorBoard tags, defined once
 resume.py       resuming a run: the training state to go on from, in one step
 safe_files.py   the one lock and the one atomic write (run folder, data cache, submission zip)
+settings.py     every setting, one row each: the parser, the checks and the plan's fields
 speed.py        --amp, --channels-last, --compile, --data-cache: the speed settings
 """
