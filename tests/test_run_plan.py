@@ -231,3 +231,47 @@ def test_evaluating_a_run_folder_records_its_best_model_in_the_run(trained_run, 
         assert json.load(f)['evaluation']['checkpoint'] == os.path.abspath(best)
     with open(os.path.join(trained_run, 'summary.json')) as f:
         assert json.load(f)['evaluation']['checkpoint'] == os.path.abspath(best)
+
+
+def test_the_speed_line_of_an_evaluation_offers_nothing_it_refuses(trained_run, tmp_path,
+                                                                   capsys):
+    """-e refuses --compile: its start line says why compiling is off, not 'ask with
+    --compile'."""
+    data = json.load(open(os.path.join(trained_run, 'summary.json')))['args']['data_folder']
+    code, out, err = run_main([data, '--resume', checkpoint_of(trained_run, 'model_best.pth.tar'),
+                               '-e', '-j', '0', '--log-dir', str(tmp_path)], capsys)
+    (line,) = [line for line in out.splitlines() if line.startswith('=> speed:')]
+    assert code == 0 and 'compile off (auto: -e and -a run the model eagerly)' in line, line
+    assert '--compile' not in line
+
+
+def test_the_notes_on_a_damaged_optimizer_state_agree(trained_run, tmp_path, capsys):
+    """The handout's checkpoint with an optimizer state that fits no model: the first note
+    does not promise the optimizer state that the next one says is dropped."""
+    raw = torch.load(checkpoint_of(trained_run), weights_only=True)
+    path = str(tmp_path / 'handout.pth.tar')
+    torch.save({'epoch': 1, 'model_arch': 'simplenet', 'state_dict': raw['state_dict'],
+                'best_acc1': torch.tensor(1.0),
+                'optimizer': {'state': {}, 'param_groups': [{'params': [0]}]}}, path)
+    data = json.load(open(os.path.join(trained_run, 'summary.json')))['args']['data_folder']
+    code, out, err = run_main([data, '--resume', path, '--log-dir', str(tmp_path / 'logs'),
+                               '--epochs', '2', '--stop-after', '1'] + FAST[2:], capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith('note:')]
+    assert any('optimizer starts afresh' in note for note in notes), notes
+    assert not any('starts from its weights and optimizer state' in note for note in notes)
+    assert any('where it fits the model' in note for note in notes), notes
+
+
+def test_the_printed_commands_paste_with_a_space_in_the_path(demo, tmp_path, capsys):
+    import shlex
+    logs = str(tmp_path / 'my logs')
+    code, out, err = run_main([demo, '--log-dir', logs, '--epochs', '2', '--stop-after', '1']
+                              + FAST, capsys)
+    assert code == 0, err
+    run = only_run(logs)
+    (resume,) = [line for line in out.splitlines() if '--resume=' in line]
+    assert shlex.split(resume.split('continue with ', 1)[1]) == [
+        '--resume=' + checkpoint_of(run)]
+    (board,) = [line for line in out.splitlines() if 'tensorboard --logdir' in line]
+    assert shlex.split(board.split(': ', 1)[1]) == ['tensorboard', '--logdir', run]
