@@ -76,7 +76,7 @@ def run(flags, given, hold):
     """The run's plan, resolved once from the flags, the checkpoint, the data and the
     device (run_plan.resolve); then training, or -e/-a of the checkpoint."""
     check_flags(flags, given)
-    ckpt, ckpt_file = (run_folder.read_checkpoint(flags.resume) if flags.resume
+    ckpt, ckpt_file = (checkpoint.read_checkpoint(flags.resume) if flags.resume
                        else (None, None))
     # under torchrun: join the other processes, one GPU each (distributed.py)
     device = distributed.start(flags.device, flags.dist_backend, flags.sync_bn) or \

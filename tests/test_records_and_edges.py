@@ -9,7 +9,6 @@ import torch
 from conftest import expect_error
 from toolkit import attack_eval
 from toolkit import checkpoint
-from toolkit import run_folder
 from utils import CheckpointError
 
 
@@ -82,7 +81,7 @@ def run_dir(tmp_path):
 
 
 def test_a_run_folder_given_as_the_checkpoint_reads_its_best_model(run_dir, capsys):
-    ckpt, fingerprint = run_folder.read_checkpoint(str(run_dir))
+    ckpt, fingerprint = checkpoint.read_checkpoint(str(run_dir))
     assert ckpt.epoch == 5 and fingerprint['bytes'] == os.path.getsize(
         run_dir / 'models' / 'model_best.pth.tar')
     out = capsys.readouterr().out.strip().splitlines()
@@ -92,7 +91,7 @@ def test_a_run_folder_given_as_the_checkpoint_reads_its_best_model(run_dir, caps
 def test_a_folder_without_a_best_model_asks_for_a_file(run_dir):
     os.remove(run_dir / 'models' / 'model_best.pth.tar')
     with pytest.raises(CheckpointError) as info:
-        run_folder.read_checkpoint(str(run_dir))
+        checkpoint.read_checkpoint(str(run_dir))
     message = str(info.value)
     assert '\n' not in message and 'no checkpoint found' not in message, message
     assert 'is a folder' in message and 'a checkpoint file' in message, message
@@ -105,7 +104,7 @@ def test_a_result_on_a_run_folder_is_checked_against_its_best_model(run_dir):
     import report
     best = run_dir / 'models' / 'model_best.pth.tar'
     with open(best, 'rb') as f:
-        result = {'checkpoint': str(run_dir), 'file': run_folder.file_fingerprint(f)}
+        result = {'checkpoint': str(run_dir), 'file': checkpoint.file_fingerprint(f)}
     assert report.checkpoint_state(result) == 'current'
     best.write_bytes(b'another epoch')
     assert report.checkpoint_state(result) == 'changed'

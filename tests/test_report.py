@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from conftest import temp_file_of_a_dead_writer
 import fake_runs
 import report
+from toolkit import checkpoint
 from toolkit import run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -424,7 +425,7 @@ def test_a_result_on_a_checkpoint_changed_since_is_shown_stale(tmp_path):
     with open(best, 'wb') as f:
         f.write(b'epoch 1 weights')
     with open(best, 'rb') as f:
-        fingerprint = run_folder.file_fingerprint(f)
+        fingerprint = checkpoint.file_fingerprint(f)
     assert fingerprint['sha256'] == hashlib.sha256(b'epoch 1 weights').hexdigest()
     fake_runs.make_run(run, 2, IPE, evaluation={'checkpoint': best, 'epoch': 1, 'top1': 10.0,
                                                 'file': fingerprint})

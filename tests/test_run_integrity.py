@@ -20,6 +20,7 @@ from conftest import (CODE, FAST, run_main, checkpoint_of, only_run, expect_erro
 import main as driver
 import report
 from toolkit import run_folder
+from toolkit import safe_files
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -178,7 +179,7 @@ def final_files(run):
 def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys, monkeypatch):
     """Ctrl-C arriving before each atomic write of a 3-epoch run in turn (the write
     never happens); resuming the run then ends with the files of an uninterrupted one."""
-    real_write = run_folder._atomic_write
+    real_write = safe_files.write_or_explain
     calls = []
 
     def counting(path, write_fn, binary):
@@ -186,7 +187,7 @@ def test_killed_at_any_write_then_resumed_ends_identical(demo, tmp_path, capsys,
         if len(calls) == kill_at[0]:
             raise KeyboardInterrupt
         return real_write(path, write_fn, binary)
-    monkeypatch.setattr(run_folder, '_atomic_write', counting)
+    monkeypatch.setattr(safe_files, 'write_or_explain', counting)
     kill_at = [0]
     code, _, err = run_main(train_args(demo, tmp_path / 'whole'), capsys)
     assert code == 0, err

@@ -51,6 +51,7 @@ from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa: E402
 
 import _paths  # noqa: E402,F401  code/ and tools/ on sys.path: runs from any directory
+from toolkit import checkpoint  # noqa: E402
 from toolkit import run_folder  # noqa: E402
 from toolkit import safe_files  # noqa: E402
 from toolkit import run_record as rr  # noqa: E402
@@ -624,7 +625,7 @@ def checkpoint_state(result):
     path = result.get('checkpoint') or ''
     if os.path.isdir(path):  # main.py's -e/-a of a run folder read its best model
         path = rr.checkpoint_path(path, rr.BEST)
-    return run_folder.file_changed(path, fingerprint) or 'current'
+    return checkpoint.file_changed(path, fingerprint) or 'current'
 
 
 def checkpoint_cells(result):

@@ -1,4 +1,5 @@
-"""The checkpoint file: what it holds, defined once, with one writer and one reader.
+"""The checkpoint file: what it holds, defined once, with one writer and one reader
+(write_file, read_checkpoint: the file I/O and its one-line diagnoses live here too).
 
 RUN/models/checkpoint.pth.tar is the commit point of an epoch and holds everything an
 exact resume needs; RUN/models/model_best.pth.tar holds the best epoch's weights for -e
@@ -9,12 +10,17 @@ also takes the handout's own checkpoints ({'epoch', 'model_arch', 'state_dict',
 entry, so that a damaged or hand-edited file is one line naming the entry.
 """
 import dataclasses
+import hashlib
+import os
+import pickle
 import math
 import reprlib
 from typing import Optional
 
 import torch
 
+from toolkit import run_record as rr
+from toolkit import safe_files
 from toolkit import settings
 from utils import CheckpointError
 
@@ -166,3 +172,94 @@ def first_non_finite(state_dict):
                 not torch.isfinite(value).all():
             return key
     return None
+
+
+################################################################################
+# The files: one writer, one reader, and the fingerprint of the file read
+################################################################################
+def write_file(ckpt, path):
+    """Write a Checkpoint to `path` atomically (a kill leaves the old file or the new one)."""
+    safe_files.write_or_explain(path, lambda f: torch.save(to_file(ckpt), f), binary=True)
+
+
+def load_checkpoint(path):
+    """Load a Checkpoint safely (weights_only) onto the CPU, or explain in one
+    line."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path):
+    """load_checkpoint, and the fingerprint of the very file it read (file_fingerprint):
+    what an -e or -a records of the checkpoint it evaluated. A run folder stands for its
+    best model, RUN/models/model_best.pth.tar (said in one line)."""
+    if os.path.isdir(path):
+        best = rr.checkpoint_path(path, rr.BEST)
+        if not os.path.isfile(best):
+            raise CheckpointError(f"'{path}' is a folder, not a checkpoint file, and {best} "
+                                  f"(a run folder's best model) is not there: give a "
+                                  f"checkpoint file, e.g. RUN/models/{rr.BEST}")
+        from toolkit.distributed import launch_rank  # once under torchrun: rank 0 says it
+        if launch_rank() == 0:
+            print(f"=> '{path}' is a run folder: reading its best model {best}")
+        path = best
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint found at '{path}'")
+    try:
+        with open(path, 'rb') as f:
+            raw = torch.load(f, map_location='cpu', weights_only=True)
+            fingerprint = file_fingerprint(f)
+    except pickle.UnpicklingError:
+        # weights_only refused a Python object: loading it could run arbitrary code
+        raise CheckpointError(f"'{path}' holds Python objects that no checkpoint of this "
+                              f"toolkit holds; refused without loading them (unpickling "
+                              f"them could run arbitrary code)")
+    except OSError as exc:  # no permission, an I/O error of the disk ...
+        raise CheckpointError(f"cannot read checkpoint '{path}': {exc.strerror or exc}")
+    except Exception:  # truncated zip, garbage, not a torch file ...
+        raise CheckpointError(f"cannot read checkpoint '{path}': {unreadable_reason(path)}")
+    return from_file(raw, path), fingerprint
+
+
+def file_fingerprint(f):
+    """{'bytes', 'mtime_ns', 'sha256'} of an open file. The hash of the whole file: a
+    checkpoint of this toolkit is at most about 100 MB, which sha256 reads in about 0.1 s
+    (nothing next to an evaluation), and only a hash tells a file rewritten with the
+    same size (every epoch's checkpoint of one model has the same size) within the
+    resolution of its modification time, or a copy that kept the old time (cp -p)."""
+    st = os.fstat(f.fileno())
+    f.seek(0)
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'sha256': digest.hexdigest()}
+
+
+def file_changed(path, fingerprint):
+    """Why the file at `path` is no longer the one of `fingerprint` ('changed', 'gone'),
+    or None while it is. Size and time unchanged: the same file, without reading
+    it; else its hash decides (a copy of the same bytes is the same checkpoint)."""
+    try:
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) == (fingerprint['bytes'], fingerprint['mtime_ns']):
+            return None
+        with open(path, 'rb') as f:
+            same = file_fingerprint(f)['sha256'] == fingerprint['sha256']
+    except OSError:
+        return 'gone'
+    return None if same else 'changed'
+
+
+def unreadable_reason(path):
+    """Why torch.load failed on a file, in words: its own errors say "EOFError" for an
+    empty file, a KeyError '101' for text, a miniz error for a cut zip archive."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if size == 0:
+        return 'the file is empty (an interrupted save or copy?)'
+    if head == b'PK\x03\x04':  # torch.save writes a zip archive since PyTorch 1.6
+        return (f'the zip archive that torch.save writes is damaged or cut short ({size} '
+                f'bytes; an interrupted save or copy?)')
+    if head[:1] == b'\x80':  # a pickle: the format of torch.save before PyTorch 1.6
+        return f'the pickle of the old torch.save format is damaged or cut short ({size} bytes)'
+    return f'it is not a file that torch.save wrote ({size} bytes, starting with {head!r})'

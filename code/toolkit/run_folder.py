@@ -10,14 +10,10 @@ written first; model_best.pth.tar and summary.json are derived from it, written 
 it, and rewritten from it when the run is resumed (restore_run_files).
 """
 import datetime
-import hashlib
 import json
 import math
 import os
-import pickle
 import socket
-
-import torch
 
 from toolkit import checkpoint
 from toolkit import run_record as rr
@@ -25,7 +21,7 @@ from toolkit import safe_files
 from toolkit.checkpoint import Checkpoint
 from toolkit.distributed import is_main
 from toolkit.safe_files import FileLock
-from utils import CheckpointError, RunFolderError
+from utils import RunFolderError
 
 
 ################################################################################
@@ -52,35 +48,8 @@ def make_run_dir(log_dir, name=None):
     raise RunFolderError(f'could not create a new run folder next to {base}')
 
 
-def _atomic_write(path, write_fn, binary):
-    """safe_files.atomic_write: a crash leaves either the old file or the new one, never
-    half of one. A failed write (disk full, ...) raises RunFolderError and keeps the old
-    file."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        safe_files.atomic_write(path, write_fn, binary)
-    except OSError as exc:
-        raise RunFolderError(f"cannot write {path} ({exc.strerror or exc}); the previous "
-                             f"version of the file, if any, is intact") from exc
-    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
-        raise RunFolderError(f"cannot write {path} ({write_failure(exc)}); the previous "
-                             f"version of the file, if any, is intact") from exc
-
-
-def write_failure(exc):
-    """What made torch.save fail, in words: its RuntimeError says only "unexpected pos N vs
-    M", while the OSError of the write it could not make (ENOSPC: "No space left on
-    device") is the exception it was raised during."""
-    cause = exc
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return cause.strerror or str(cause)
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
 def remove_temp_files(run_dir):
-    """Remove what _atomic_write leaves behind in a run folder (RUN/ and RUN/models/) when
+    """Remove what safe_files.write_or_explain leaves behind in a run folder (RUN/ and RUN/models/) when
     its process is killed mid-write; returns their names. The temporary files of a live
     writer (an -e of the run writing its summary) stay."""
     return [os.path.basename(path)
@@ -101,7 +70,7 @@ def finite_or_none(obj):
 
 def write_json_atomic(path, obj):
     """Strict JSON (allow_nan=False: a bare NaN is not JSON), written atomically."""
-    _atomic_write(path, lambda f: json.dump(finite_or_none(obj), f, indent=2, allow_nan=False),
+    safe_files.write_or_explain(path, lambda f: json.dump(finite_or_none(obj), f, indent=2, allow_nan=False),
                   binary=False)
 
 
@@ -222,97 +191,12 @@ def print_closed(closed):
 ################################################################################
 def save_checkpoint(ckpt, run_dir):
     """RUN/models/checkpoint.pth.tar: the commit point of an epoch (see commit_epoch)."""
-    _atomic_write(rr.checkpoint_path(run_dir),
-                  lambda f: torch.save(checkpoint.to_file(ckpt), f), binary=True)
+    checkpoint.write_file(ckpt, rr.checkpoint_path(run_dir))
 
 
 def save_best_model(ckpt, run_dir):
     """RUN/models/model_best.pth.tar: the best epoch's weights, for -e and -a."""
-    _atomic_write(rr.checkpoint_path(run_dir, rr.BEST),
-                  lambda f: torch.save(checkpoint.to_file(ckpt), f), binary=True)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint.Checkpoint safely (weights_only) onto the CPU, or explain in one
-    line."""
-    return read_checkpoint(path)[0]
-
-
-def read_checkpoint(path):
-    """load_checkpoint, and the fingerprint of the very file it read (file_fingerprint):
-    what an -e or -a records of the checkpoint it evaluated. A run folder stands for its
-    best model, RUN/models/model_best.pth.tar (said in one line)."""
-    if os.path.isdir(path):
-        best = rr.checkpoint_path(path, rr.BEST)
-        if not os.path.isfile(best):
-            raise CheckpointError(f"'{path}' is a folder, not a checkpoint file, and {best} "
-                                  f"(a run folder's best model) is not there: give a "
-                                  f"checkpoint file, e.g. RUN/models/{rr.BEST}")
-        from toolkit.distributed import launch_rank  # once under torchrun: rank 0 says it
-        if launch_rank() == 0:
-            print(f"=> '{path}' is a run folder: reading its best model {best}")
-        path = best
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint found at '{path}'")
-    try:
-        with open(path, 'rb') as f:
-            raw = torch.load(f, map_location='cpu', weights_only=True)
-            fingerprint = file_fingerprint(f)
-    except pickle.UnpicklingError:
-        # weights_only refused a Python object: loading it could run arbitrary code
-        raise CheckpointError(f"'{path}' holds Python objects that no checkpoint of this "
-                              f"toolkit holds; refused without loading them (unpickling "
-                              f"them could run arbitrary code)")
-    except OSError as exc:  # no permission, an I/O error of the disk ...
-        raise CheckpointError(f"cannot read checkpoint '{path}': {exc.strerror or exc}")
-    except Exception:  # truncated zip, garbage, not a torch file ...
-        raise CheckpointError(f"cannot read checkpoint '{path}': {unreadable_reason(path)}")
-    return checkpoint.from_file(raw, path), fingerprint
-
-
-def file_fingerprint(f):
-    """{'bytes', 'mtime_ns', 'sha256'} of an open file. The hash of the whole file: a
-    checkpoint of this toolkit is at most about 100 MB, which sha256 reads in about 0.1 s
-    (nothing next to an evaluation), and only a hash tells a file rewritten with the
-    same size (every epoch's checkpoint of one model has the same size) within the
-    resolution of its modification time, or a copy that kept the old time (cp -p)."""
-    st = os.fstat(f.fileno())
-    f.seek(0)
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b''):
-        digest.update(block)
-    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'sha256': digest.hexdigest()}
-
-
-def file_changed(path, fingerprint):
-    """Why the file at `path` is no longer the one of `fingerprint` ('changed', 'gone'),
-    or None while it is. Size and time unchanged: the same file, without reading
-    it; else its hash decides (a copy of the same bytes is the same checkpoint)."""
-    try:
-        st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) == (fingerprint['bytes'], fingerprint['mtime_ns']):
-            return None
-        with open(path, 'rb') as f:
-            same = file_fingerprint(f)['sha256'] == fingerprint['sha256']
-    except OSError:
-        return 'gone'
-    return None if same else 'changed'
-
-
-def unreadable_reason(path):
-    """Why torch.load failed on a file, in words: its own errors say "EOFError" for an
-    empty file, a KeyError '101' for text, a miniz error for a cut zip archive."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    if size == 0:
-        return 'the file is empty (an interrupted save or copy?)'
-    if head == b'PK\x03\x04':  # torch.save writes a zip archive since PyTorch 1.6
-        return (f'the zip archive that torch.save writes is damaged or cut short ({size} '
-                f'bytes; an interrupted save or copy?)')
-    if head[:1] == b'\x80':  # a pickle: the format of torch.save before PyTorch 1.6
-        return f'the pickle of the old torch.save format is damaged or cut short ({size} bytes)'
-    return f'it is not a file that torch.save wrote ({size} bytes, starting with {head!r})'
+    checkpoint.write_file(ckpt, rr.checkpoint_path(run_dir, rr.BEST))
 
 
 def run_dir_of_checkpoint(path):

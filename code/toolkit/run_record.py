@@ -48,7 +48,7 @@ EPOCH_KEYS = ('epoch', 'lr', 'train_loss', 'train_top1', 'train_top5', 'epoch_ti
               'images_per_s', 'peak_memory_mb', 'val_loss', 'val_top1', 'val_top5')
 
 # results -e and -a add to their own summary and to the training run's: the checkpoint's
-# path, the epoch it held, 'file' (run_folder.file_fingerprint of the file read: report.py
+# path, the epoch it held, 'file' (checkpoint.file_fingerprint of the file read: report.py
 # tells a result whose file has changed since), then the figures
 EVALUATION, ATTACK = 'evaluation', 'attack'
 RESULT_KEYS = (EVALUATION, ATTACK)

@@ -9,6 +9,8 @@
     temp_path(path)      the temporary name: hidden, beside `path`, with the writer's
                          host and pid, so that two writers never share one
     remove_dead_temp_files(folder)   the temporary files whose writer is dead
+    write_or_explain(...)  atomic_write whose failure (a full disk, no permission) is one
+                         RunFolderError line that says the previous file is intact
 
 A crash (kill -9, a full disk, a power cut) leaves the old file or the new one, never
 half of one; what it leaves besides is a temporary file that the next writer removes,
@@ -21,6 +23,8 @@ import re
 import signal
 import socket
 import threading
+
+from utils import RunFolderError
 
 try:
     import fcntl  # POSIX (Linux, macOS); absent on native Windows: locks do nothing
@@ -231,3 +235,30 @@ class FileLock(object):
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def write_or_explain(path, write_fn, binary):
+    """atomic_write for the run folder's files and checkpoints: a crash leaves either the old file or the new one, never
+    half of one. A failed write (disk full, ...) raises RunFolderError and keeps the old
+    file."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, write_fn, binary)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write {path} ({exc.strerror or exc}); the previous "
+                             f"version of the file, if any, is intact") from exc
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        raise RunFolderError(f"cannot write {path} ({write_failure(exc)}); the previous "
+                             f"version of the file, if any, is intact") from exc
+
+
+def write_failure(exc):
+    """What made torch.save fail, in words: its RuntimeError says only "unexpected pos N vs
+    M", while the OSError of the write it could not make (ENOSPC: "No space left on
+    device") is the exception it was raised during."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -183,7 +183,7 @@ def max_weight_difference(run_a, run_b):
     """The largest absolute difference between the final learned weights of two runs.
     BatchNorm's running statistics are left out: without --sync-bn each process keeps
     those of its own share of the batch, so they differ by design."""
-    from toolkit.run_folder import load_checkpoint
+    from toolkit.checkpoint import load_checkpoint
     a, b = (load_checkpoint(rr.checkpoint_path(run)).state_dict for run in (run_a, run_b))
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a
                if not k.endswith(BN_STATISTICS))
