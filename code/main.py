@@ -21,6 +21,7 @@ frozen plan everything below reads. The rare cases (Ctrl-C, SIGTERM, exit codes,
 torchrun processes, a run's ending status) live in toolkit/run_guard.py; the other
 modules of toolkit/ each hold one concept (toolkit/__init__.py lists them).
 """
+import functools
 import math
 import os
 import sys
@@ -48,7 +49,8 @@ from toolkit import run_record as rr  # noqa: E402
 from toolkit import settings  # noqa: E402
 from toolkit.attack_eval import attack_validate, build_attacker, log_saliency  # noqa: E402
 from toolkit.distributed import world, is_main  # noqa: E402
-from toolkit.loaders import build_loaders, load_datasets, seed_epoch, seed_everything  # noqa: E402
+from toolkit.loaders import (build_loaders, load_datasets, seed_epoch,  # noqa: E402
+                             seed_everything, train_size)
 from toolkit.networks import build_model, build_optimizer, load_model_state, to_device  # noqa: E402
 from toolkit.run_guard import ends_with_status, guarded, quoted  # noqa: E402
 from toolkit.run_plan import check_flags, is_exact, names_the_model, resolve, settings_line  # noqa: E402
@@ -61,8 +63,9 @@ from utils import (AverageMeter, ProgressMeter, accuracy, build_lr_scheduler,  #
 # every flag, with its type, default and help, is a row of toolkit/settings.py
 parser = settings.build_parser('main.py')
 
-# what trains: the model and everything its steps update (the GradScaler of fp16 or None)
-Learner = namedtuple('Learner', 'model criterion optimizer scheduler scaler')
+# what trains: the model and everything its steps update (the GradScaler of fp16 and the
+# weights' moving average of --ema, or None)
+Learner = namedtuple('Learner', 'model criterion optimizer scheduler scaler ema')
 
 
 def main(argv=None):
@@ -108,10 +111,12 @@ def train(plan, given, ckpt, device, loaders, n_images, hold):
     model = to_device(model, plan, device)
     optimizer = build_optimizer(model, plan)
     n_iters = len(train_loader)
-    learner = Learner(model, nn.CrossEntropyLoss(), optimizer,
+    learner = Learner(model, nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing),
+                      optimizer,
                       build_lr_scheduler(optimizer, plan.warmup, plan.epochs, n_iters,
                                          start_iter=plan.start_epoch * n_iters),
-                      torch.amp.GradScaler(device.type) if plan.amp_dtype == 'float16' else None)
+                      torch.amp.GradScaler(device.type) if plan.amp_dtype == 'float16' else None,
+                      moving_average(model, plan.ema) if plan.ema else None)
 
     # exact: this toolkit's checkpoint of an unfinished run continues in its own folder
     exact = ckpt is not None and is_exact(ckpt)
@@ -143,8 +148,12 @@ def run_epochs(plan, learner, train_loader, val_loader, device, run_dir, summary
     writer = SummaryWriter(run_dir) if run_dir is not None else distributed.NoWriter()
     model = learner.model  # what is saved; `net` is what trains (DDP, compiled)
     net = forward_fn(distributed.wrap(model), plan, device)
-    # validation runs on each process's share without collectives: not through DDP
-    val_net = forward_fn(model, plan, device) if world().size > 1 else net
+    # validation runs on each process's share without collectives: not through DDP; with
+    # --ema it validates the moving average
+    if learner.ema is not None:
+        val_net = forward_fn(learner.ema.module, plan, device)
+    else:
+        val_net = forward_fn(model, plan, device) if world().size > 1 else net
     adv_attacker = None
     if plan.adv_train:
         # Madry et al.'s defence: untargeted PGD from a random start, step 2.5*eps/steps
@@ -161,6 +170,7 @@ def run_epochs(plan, learner, train_loader, val_loader, device, run_dir, summary
         epochs_this_time = min(epochs_this_time, plan.stop_after)
     for epoch in range(start_epoch, start_epoch + epochs_this_time):
         seed_epoch(plan.seed, epoch, train_loader)
+        train_loader.size_for = functools.partial(train_size, plan, epoch)  # --min-train-size
         stats = train_one_epoch(train_loader, net, learner, epoch, plan, device, writer,
                                 adv_attacker)
         stats['peak_memory_mb'] -= cache_mb
@@ -173,7 +183,9 @@ def run_epochs(plan, learner, train_loader, val_loader, device, run_dir, summary
                                                  f"{epoch + 1}", plan))
         if not plan.sync_bn:  # (SyncBatchNorm keeps one set of statistics already)
             distributed.average_batchnorm_statistics(model)
-        acc1, acc5, val_loss = validate(val_loader, val_net, learner.criterion, plan, device)
+            if learner.ema is not None:
+                distributed.average_batchnorm_statistics(learner.ema.module)
+        acc1, acc5, val_loss = validate(val_loader, val_net, nn.CrossEntropyLoss(), plan, device)
         log_epoch(writer, epoch + 1, stats, acc1, acc5, val_loss)
         record = dict(epoch=epoch + 1, val_loss=val_loss, val_top1=acc1, val_top5=acc5, **stats)
         summary['wall_time_s'] = wall_before + time.time() - invocation_start
@@ -186,6 +198,13 @@ def run_epochs(plan, learner, train_loader, val_loader, device, run_dir, summary
     if summary['status'] == rr.STOPPED and run_dir is not None:
         print(f'=> stopped after {epochs_this_time} epoch(s) as asked; continue with '
               f'--resume={quoted(rr.checkpoint_path(run_dir))}')
+
+
+def moving_average(model, decay):
+    """--ema: torch's AveragedModel of the weights and BatchNorm statistics, updated after
+    every step: ema = decay x ema + (1 - decay) x weights (timm's model EMA)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def train_one_epoch(train_loader, net, learner, epoch, plan, device, writer,
@@ -240,6 +259,8 @@ def train_one_epoch(train_loader, net, learner, epoch, plan, device, writer,
             scaler.step(optimizer)
             scaler.update()
         scheduler.step()  # per iteration: warmup + cosine
+        if learner.ema is not None:
+            learner.ema.update_parameters(eager(net))
 
         # the accuracies stay on the device until they are printed: loss.item() above is
         # the step's one wait for the GPU, so its queue of work never runs dry
@@ -330,7 +351,7 @@ def evaluate_or_attack(plan, given, ckpt, ckpt_file, device, val_loader):
     checkpoint's epoch and the fingerprint of the file read (ckpt_file), so that a file
     rewritten since (model_best of a run still training) shows the result as stale."""
     model = build_model(plan, from_checkpoint=True)
-    load_model_state(model, ckpt.state_dict, plan.resume, plan.arch,
+    load_model_state(model, ckpt.evaluated_weights(), plan.resume, plan.arch,
                      names_the_model(ckpt, given))
     model, criterion = to_device(model, plan, device), nn.CrossEntropyLoss()
 
@@ -339,7 +360,9 @@ def evaluate_or_attack(plan, given, ckpt, ckpt_file, device, val_loader):
     writer = SummaryWriter(run_dir) if is_main() else distributed.NoWriter()
     summary = rr.new_summary(run_dir, plan, num_params=student_code.count_params(model),
                              device=device, iters_per_epoch=0, epochs_planned=0)
-    print(f"=> {mode} of '{plan.resume}' ({plan.arch}) on {device}; logs in {run_dir}")
+    ema = ckpt.plan.get('ema')
+    weights = f', the moving average of --ema {ema:g}' if ema else ''
+    print(f"=> {mode} of '{plan.resume}' ({plan.arch}{weights}) on {device}; logs in {run_dir}")
     start = time.time()
     if plan.evaluate:
         key, summary['status'] = rr.EVALUATION, rr.EVALUATED

@@ -97,6 +97,8 @@ def plan(python, data, logs, device, rehearse=False):
         ('train auto', train('auto'), 120),
         ('train fp32', train('fp32', '--no-amp'), 120),
         ('train no-data-cache', train('percpu', '--no-data-cache'), 120),
+        ('train levers', train('levers', '--ema', '0.999', '--label-smoothing', '0.1',
+                               '--min-train-size', '64'), 120),
         (f'torchrun {backend}', [python, '-m', 'torch.distributed.run', '--standalone',
                                  '--nproc_per_node', '1']
          + train('torchrun', '--dist-backend', backend, '--stop-after', '1')[1:], 90),

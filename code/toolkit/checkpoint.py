@@ -37,6 +37,7 @@ class Checkpoint:
     best_acc1: Optional[float] = None         # the best epoch so far: its val top-1,
     best_epoch: Optional[int] = None          # number and weights (None: this epoch's)
     best_state_dict: Optional[dict] = None
+    ema_state_dict: Optional[dict] = None     # --ema: AveragedModel's state_dict()
     history: Optional[list] = None            # one record per epoch (summary.json's epochs)
     wall_time_s: float = 0.0                  # the run's time so far
     kind: Optional[str] = None                # 'best': model_best.pth.tar
@@ -46,8 +47,16 @@ class Checkpoint:
     def best_model(self):
         """What model_best.pth.tar holds, derived from this checkpoint."""
         return Checkpoint(kind='best', epoch=self.best_epoch, arch=self.arch,
-                          state_dict=self.best_state_dict or self.state_dict,
+                          state_dict=self.best_state_dict or self.evaluated_weights(),
                           best_acc1=self.best_acc1, args=self.args)
+
+    def evaluated_weights(self):
+        """The weights the run validates: the EMA's (--ema) where it keeps one, else the
+        model's."""
+        if self.ema_state_dict is None:
+            return self.state_dict
+        return {key[len(EMA_PREFIX):]: value for key, value in self.ema_state_dict.items()
+                if key.startswith(EMA_PREFIX)}
 
     def missing_for_resume(self):
         """What an exact resume needs beyond the weights and this file lacks (the
@@ -69,7 +78,10 @@ class Checkpoint:
 EXACT_RESUME = ('epoch', 'args', 'optimizer', 'scheduler')
 # the entries each kind of file holds on disk
 ENTRIES = ('schema', 'epoch', 'arch', 'state_dict', 'optimizer', 'scheduler', 'best_acc1',
-           'best_epoch', 'best_state_dict', 'history', 'wall_time_s', 'args', 'scaler')
+           'best_epoch', 'best_state_dict', 'history', 'wall_time_s', 'args', 'scaler',
+           'ema_state_dict')
+# AveragedModel's state_dict: the averaged model's entries under this prefix, and n_averaged
+EMA_PREFIX = 'module.'
 BEST_ENTRIES = ('kind', 'epoch', 'arch', 'state_dict', 'best_acc1', 'args')
 
 
@@ -145,6 +157,7 @@ def check_kinds(raw, path):
 # the parts of a checkpoint that a resumed run trains on or writes out again (the best
 # weights become model_best.pth.tar), with their names in messages
 CHECKED_PARTS = (('state_dict', 'weights'), ('best_state_dict', 'best weights'),
+                 ('ema_state_dict', 'EMA weights'),
                  ('optimizer', 'optimizer state'))
 
 

@@ -7,6 +7,7 @@ The training order and every image's augmentation depend on (seed, epoch) only
 (data_order.TrainOrder), so a resumed run, and a run on any number of processes or
 workers, sees the same batches.
 """
+import functools
 import os
 import random
 
@@ -30,6 +31,27 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def train_size(plan, epoch, full):
+    """The side of the training batches in `epoch` (0-based), for batches of full x full
+    pixels from the transforms: --image-size (else full), and under --min-train-size from
+    that minimum in the first epoch linearly up to it in the last. A multiple of 8 while
+    it grows, and a function of the epoch only, so a resumed run trains at the sizes of an
+    uninterrupted one. None: as the transforms made them (neither flag given)."""
+    if not plan.image_size and not plan.min_train_size:
+        return None
+    top = plan.image_size or full
+    if not plan.min_train_size or plan.epochs == 1 or epoch >= plan.epochs - 1:
+        return top
+    size = plan.min_train_size + (top - plan.min_train_size) * epoch / (plan.epochs - 1)
+    return min(top, max(8, int(round(size / 8)) * 8))
+
+
+def val_size(plan, full):
+    """The side of the validation batches (training and -e/-a alike): --image-size, else
+    the transforms' own (None)."""
+    return plan.image_size or None
 
 
 def seed_epoch(seed, epoch, train_loader):
@@ -128,6 +150,7 @@ class OnDevice(object):
 
     def __init__(self, loader, device, normalization, fmt):
         self.loader, self.device, self.fmt = loader, device, fmt
+        self.size_for = None        # full side -> the side to resize to (None: as is)
         self.mean = self.std = None
         if normalization is not None:
             mean, std = normalization
@@ -158,6 +181,13 @@ class OnDevice(object):
                 input = input.float().div_(255.0)
                 if self.mean is not None:
                     input = (input - self.mean) / self.std
+            size = self.size_for(input.shape[-1]) if self.size_for else None
+            if size is not None and tuple(input.shape[-2:]) != (size, size):
+                # one resize of the whole batch, antialiased when it shrinks (the cached
+                # path's warp and the per-image transforms stay as they are)
+                input = torch.nn.functional.interpolate(
+                    input, size=(size, size), mode='bilinear',
+                    antialias=size < input.shape[-1], align_corners=False)
             yield (input.contiguous(memory_format=self.fmt),
                    target.to(self.device, non_blocking=non_blocking))
 
@@ -311,6 +341,7 @@ def build_loaders(plan, device, datasets):
         val_loader = per_image_loader(plan, device, val_set, **val_kw)
         train_loader = None if train_set is None else \
             per_image_loader(plan, device, train_set, **train_kw)
+    val_loader.size_for = functools.partial(val_size, plan)   # --image-size
     return train_loader, val_loader
 
 

@@ -45,6 +45,8 @@ def restore_training_state(learner, ckpt, plan):
     learner.scheduler.load_state_dict(ckpt.scheduler)
     if learner.scaler is not None and ckpt.scaler:  # fp16: the scale it had reached
         learner.scaler.load_state_dict(ckpt.scaler)
+    if learner.ema is not None and ckpt.ema_state_dict is not None:  # --ema: its average
+        learner.ema.load_state_dict(ckpt.ema_state_dict)
     # the lr of the schedule's closed form at this iteration: it differs from the saved
     # one when --epochs extends the run
     scheduler = learner.scheduler

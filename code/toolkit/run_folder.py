@@ -249,19 +249,21 @@ def commit_epoch(run_dir, plan, learner, summary, record, best):
     summary.update(epochs=history, best_epoch=best['epoch'], best_acc1=best['acc1'])
     if run_dir is None:
         return
-    scaler = learner.scaler
+    scaler, ema = learner.scaler, learner.ema
     ckpt = Checkpoint(schema=rr.SCHEMA_VERSION, epoch=record['epoch'], arch=plan.arch,
                       state_dict=learner.model.state_dict(),
                       optimizer=learner.optimizer.state_dict(),
                       scheduler=learner.scheduler.state_dict(), best_acc1=best['acc1'],
                       best_epoch=best['epoch'], best_state_dict=best['weights'],
                       history=history, wall_time_s=summary['wall_time_s'], args=plan.as_dict(),
-                      scaler=scaler.state_dict() if scaler is not None else None)
+                      scaler=scaler.state_dict() if scaler is not None else None,
+                      ema_state_dict=ema.state_dict() if ema is not None else None)
     save_checkpoint(ckpt, run_dir)
     if is_best:
         save_best_model(ckpt.best_model(), run_dir)
         # kept for the checkpoints of later epochs, until a better one comes
-        best['weights'] = {k: v.detach().cpu().clone() for k, v in ckpt.state_dict.items()}
+        best['weights'] = {k: v.detach().cpu().clone()
+                           for k, v in ckpt.evaluated_weights().items()}
     write_summary(run_dir, summary)
 
 

@@ -24,8 +24,6 @@ import signal
 import socket
 import threading
 
-from utils import RunFolderError
-
 try:
     import fcntl  # POSIX (Linux, macOS); absent on native Windows: locks do nothing
 except ImportError:
@@ -238,9 +236,10 @@ class FileLock(object):
 
 
 def write_or_explain(path, write_fn, binary):
-    """atomic_write for the run folder's files and checkpoints: a crash leaves either the old file or the new one, never
-    half of one. A failed write (disk full, ...) raises RunFolderError and keeps the old
-    file."""
+    """atomic_write for the run folder's files and checkpoints: a crash leaves either the
+    old file or the new one, never half of one. A failed write (disk full, ...) raises
+    RunFolderError and keeps the old file."""
+    from utils import RunFolderError  # here: zip_submission.py uses this module alone
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, write_fn, binary)

@@ -36,6 +36,7 @@ class Setting:
     below: Optional[float] = None  # values must be smaller than this
     resume: Optional[str] = None   # KEEP, GROW, FOLLOW or None (above)
     before: object = None          # a KEEP value of a checkpoint older than the setting
+                                   # (None: unknown, the flag's value stands)
     evaluation: bool = False       # -e/-a use it (their summary records only these)
     handout: object = None         # the handout's value (the start line says what differs)
     switch: bool = False           # --x / --no-x, default None (auto)
@@ -46,6 +47,7 @@ class Setting:
 
 H = "the handout's flags (names and defaults as in its main.py)"
 RUN, ATTACK = 'model and run', 'attack (-a) and adversarial training'
+RECIPE = 'recipe (off by default: the handout\'s recipe; docs/training.md)'
 SPEED = "speed (auto by default: the device's measured best, said at start; docs/training.md)"
 DIST = 'several processes (under torchrun; -b stays the global batch)'
 
@@ -91,6 +93,21 @@ SETTINGS = (
             handout=0, group=H),
     Setting('use_mps', ('--use-mps',), 'use Apple MPS', bool, False, evaluation=True,
             handout=False, group=H),
+    Setting('label_smoothing', ('--label-smoothing',), 'label smoothing of the training loss '
+            '(F.cross_entropy\'s label_smoothing; the validation loss stays plain)', float, 0.0,
+            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, group=RECIPE),
+    Setting('ema', ('--ema',), 'decay per step of an exponential moving average of the '
+            'weights (torch.optim.swa_utils.AveragedModel; 0: off): the average is validated '
+            'and is what model_best.pth.tar holds, the raw weights train on', float, 0.0,
+            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, group=RECIPE),
+    Setting('image_size', ('--image-size',), 'train and validate on batches resized to '
+            'N x N pixels on the device, after the transforms (FixRes: a lower size costs '
+            'less; 0: the transforms\' own size)', int, 0, low=0, resume=KEEP, before=0,
+            metavar='N', evaluation=True, handout=0, group=RECIPE),
+    Setting('min_train_size', ('--min-train-size',), 'progressive resizing (FFCV): the first '
+            'epoch trains at N x N pixels, the size grows linearly to the full size (or '
+            '--image-size), which the last epoch and validation use (0: off)', int, 0,
+            low=0, resume=KEEP, before=0, metavar='N', handout=0, group=RECIPE),
     Setting('device', ('--device',), 'auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or '
             'mps', str, 'auto', evaluation=True, group=RUN),
     Setting('seed', ('--seed',), 'random seed', int, rule='drawn at random and recorded',
