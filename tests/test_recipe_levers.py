@@ -146,3 +146,41 @@ def test_image_size_trains_validates_and_evaluates_at_that_size(demo, tmp_path, 
                                '-e', '-j', '0', '--log-dir', str(tmp_path / 'eval')], capsys)
     assert code == 0 and 'image-size 64 (checkpoint)' in out, err
     assert seen == [(64, 64), (64, 64)]
+
+
+def test_augment_scales_the_augmentation_of_get_train_transforms():
+    import custom_transforms as T
+    from toolkit.loaders import train_transforms
+    shipped = {type(t): t for t in train_transforms(1.0).transforms}
+    half = {type(t): t for t in train_transforms(0.5).transforms}
+    assert half[T.RandomRotate].degree_range == shipped[T.RandomRotate].degree_range / 2
+    assert half[T.RandomColor].color_range == shipped[T.RandomColor].color_range / 2
+    low = shipped[T.RandomSizedCrop].area_range[0]
+    assert half[T.RandomSizedCrop].area_range[0] == pytest.approx(1 - (1 - low) / 2)
+    none = {type(t): t for t in train_transforms(0.0).transforms}
+    assert none[T.RandomRotate].degree_range == 0 and none[T.RandomColor].color_range == 0
+    assert none[T.RandomSizedCrop].area_range[0] == none[T.RandomSizedCrop].area_range[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', ['--data-cache', '--no-data-cache'])
+def test_augment_zero_trains_on_unrotated_uncoloured_whole_crops(demo, tmp_path, capsys,
+                                                                 monkeypatch, path):
+    """--augment 0 on either input path: the transforms the run uses have no rotation,
+    no colour change and crop the whole (rescaled) image, and the fused path still serves."""
+    from toolkit import fast_data, loaders
+    used = []
+    real = loaders.train_transforms
+
+    def spy(strength):
+        used.append(real(strength))
+        return used[-1]
+    monkeypatch.setattr(loaders, 'train_transforms', spy)
+    run, out = train(demo, tmp_path, capsys, '--augment', '0', '--warmup', '0', path,
+                     epochs=1)
+    assert 'augment 0 (flag)' in out and used
+    assert 'per-image path' not in out or path == '--no-data-cache', out
+    for t in used[-1].transforms:
+        assert getattr(t, 'degree_range', 0) == 0 and getattr(t, 'color_range', 0) == 0
+    if path == '--data-cache':
+        assert fast_data.fused_path_supported(used[-1])[0]

@@ -323,6 +323,25 @@ def cache_fallback(data_folder, rebuild, datasets, asked):
     return refusal
 
 
+def train_transforms(strength):
+    """get_train_transforms(), its augmentation scaled by --augment: RandomRotate's angle
+    and RandomColor's range times `strength`, and the part of the image RandomSizedCrop
+    may cut away (1 - its smallest area) too. The parameters are those the classes' own
+    __init__ sets, so both input paths follow them (the fused path reads them)."""
+    transforms = get_train_transforms()
+    if strength == 1:
+        return transforms
+    for t in getattr(transforms, 'transforms', ()):
+        if isinstance(t, T.RandomRotate):
+            t.degree_range = t.degree_range * strength
+        elif isinstance(t, T.RandomColor):
+            t.color_range = t.color_range * strength
+        elif isinstance(t, T.RandomSizedCrop):
+            low, high = t.area_range
+            t.area_range = (min(high, max(0.01, 1 - (1 - low) * strength)), high)
+    return transforms
+
+
 def build_loaders(plan, device, datasets):
     """(train loader or None, val loader), both yielding this process's batches on the
     device: the cached path (fast_data) with plan.data_cache, else the per-image path.
@@ -333,10 +352,12 @@ def build_loaders(plan, device, datasets):
     if train_set is not None:
         order = data_order.TrainOrder(len(train_set), plan.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
+        if plan.augment != 1:   # --augment: the per-image path's transforms too
+            train_set.transforms = train_transforms(plan.augment)
     if plan.data_cache:
         val_loader = cached_loader(plan, device, val_set, get_val_transforms(), **val_kw)
         train_loader = None if train_set is None else \
-            cached_loader(plan, device, train_set, get_train_transforms(), **train_kw)
+            cached_loader(plan, device, train_set, train_transforms(plan.augment), **train_kw)
     else:
         val_loader = per_image_loader(plan, device, val_set, **val_kw)
         train_loader = None if train_set is None else \

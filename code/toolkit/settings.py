@@ -95,11 +95,17 @@ SETTINGS = (
             handout=False, group=H),
     Setting('label_smoothing', ('--label-smoothing',), 'label smoothing of the training loss '
             '(F.cross_entropy\'s label_smoothing; the validation loss stays plain)', float, 0.0,
-            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, group=RECIPE),
+            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, metavar='EPS', group=RECIPE),
     Setting('ema', ('--ema',), 'decay per step of an exponential moving average of the '
             'weights (torch.optim.swa_utils.AveragedModel; 0: off): the average is validated '
             'and is what model_best.pth.tar holds, the raw weights train on', float, 0.0,
-            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, group=RECIPE),
+            low=0, below=1, resume=KEEP, before=0.0, handout=0.0, metavar='DECAY',
+            group=RECIPE),
+    Setting('augment', ('--augment',), 'strength of the training augmentation: scales '
+            'RandomRotate\'s angle, RandomColor\'s range and how much of the image '
+            'RandomSizedCrop may cut away (1: get_train_transforms as it is; 0: none of '
+            'them)', float, 1.0, low=0, resume=KEEP, before=1.0, handout=1.0, metavar='S',
+            group=RECIPE),
     Setting('image_size', ('--image-size',), 'train and validate on batches resized to '
             'N x N pixels on the device, after the transforms (FixRes: a lower size costs '
             'less; 0: the transforms\' own size)', int, 0, low=0, resume=KEEP, before=0,
