@@ -352,12 +352,13 @@ def build_loaders(plan, device, datasets):
     if train_set is not None:
         order = data_order.TrainOrder(len(train_set), plan.batch_size)
         train_kw = dict(batch_size=order.share, sampler=order)
+        transforms = train_transforms(plan.augment)
         if plan.augment != 1:   # --augment: the per-image path's transforms too
-            train_set.transforms = train_transforms(plan.augment)
+            train_set.transforms = transforms
     if plan.data_cache:
         val_loader = cached_loader(plan, device, val_set, get_val_transforms(), **val_kw)
         train_loader = None if train_set is None else \
-            cached_loader(plan, device, train_set, train_transforms(plan.augment), **train_kw)
+            cached_loader(plan, device, train_set, transforms, **train_kw)
     else:
         val_loader = per_image_loader(plan, device, val_set, **val_kw)
         train_loader = None if train_set is None else \

@@ -28,7 +28,7 @@ def resume(plan, ckpt, exact, learner, run_dir, summary, model_named):
         return plan.start_epoch, best
     restore_training_state(learner, ckpt, plan)
     run_folder.restore_run_files(ckpt, plan.resume, run_dir, summary, best)
-    planned = planned_epochs(plan, ckpt)
+    planned = planned_epochs(ckpt, plan.epochs)
     if ends_the_run(plan.epochs, ckpt):
         summary['status'] = rr.FINISHED
         run_folder.write_summary(run_dir, summary)

@@ -14,13 +14,16 @@ run, a resume, the handout's checkpoint, bare weights, -e and -a).
                        their weights, at their epoch
     -e / -a            the checkpoint's model, class count and speed settings
 """
+import inspect
 import os
 import random
 import types
 
+import torch
+
 from toolkit import run_record as rr
 from toolkit import settings
-from toolkit.distributed import check_global_batch, world
+from toolkit.distributed import check_global_batch, launch_size, world
 from toolkit.loaders import VAL_BATCH, cache_fallback, class_count
 from toolkit.networks import ARCHS, check_arch
 from toolkit.run_folder import run_dir_of_checkpoint
@@ -46,15 +49,15 @@ def resolve(flags, given, ckpt, datasets, device):
     if flags.resume and os.path.isdir(flags.resume):  # a run folder: its best model
         decide('resume', rr.checkpoint_path(flags.resume, rr.BEST), "rule: the run folder's "
                "best model")
-    path = values['resume']
+    path, requested = values['resume'], requested_arch(flags)
     if flags.evaluate or flags.attack:
-        from_evaluated_checkpoint(decide, values, given, ckpt, path)
+        from_evaluated_checkpoint(decide, values, given, requested, ckpt, path)
     elif ckpt is not None and is_exact(ckpt):
-        from_run_checkpoint(decide, values, given, ckpt, path)
+        from_run_checkpoint(decide, values, given, requested, ckpt, path)
     else:
         if ckpt is not None:
-            from_weights(decide, values, given, ckpt, path)
-        new_run_rules(decide, values, given)
+            from_weights(decide, values, given, requested, ckpt, path)
+        new_run_rules(decide, values, given, requested)
     for dest, value in values.items():    # the flags were checked; these came from a file
         if sources[dest] == 'checkpoint':
             settings.check_value(dest, value, path)
@@ -101,7 +104,6 @@ def check_flags(flags, given):
     if not (flags.evaluate or flags.attack) and (not flags.resume or 'batch_size' in given):
         # under torchrun: refused by every process before any loads anything (a resumed
         # run's batch comes from its checkpoint: checked again on the plan)
-        from toolkit.distributed import launch_size
         check_global_batch(flags.batch_size, launch_size())
 
 
@@ -116,7 +118,6 @@ def check_device_flags(flags, given):
     if flags.use_mps:
         raise UsageError(f"--gpu {flags.gpu} picks a CUDA device, but --use-mps asks for Apple "
                          f"MPS: give one of them")
-    import torch
     if not torch.cuda.is_available():
         raise UsageError(f"--gpu {flags.gpu}: CUDA is not available on this machine (--gpu -1 "
                          f"or --device cpu runs on the CPU)")
@@ -183,14 +184,13 @@ def names_the_model(ckpt, given):
 ################################################################################
 # The rules of a new run
 ################################################################################
-def new_run_rules(decide, values, given):
+def new_run_rules(decide, values, given, requested):
     """Fill in what a new training run's flags leave open: the model, its gradient
     clipping (the ViT by default, a CNN only when --clip-grad is given), the learning
-    rate, the seed."""
-    requested = requested_arch(values_as_flags(values))   # --use-vit, --use-resnet18
+    rate, the seed. requested: the model the flags name (requested_arch)."""
     if requested is not None:
         decide('arch', requested, 'flag')
-    else:
+    elif values['arch'] is None:   # (a handout checkpoint may have named it: from_weights)
         decide('arch', default_arch(), 'rule: student_code.default_cnn_model')
     if ARCHS[values['arch']] != 'vit' and 'clip_grad' not in given:
         decide('clip_grad', 0.0, 'rule: CNNs train unclipped unless --clip-grad is given')
@@ -237,12 +237,11 @@ def is_exact(ckpt):
     return ckpt.kind == 'best' or not ckpt.missing_for_resume()
 
 
-def from_run_checkpoint(decide, values, given, ckpt, path):
+def from_run_checkpoint(decide, values, given, requested, ckpt, path):
     """Resume continues the run's own plan: every KEEP setting comes from the checkpoint;
     one given on the command line with another value is refused, except a larger
     --epochs (GROW), which extends the run. FOLLOW settings are the run's unless given."""
     saved = dict(ckpt.plan, arch=ckpt.arch)
-    requested = requested_arch(values_as_flags(values))
     if requested is not None:
         decide('arch', requested, 'flag')
         given = given | {'arch'}
@@ -265,12 +264,8 @@ def from_run_checkpoint(decide, values, given, ckpt, path):
     if saved.get('use_custom_conv') and not values['use_custom_conv']:
         print('note: the checkpoint was trained with --use-custom-conv; continuing with '
               'nn.Conv2d (the weights are interchangeable)')
-    planned = saved.get('epochs', values['epochs'])
-    refuse_unresumable(ckpt, path, planned, finished_cleanly(values['epochs'], ckpt, path))
-
-
-def values_as_flags(values):
-    return types.SimpleNamespace(**values)
+    refuse_unresumable(ckpt, path, planned_epochs(ckpt, values['epochs']),
+                       finished_cleanly(values['epochs'], ckpt, path))
 
 
 def refuse_change(setting, value, stored, path):
@@ -297,14 +292,14 @@ def refuse_unresumable(ckpt, path, planned, run_finished):
                          f"longer with --epochs N (N > {planned})")
 
 
-def planned_epochs(plan, ckpt):
-    """The epochs the checkpoint's run planned (the plan's own where it has none)."""
-    return ckpt.plan.get('epochs', plan.epochs)
+def planned_epochs(ckpt, epochs):
+    """The epochs the checkpoint's run planned (`epochs`, the plan's, where it has none)."""
+    return ckpt.plan.get('epochs', epochs)
 
 
 def ends_the_run(epochs, ckpt):
     """The checkpoint holds the run's last epoch, and --epochs does not extend it."""
-    planned = ckpt.plan.get('epochs', epochs)
+    planned = planned_epochs(ckpt, epochs)
     return ckpt.epoch >= planned and epochs == planned
 
 
@@ -328,12 +323,12 @@ def print_extension(plan, planned, start_epoch, n_iters):
           f'{old:.6g} to {new:.6g} and decays from there')
 
 
-def from_evaluated_checkpoint(decide, values, given, ckpt, path):
+def from_evaluated_checkpoint(decide, values, given, requested, ckpt, path):
     """-e/-a: the checkpoint's architecture (the flags may only confirm it), its class
     count unless --num-classes is given, and its run's other settings that change what
     they compute (KEEP rows that -e/-a use: the speed settings) unless given."""
     saved = ckpt.plan
-    arch, requested = ckpt.arch, requested_arch(values_as_flags(values))
+    arch = ckpt.arch
     if requested is not None and arch is not None and requested != arch:
         raise CheckpointError(f"'{path}' holds a '{arch}' model, but the flags build "
                               f"'{requested}'")
@@ -360,8 +355,7 @@ def from_evaluated_checkpoint(decide, values, given, ckpt, path):
 
 def attack_defaults():
     """{--attack-* dest: the value student_code.default_attack takes when not given}."""
-    import inspect
-    from student_code import default_attack
+    from student_code import default_attack   # at call time: a grader may replace it
     params = inspect.signature(default_attack).parameters
     names = {'attack_steps': 'num_steps', 'attack_step_size': 'step_size',
              'attack_eps': 'epsilon'}
@@ -373,7 +367,6 @@ def classifier_size(state_dict):
     """The class count of a model's weights: the outputs of its classifier, the last
     weight matrix or convolution (a trailing 1-d tensor is a bias or a buffer, not a
     classifier); None where there is none (the labels then count the classes)."""
-    import torch
     return next((v.shape[0] for v in reversed(list(state_dict.values()))
                  if torch.is_tensor(v) and v.ndim >= 2), None)
 
@@ -392,18 +385,17 @@ def handout_arch(ckpt, path):
     return name
 
 
-def from_weights(decide, values, given, ckpt, path):
+def from_weights(decide, values, given, requested, ckpt, path):
     """--resume of a checkpoint without what exact resumption needs
     (Checkpoint.missing_for_resume): a new run of the flags' plan that starts from its
     weights, its optimizer state and its epoch where it has them (the learning rate
     fast-forwarded to that epoch, as with --start-epoch), saying in one line what is
     missing. The model is --arch's, else the checkpoint's model_arch; the class count
     its classifier's unless --num-classes is given."""
-    handout = handout_arch(ckpt, path)
-    if requested_arch(values_as_flags(values)) is None and handout is not None:
+    if requested is not None:      # the flags name the model: the file's name is not read
+        decide('arch', requested, 'flag')
+    elif (handout := handout_arch(ckpt, path)) is not None:
         decide('arch', handout, 'checkpoint')
-    elif requested_arch(values_as_flags(values)) is not None:
-        decide('arch', requested_arch(values_as_flags(values)), 'flag')
     if values['arch'] is not None:
         check_arch(values['arch'], path)
     if 'num_classes' not in given:
@@ -429,11 +421,10 @@ def settings_line(plan):
     decided for this run (by a rule, the data or the checkpoint), with where it came from.
     The command's own flags (DIR, --resume, -e, -a, -v) are the command line; the speed
     settings have their line (speed.speed_line)."""
-    from toolkit.speed import SPEED_SETTINGS
     parts = []
     for s in settings.SETTINGS:
         value, source = getattr(plan, s.dest), plan.sources[s.dest]
-        if s.dest in SPEED_SETTINGS or s.dest in COMMAND or value is None or value is False \
+        if s.dest in speed.SPEED_SETTINGS or s.dest in COMMAND or value is None or value is False \
                 or value == '':
             continue
         if value == s.handout or (s.handout is None and source == 'default'):
