@@ -104,6 +104,24 @@ def test_the_loader_resizes_its_batches_to_the_epochs_size():
     assert list(loader)[0][0].shape == (2, 3, 16, 16)
 
 
+def test_a_uint8_batch_is_resized_before_it_is_normalized_with_the_same_result():
+    """The workers' uint8 batch, resized and normalized: as normalizing at the full size
+    and resizing after (the cheaper order differs in the last bits only)."""
+    from toolkit.loaders import OnDevice
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    loader = OnDevice([(images, torch.tensor([0, 1]))], torch.device('cpu'), (mean, std),
+                      torch.contiguous_format)
+    loader.size_for = lambda full: full // 2
+    (input, _), = list(loader)
+    normalized = (images.float() / 255 - torch.tensor(mean)[:, None, None]) \
+        / torch.tensor(std)[:, None, None]
+    expected = torch.nn.functional.interpolate(normalized, size=(8, 8), mode='bilinear',
+                                               antialias=True, align_corners=False)
+    assert input.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(input, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_a_progressively_resized_run_resumes_exactly(demo, tmp_path, capsys, monkeypatch):
     """--min-train-size 64 over 3 epochs (64, 96, then the full 128 px): the model sees

@@ -75,6 +75,18 @@ def load_datasets(data_folder, train=True):
     return datasets
 
 
+def image_sides(dataset, samples=16):
+    """(the largest side among `samples` of the set's image files, spread over the list;
+    the side of the images its transforms make): the set's own resolution, read from a
+    few files, for --recipe fast (run_plan.native_image_size)."""
+    count = len(dataset.file_list)
+    picks = sorted({i * count // samples for i in range(min(samples, count))})
+    sides = [max(load_image(os.path.join(dataset.img_folder, dataset.file_list[i])).shape[:2])
+             for i in picks]
+    return max(sides), get_val_transforms()(load_image(
+        os.path.join(dataset.img_folder, dataset.file_list[picks[0]]))).shape[-1]
+
+
 # a class count the data can support: one with an image each at most, and at least this
 # many (a small subset of a 100- or 1000-class set keeps its class count)
 MIN_CLASS_LIMIT = 1000
@@ -177,17 +189,22 @@ class OnDevice(object):
         non_blocking = self.device.type == 'cuda'
         for input, target in self.loader:
             input = input.to(self.device, non_blocking=non_blocking)
-            if input.dtype == torch.uint8:
-                input = input.float().div_(255.0)
-                if self.mean is not None:
-                    input = (input - self.mean) / self.std
+            raw = input.dtype == torch.uint8
+            if raw:
+                input = input.float()
             size = self.size_for(input.shape[-1]) if self.size_for else None
             if size is not None and tuple(input.shape[-2:]) != (size, size):
                 # one resize of the whole batch, antialiased when it shrinks (the cached
-                # path's warp and the per-image transforms stay as they are)
+                # path's warp and the per-image transforms stay as they are). Before the
+                # normalization: a linear resize commutes with it (last-bit differences),
+                # and it then runs on 1/16 of the pixels at 128 -> 32 (twice as fast in all)
                 input = torch.nn.functional.interpolate(
                     input, size=(size, size), mode='bilinear',
                     antialias=size < input.shape[-1], align_corners=False)
+            if raw:
+                input = input.div_(255.0)
+                if self.mean is not None:
+                    input = (input - self.mean) / self.std
             yield (input.contiguous(memory_format=self.fmt),
                    target.to(self.device, non_blocking=non_blocking))
 
