@@ -202,3 +202,42 @@ def test_augment_zero_trains_on_unrotated_uncoloured_whole_crops(demo, tmp_path,
         assert getattr(t, 'degree_range', 0) == 0 and getattr(t, 'color_range', 0) == 0
     if path == '--data-cache':
         assert fast_data.fused_path_supported(used[-1])[0]
+
+
+def fast_plan(data, *flags):
+    from toolkit.run_plan import plan_from_argv
+    return plan_from_argv([data, '--epochs', '4', '--num-classes', '4', '-b', '8'] + list(flags),
+                          torch.device('cpu'))[0]
+
+
+def test_the_fast_recipe_fills_in_what_the_flags_leave_open(demo):
+    """--recipe fast: its values (warm-up 1, label smoothing 0.1, image size 64, ...),
+    each said to come from it; a flag given keeps its value; without --recipe the
+    handout's values stand."""
+    plan = fast_plan(demo, '--recipe', 'fast')
+    from toolkit.settings import RECIPES
+    assert (plan.warmup, plan.label_smoothing, plan.image_size) == (1, 0.1, 64)
+    for dest, value in RECIPES['fast'].items():
+        assert getattr(plan, dest) == value and plan.sources[dest] == 'rule: --recipe fast'
+    plan = fast_plan(demo, '--recipe', 'fast', '--augment', '0.8', '--warmup', '2')
+    assert (plan.augment, plan.warmup, plan.sources['augment']) == (0.8, 2, 'flag')
+    plan = fast_plan(demo, '--epochs', '8')     # (the handout's warm-up is 5 epochs)
+    assert (plan.recipe, plan.warmup, plan.augment, plan.label_smoothing, plan.image_size) \
+        == ('handout', 5, 1.0, 0.0, 0)
+
+
+@pytest.mark.slow
+def test_a_fast_recipe_run_resumes_exactly_and_keeps_its_recipe(demo, tmp_path, capsys):
+    """A --recipe fast run stopped after epoch 1 and resumed ends with the weights of an
+    uninterrupted one, its values from the checkpoint; another --recipe is refused."""
+    flags = ('--recipe', 'fast', '--no-amp')
+    whole, out = train(demo, tmp_path / 'whole', capsys, *flags)
+    assert 'recipe fast (flag)' in out and 'image-size 64 (rule: --recipe fast)' in out
+    parts, _ = train(demo, tmp_path / 'parts', capsys, *flags, stop_after=1)
+    code, out, err = run_main([demo, '--resume', checkpoint_of(parts), '-j', '0'], capsys)
+    assert code == 0 and 'recipe fast (checkpoint)' in out and \
+        'image-size 64 (checkpoint)' in out, err
+    assert_same(weights_of(checkpoint_of(whole), 'state_dict'),
+                weights_of(checkpoint_of(parts), 'state_dict'))
+    expect_error([demo, '--resume', checkpoint_of(parts), '--recipe', 'handout', '-j', '0'],
+                 capsys, '--recipe handout differs from the run\'s fast')

@@ -75,18 +75,6 @@ def load_datasets(data_folder, train=True):
     return datasets
 
 
-def image_sides(dataset, samples=16):
-    """(the largest side among `samples` of the set's image files, spread over the list;
-    the side of the images its transforms make): the set's own resolution, read from a
-    few files, for --recipe fast (run_plan.native_image_size)."""
-    count = len(dataset.file_list)
-    picks = sorted({i * count // samples for i in range(min(samples, count))})
-    sides = [max(load_image(os.path.join(dataset.img_folder, dataset.file_list[i])).shape[:2])
-             for i in picks]
-    return max(sides), get_val_transforms()(load_image(
-        os.path.join(dataset.img_folder, dataset.file_list[picks[0]]))).shape[-1]
-
-
 # a class count the data can support: one with an image each at most, and at least this
 # many (a small subset of a 100- or 1000-class set keeps its class count)
 MIN_CLASS_LIMIT = 1000

@@ -57,6 +57,7 @@ def resolve(flags, given, ckpt, datasets, device):
     else:
         if ckpt is not None:
             from_weights(decide, values, given, requested, ckpt, path)
+        recipe_rules(decide, values, given)
         new_run_rules(decide, values, given, requested)
     for dest, value in values.items():    # the flags were checked; these came from a file
         if sources[dest] == 'checkpoint':
@@ -201,6 +202,13 @@ def new_run_rules(decide, values, given, requested):
         decide('lr', scaled_lr(batch), f'rule: {HANDOUT_LR:g} x {batch} / {HANDOUT_BATCH}')
     if values['seed'] is None:  # draw one, and record it so that the run can be replayed
         decide('seed', random.SystemRandom().randrange(2 ** 31), 'rule: drawn at random')
+
+
+def recipe_rules(decide, values, given):
+    """--recipe: its values (settings.RECIPES) for the settings the flags leave open."""
+    for dest, value in settings.RECIPES[values['recipe']].items():
+        if dest not in given:
+            decide(dest, value, f"rule: --recipe {values['recipe']}")
 
 
 def scaled_lr(batch_size):

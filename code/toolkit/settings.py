@@ -51,6 +51,16 @@ RECIPE = 'recipe (off by default: the handout\'s recipe; docs/training.md)'
 SPEED = "speed (auto by default: the device's measured best, said at start; docs/training.md)"
 DIST = 'several processes (under torchrun; -b stays the global batch)'
 
+# --recipe NAME: a named set of values for settings of the table, which a new run takes for
+# each of them not given as a flag (run_plan.recipe_rules; the start line says 'rule:
+# --recipe fast'); a resume keeps its run's values. 'handout' sets none. 'fast' is the
+# short-budget recipe, decided with paired seeds on Fashion-MNIST and checked on the digit
+# scans and the demo set (docs/training.md, "The fast recipe").
+RECIPES = {
+    'handout': {},
+    'fast': {'warmup': 1, 'augment': 0.25, 'label_smoothing': 0.1, 'image_size': 64},
+}
+
 SETTINGS = (
     Setting('data_folder', ('',), 'path to dataset', metavar='DIR', evaluation=True, group=H),
     Setting('workers', ('-j', '--workers'), 'number of data loading workers', int, 4, low=0,
@@ -93,6 +103,12 @@ SETTINGS = (
             handout=0, group=H),
     Setting('use_mps', ('--use-mps',), 'use Apple MPS', bool, False, evaluation=True,
             handout=False, group=H),
+    Setting('recipe', ('--recipe',), 'a named set of the values below (and --warmup) for '
+            'those not given as flags: handout (none of them) or fast (for a short budget: '
+            + ', '.join(f"--{dest.replace('_', '-')} {value}"
+                        for dest, value in RECIPES['fast'].items())
+            + '; docs/training.md)', str, 'handout', choices=tuple(RECIPES),
+            resume=KEEP, before='handout', handout='handout', metavar='NAME', group=RECIPE),
     Setting('label_smoothing', ('--label-smoothing',), 'label smoothing of the training loss '
             '(F.cross_entropy\'s label_smoothing; the validation loss stays plain)', float, 0.0,
             low=0, below=1, resume=KEEP, before=0.0, handout=0.0, metavar='EPS', group=RECIPE),
