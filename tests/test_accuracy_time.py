@@ -2,8 +2,9 @@
 import pytest
 
 import benchmark
-from benchmarks.bench_accuracy_time import accuracy_time_lines, epochs_to_reach
+from benchmarks.bench_accuracy_time import accuracy_time_lines, comparison_lines, epochs_to_reach
 from conftest import needs_fashion_mnist
+from toolkit.settings import RECIPES
 
 
 def epoch(n, top1, seconds):
@@ -24,6 +25,14 @@ def test_the_first_epoch_at_the_target_counts_the_training_seconds_before_it():
     assert lines[-1].startswith('best top-1 after 3 epochs: 89.50 %; wall time 50 s')
 
 
+def test_the_comparison_has_a_line_per_recipe():
+    fast = {'epochs': [epoch(1, 86.0, 5.0), epoch(2, 90.5, 5.0)], 'wall_time_s': 15.0}
+    lines = comparison_lines({'handout': SUMMARY, 'fast': fast}, [85, 90])
+    assert lines[0] == '| recipe | epochs | to 85 % | to 90 % | best top-1 | wall s |'
+    assert lines[2] == '| handout | 3 | epoch 2, 22 s | not reached | 89.50 | 50 |'
+    assert lines[3] == '| fast | 2 | epoch 1, 5 s | epoch 2, 10 s | 90.50 | 15 |'
+
+
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_a_quick_run_converts_trains_and_reports(capsys):
@@ -31,4 +40,8 @@ def test_a_quick_run_converts_trains_and_reports(capsys):
     out = capsys.readouterr().out
     assert 'auto settings: amp ' in out and 'channels-last True, data cache True' in out
     assert '| 1 |' in out and 'best top-1 after 1 epochs' in out
+    assert '| handout | 1 |' in out and '| fast | 1 |' in out     # both recipes ran
+    fast = RECIPES['fast']
+    assert f"recipe: augment {fast['augment']}, label smoothing {fast['label_smoothing']}, " \
+        f"image size {fast['image_size']}" in out
     assert 'removed at the end' in out          # without --keep

@@ -10,7 +10,9 @@ attack, step and pipeline on the GPU; short trainings with the GPU's auto settin
 cache in GPU memory, batched warp, amp, channels-last), in fp32 (--no-amp, the same
 epochs and seed: the report sets its top-1 beside the auto run's, which measures the
 amp decision) and with --no-data-cache; a one-process torchrun, which trains through
-DDP over NCCL; -e and -a of the trained model; last, as the budget allows, --compile. A
+DDP over NCCL; -e and -a of the trained model; benchmark.py accuracy-time (the handout's
+and the fast recipe, on Fashion-MNIST where it is installed); last, as the budget allows,
+--compile. A
 failed or timed-out check is recorded and the next one runs. Everything it saw goes to
 results/gpu-check/<date>-<gpu>.md, with the same in JSON beside it.
 
@@ -104,9 +106,20 @@ def plan(python, data, logs, device, rehearse=False):
          + train('torchrun', '--dist-backend', backend, '--stop-after', '1')[1:], 90),
         ('evaluate -e', use_best('-e'), 90),
         ('attack -a', use_best('-a'), 120),
+        ('benchmark accuracy-time', accuracy_time(python, bench, data, device, rehearse), 150),
         # last: compiling takes minutes, and the checks above do not need it
         ('train compile', train('compile', '--compile'), 180),
     ]
+
+
+def accuracy_time(python, bench, data, device, rehearse):
+    """benchmark.py accuracy-time as on a CPU (the handout's and the fast recipe), on
+    Fashion-MNIST where its package is installed, else on the generated set; the
+    rehearsal's is --quick."""
+    from make_real_data import FASHION_DIR
+    on = [] if os.path.isdir(FASHION_DIR) and not rehearse else ['--data', data]
+    return [python, bench, 'accuracy-time', '--device', device] + on + \
+        (['--quick'] if rehearse else [])
 
 
 def expand(command):

@@ -62,6 +62,14 @@ RECIPE_CONFIGS.update({f'b64-scaled-{precision}': RECIPE_CONFIGS['b64-scaled'] +
 # a short budget (a few epochs): is one epoch of warm-up, half of a 2-epoch run, a waste?
 # argparse keeps the last --warmup
 RECIPE_CONFIGS['b64-scaled-warmup0'] = RECIPE_CONFIGS['b64-scaled'] + ['--warmup', '0']
+# the fast recipe (main.py --recipe fast) beside the handout's at the same epochs and
+# batch, and with each of its levers off in turn (an ablation: which carry its gain);
+# its warm-up is the configs' own 1 epoch. no-resize trains at 128 px: 4x the time
+RECIPE_CONFIGS['b64-fast'] = RECIPE_CONFIGS['b64-scaled'] + ['--recipe', 'fast']
+RECIPE_CONFIGS.update({f'b64-fast-no-{lever}': RECIPE_CONFIGS['b64-fast'] + flags
+                       for lever, flags in (('augment', ['--augment', '1']),
+                                            ('smoothing', ['--label-smoothing', '0']),
+                                            ('resize', ['--image-size', '0']))})
 VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
 # --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
 # workers: to see that every cell runs, not to measure anything
