@@ -298,6 +298,30 @@ def weights_like_simplenet():
 
 
 @pytest.mark.slow
+def test_two_processes_train_the_fast_recipe_and_its_average_like_one(demo, tmp_path, capsys):
+    """--recipe fast (64 px batches, light augmentation on the cached path, label
+    smoothing) with --ema: under torchrun the weights and their moving average are one
+    process's, up to float rounding, and -e of the best model says it is the average."""
+    flags = TRAIN + ['--recipe', 'fast', '--ema', '0.5', '--data-cache']
+    done = torchrun([demo, '--log-dir', str(tmp_path / 'two')] + flags)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'recipe fast (flag)' in done.stdout and 'image-size 64 (rule: --recipe fast)' in \
+        done.stdout
+    code, out, err = run_main([demo, '--log-dir', str(tmp_path / 'one')] + flags, capsys)
+    assert code == 0, err
+    one, two = (torch.load(checkpoint_of(only_run(str(tmp_path / name))), map_location='cpu',
+                           weights_only=True) for name in ('one', 'two'))
+    for key in ('state_dict', 'ema_state_dict'):
+        for name, tensor in one[key].items():
+            torch.testing.assert_close(two[key][name], tensor, rtol=0, atol=1e-4)
+    done = torchrun([demo, '--resume', checkpoint_of(only_run(str(tmp_path / 'two')),
+                                                     'model_best.pth.tar'),
+                     '-e', '-j', '0', '--device', 'cpu', '--log-dir', str(tmp_path / 'eval')])
+    assert done.returncode == 0 and 'the moving average of --ema 0.5' in done.stdout, \
+        done.stderr
+
+
+@pytest.mark.slow
 def test_fast_paths_adversarial_training_and_saliency_under_torchrun(two_process_run, demo,
                                                                      tmp_path):
     """bf16 autocast + channels-last + the data cache (the CPU defaults add the last two)
