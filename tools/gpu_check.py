@@ -12,9 +12,8 @@ epochs and seed: the report sets its top-1 beside the auto run's, which measures
 amp decision) and with --no-data-cache; a one-process torchrun, which trains through
 DDP over NCCL; -e and -a of the trained model; benchmark.py accuracy-time (the handout's
 and the fast recipe, on Fashion-MNIST where it is installed); last, as the budget allows,
---compile. A
-failed or timed-out check is recorded and the next one runs. Everything it saw goes to
-results/gpu-check/<date>-<gpu>.md, with the same in JSON beside it.
+--compile. A failed or timed-out check is recorded and the next one runs. Everything it
+saw goes to results/gpu-check/<date>-<gpu>.md, with the same in JSON beside it.
 
 On a machine without CUDA it says so in one line and exits 0. --rehearse runs the plan
 on the CPU instead (gloo for torchrun, tiny data, one repetition, torch.compile off: the

@@ -185,7 +185,7 @@ class OnDevice(object):
                 # one resize of the whole batch, antialiased when it shrinks (the cached
                 # path's warp and the per-image transforms stay as they are). Before the
                 # normalization: a linear resize commutes with it (last-bit differences),
-                # and it then runs on 1/16 of the pixels at 128 -> 32 (twice as fast in all)
+                # which then runs on the smaller batch (docs/benchmarks.md, "The fast recipe")
                 input = torch.nn.functional.interpolate(
                     input, size=(size, size), mode='bilinear',
                     antialias=size < input.shape[-1], align_corners=False)

@@ -25,6 +25,10 @@ def epochs_to_reach(epochs, target):
     return None
 
 
+def best_top1(summary):
+    return max(epoch['val_top1'] for epoch in summary['epochs'])
+
+
 def accuracy_time_lines(summary, targets):
     """The report of one run: an epoch table, then one line per target and the best."""
     epochs = summary['epochs']
@@ -40,7 +44,7 @@ def accuracy_time_lines(summary, targets):
         lines.append(f"{target:g} % top-1: " + (
             f"reached in epoch {reached[0]}, after {reached[1]:.0f} s of training"
             if reached else f"not reached in {len(epochs)} epochs"))
-    best = max(epoch['val_top1'] for epoch in epochs)
+    best = best_top1(summary)
     lines.append(f"best top-1 after {len(epochs)} epochs: {best:.2f} %; wall time "
                  f"{summary['wall_time_s']:.0f} s (start-up, cache and validation included)")
     return lines
@@ -83,11 +87,11 @@ def timed_run(args, data, recipe, work):
           f"({os.cpu_count()} cores); main.py {data} {' '.join(flags)}; "
           f"{where(work, args.keep)}", flush=True)
     summary = run_recipe_cell(data, flags, os.path.join(work, 'logs'))
-    speed, plan = summary['args'], summary['args']
-    print(f"auto settings: amp {speed.get('amp')}, channels-last "
-          f"{speed.get('channels_last')}, data cache {speed.get('data_cache')}; recipe: "
-          f"augment {plan.get('augment')}, label smoothing {plan.get('label_smoothing')}, "
-          f"image size {plan.get('image_size') or 'as the transforms make it'}\n")
+    ran = summary['args']     # the run's resolved settings
+    print(f"auto settings: amp {ran.get('amp')}, channels-last "
+          f"{ran.get('channels_last')}, data cache {ran.get('data_cache')}; recipe: "
+          f"augment {ran.get('augment')}, label smoothing {ran.get('label_smoothing')}, "
+          f"image size {ran.get('image_size') or 'as the transforms make it'}\n")
     print('\n'.join(accuracy_time_lines(summary, args.targets)))
     return summary
 
@@ -102,7 +106,7 @@ def comparison_lines(results, targets):
         for target in targets:
             reached = epochs_to_reach(summary['epochs'], target)
             cells.append(f'epoch {reached[0]}, {reached[1]:.0f} s' if reached else 'not reached')
-        best = max(epoch['val_top1'] for epoch in summary['epochs'])
+        best = best_top1(summary)
         lines.append(f"| {recipe} | {len(summary['epochs'])} | {' | '.join(cells)} | "
                      f"{best:.2f} | {summary['wall_time_s']:.0f} |")
     return lines
