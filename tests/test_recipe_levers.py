@@ -206,24 +206,33 @@ def test_augment_zero_trains_on_unrotated_uncoloured_whole_crops(demo, tmp_path,
 
 def fast_plan(data, *flags):
     from toolkit.run_plan import plan_from_argv
-    return plan_from_argv([data, '--epochs', '4', '--num-classes', '4', '-b', '8'] + list(flags),
+    return plan_from_argv([data, '--epochs', '4'] + list(flags),
                           torch.device('cpu'))[0]
 
 
-def test_the_fast_recipe_fills_in_what_the_flags_leave_open(demo):
-    """--recipe fast: its values (warm-up 1, label smoothing 0.1, image size 64, ...),
-    each said to come from it; a flag given keeps its value; without --recipe the
-    handout's values stand."""
-    plan = fast_plan(demo, '--recipe', 'fast')
+def test_the_fast_recipe_fills_in_what_the_flags_leave_open(real_data, demo, capsys):
+    """--recipe fast: its values (warm-up 1, label smoothing 0.1, image size 64, batch
+    128, ...), each said to come from it, and the lr rule follows its batch; a flag given
+    keeps its value; without --recipe the handout's values stand. A recipe's value that
+    the data or the flags cannot take is refused with its source named."""
+    plan = fast_plan(real_data, '--recipe', 'fast')
     from toolkit.settings import RECIPES
-    assert (plan.warmup, plan.label_smoothing, plan.image_size) == (1, 0.1, 64)
+    assert (plan.warmup, plan.label_smoothing, plan.image_size, plan.batch_size) == \
+        (1, 0.1, 64, 128)
     for dest, value in RECIPES['fast'].items():
         assert getattr(plan, dest) == value and plan.sources[dest] == 'rule: --recipe fast'
-    plan = fast_plan(demo, '--recipe', 'fast', '--augment', '0.8', '--warmup', '2')
+    assert plan.lr == pytest.approx(0.05) and plan.sources['lr'] == 'rule: 0.1 x 128 / 256'
+    plan = fast_plan(demo, '--recipe', 'fast', '--augment', '0.8', '--warmup', '2', '-b', '8')
     assert (plan.augment, plan.warmup, plan.sources['augment']) == (0.8, 2, 'flag')
-    plan = fast_plan(demo, '--epochs', '8')     # (the handout's warm-up is 5 epochs)
-    assert (plan.recipe, plan.warmup, plan.augment, plan.label_smoothing, plan.image_size) \
-        == ('handout', 5, 1.0, 0.0, 0)
+    assert (plan.batch_size, plan.sources['batch_size']) == (8, 'flag')
+    assert plan.lr == pytest.approx(0.1 * 8 / 256)
+    plan = fast_plan(real_data, '--epochs', '8')     # (the handout's warm-up is 5 epochs)
+    assert (plan.recipe, plan.warmup, plan.augment, plan.label_smoothing, plan.image_size,
+            plan.batch_size) == ('handout', 5, 1.0, 0.0, 0, 256)
+    expect_error([demo, '--recipe', 'fast', '--epochs', '4'], capsys,     # 24 images
+                 '--batch-size 128 (rule: --recipe fast) is larger than the training set')
+    expect_error([real_data, '--recipe', 'fast', '--epochs', '1'], capsys,
+                 '--warmup 1 (rule: --recipe fast) must be smaller than --epochs 1')
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def resolve(flags, given, ckpt, datasets, device):
     decide('num_classes', class_count(values['num_classes'], classes_from, datasets),
            sources['num_classes'] if values['num_classes'] else 'data: largest label + 1')
     speed_rules(decide, values, sources, device, datasets, training='train' in datasets)
-    check_plan(values, datasets)
+    check_plan(values, sources, datasets)
     amp_dtype = speed.amp_dtype_for(device) if values['amp'] else None
     return settings.RunPlan(**values, amp_dtype=amp_dtype,
                             world_size=world().size, val_batch_size=VAL_BATCH,
@@ -124,20 +124,23 @@ def check_device_flags(flags, given):
                          f"or --device cpu runs on the CPU)")
 
 
-def check_plan(values, datasets):
-    """The checks between settings, on the resolved values: one line each."""
+def check_plan(values, sources, datasets):
+    """The checks between settings, on the resolved values: one line each, which says
+    where a value came from when no flag gave it (a recipe, a checkpoint, a rule)."""
+    def said(dest):
+        text = f"{settings.flag_name(dest)} {values[dest]}"
+        return text if sources[dest] == 'flag' else f"{text} ({sources[dest]})"
     epochs, training = values['epochs'], 'train' in datasets
     if training and values['start_epoch'] >= epochs:
-        raise UsageError(f"--start-epoch {values['start_epoch']} leaves no epoch to train: "
-                         f"--epochs is {epochs} (the run would stop at epoch {epochs})")
+        raise UsageError(f"{said('start_epoch')} leaves no epoch to train: --epochs is "
+                         f"{epochs} (the run would stop at epoch {epochs})")
     if training and values['warmup'] >= epochs:
-        raise UsageError(f"--warmup ({values['warmup']}) must be smaller than --epochs "
-                         f"({epochs})")
+        raise UsageError(f"{said('warmup')} must be smaller than {said('epochs')}")
     if values['adv_train'] and not 0 < values['adv_ratio'] <= 1:
         raise UsageError(f"--adv-ratio must be in (0, 1], got {values['adv_ratio']}")
     if training and values['batch_size'] > len(datasets['train']):
-        raise UsageError(f"--batch-size {values['batch_size']} is larger than the training "
-                         f"set ({len(datasets['train'])} images): every batch would be dropped")
+        raise UsageError(f"{said('batch_size')} is larger than the training set "
+                         f"({len(datasets['train'])} images): every batch would be dropped")
     if training:
         check_global_batch(values['batch_size'], world().size)
 
