@@ -206,7 +206,9 @@ def build_parser():
     timed.add_argument('--epochs', type=positive_int, default=None,
                        help='the epoch budget of every recipe (default: ' + ', '.join(
                            f'{r} {e}' for r, e in RECIPE_EPOCHS.items()) + ')')
-    timed.add_argument('--batch-size', type=positive_int, default=256, help='batch size')
+    timed.add_argument('--batch-size', type=positive_int, default=None,
+                       help="batch size (default: the recipe's: main.py's 256 for the "
+                            "handout's, 128 for the fast one)")
     timed.add_argument('--seed', type=seed_int, default=0, help='training seed')
     timed.add_argument('--targets', type=positive_float, nargs='+', default=[85.0, 90.0],
                        help='validation top-1 (%%) to time')

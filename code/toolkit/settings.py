@@ -58,7 +58,8 @@ DIST = 'several processes (under torchrun; -b stays the global batch)'
 # scans and the demo set (docs/training.md, "The fast recipe").
 RECIPES = {
     'handout': {},
-    'fast': {'warmup': 1, 'augment': 0.25, 'label_smoothing': 0.1, 'image_size': 64},
+    'fast': {'warmup': 1, 'augment': 0.25, 'label_smoothing': 0.1, 'image_size': 64,
+             'batch_size': 128},
 }
 
 SETTINGS = (
@@ -103,7 +104,7 @@ SETTINGS = (
             handout=0, group=H),
     Setting('use_mps', ('--use-mps',), 'use Apple MPS', bool, False, evaluation=True,
             handout=False, group=H),
-    Setting('recipe', ('--recipe',), 'a named set of the values below (and --warmup) for '
+    Setting('recipe', ('--recipe',), 'a named set of the values below (and --warmup, --batch-size) for '
             'those not given as flags: handout (none of them) or fast (for a short budget: '
             + ', '.join(f"--{dest.replace('_', '-')} {value}"
                         for dest, value in RECIPES['fast'].items())

@@ -79,8 +79,9 @@ def timed_run(args, data, recipe, work):
     # --quick: 1 epoch of 2 batches of the tiny set, to see that it runs
     epochs = args.epochs or RECIPE_EPOCHS[recipe]
     epochs, warmup, batch = (1, 0, 10) if args.quick else (epochs, 1, args.batch_size)
-    flags = ['--recipe', recipe, '--epochs', str(epochs), '--warmup', str(warmup),
-             '-b', str(batch), '--seed', str(args.seed), '--num-classes', '10', '-p', '1000',
+    flags = ['--recipe', recipe, '--epochs', str(epochs), '--warmup', str(warmup)] + \
+        (['-b', str(batch)] if batch else []) + \
+        ['--seed', str(args.seed), '--num-classes', '10', '-p', '1000',
              '--rebuild-cache', '--device', args.device] + (['--amp'] if args.amp else []) + \
         (['-j', '0'] if args.quick else [])
     print(f"\naccuracy-time, recipe {recipe}: torch {torch.__version__}, CPU {cpu_name()} "
@@ -91,7 +92,8 @@ def timed_run(args, data, recipe, work):
     print(f"auto settings: amp {ran.get('amp')}, channels-last "
           f"{ran.get('channels_last')}, data cache {ran.get('data_cache')}; recipe: "
           f"augment {ran.get('augment')}, label smoothing {ran.get('label_smoothing')}, "
-          f"image size {ran.get('image_size') or 'as the transforms make it'}\n")
+          f"image size {ran.get('image_size') or 'as the transforms make it'}, batch size "
+          f"{ran.get('batch_size')}, lr {ran.get('lr'):g}\n")
     print('\n'.join(accuracy_time_lines(summary, args.targets)))
     return summary
 
