@@ -1,10 +1,7 @@
-"""benchmark.py accuracy-time: the time to a validation top-1 read from a run's epochs."""
-import pytest
-
-import benchmark
+"""benchmark.py accuracy-time: the time to a validation top-1 read from a run's epochs.
+A short run of the benchmark itself is one of the GPU check's checks (test_gpu_check.py).
+"""
 from benchmarks.bench_accuracy_time import accuracy_time_lines, comparison_lines, epochs_to_reach
-from conftest import needs_fashion_mnist
-from toolkit.settings import RECIPES
 
 
 def epoch(n, top1, seconds):
@@ -31,17 +28,3 @@ def test_the_comparison_has_a_line_per_recipe():
     assert lines[0] == '| recipe | epochs | to 85 % | to 90 % | best top-1 | wall s |'
     assert lines[2] == '| handout | 3 | epoch 2, 22 s | not reached | 89.50 | 50 |'
     assert lines[3] == '| fast | 2 | epoch 1, 5 s | epoch 2, 10 s | 90.50 | 15 |'
-
-
-@needs_fashion_mnist
-@pytest.mark.slow
-def test_a_quick_run_converts_trains_and_reports(capsys):
-    benchmark.main(['accuracy-time', '--quick'])
-    out = capsys.readouterr().out
-    assert 'auto settings: amp ' in out and 'channels-last True, data cache True' in out
-    assert '| 1 |' in out and 'best top-1 after 1 epochs' in out
-    assert '| handout | 1 |' in out and '| fast | 1 |' in out     # both recipes ran
-    fast = RECIPES['fast']
-    assert f"recipe: augment {fast['augment']}, label smoothing {fast['label_smoothing']}, " \
-        f"image size {fast['image_size']}" in out
-    assert 'removed at the end' in out          # without --keep

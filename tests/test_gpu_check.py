@@ -12,6 +12,7 @@ import torch
 import benchmark
 import gpu_check
 import main as driver
+from toolkit.settings import RECIPES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,3 +170,11 @@ def test_the_cpu_rehearsal_runs_every_check_and_writes_the_report(tmp_path):
                    ('fp32 (--no-amp)', 'off', 'fp32')))
     assert auto in text and fp32 in text, text
     assert 'auto - fp32: ' in text
+    # accuracy-time: the GPU's command, --quick (Fashion-MNIST where it is installed)
+    (timed,) = [c['output'] for c in saved['checks'] if c['name'] == 'benchmark accuracy-time']
+    assert 'channels-last True, data cache True' in timed
+    assert 'best top-1 after 1 epochs' in timed and 'removed at the end' in timed
+    assert '| handout | 1 |' in timed and '| fast | 1 |' in timed   # both recipes ran
+    fast = RECIPES['fast']
+    assert f"recipe: augment {fast['augment']}, label smoothing {fast['label_smoothing']}, " \
+        f"image size {fast['image_size']}" in timed

@@ -114,9 +114,9 @@ def plan(python, data, logs, device, rehearse=False):
 def accuracy_time(python, bench, data, device, rehearse):
     """benchmark.py accuracy-time as on a CPU (the handout's and the fast recipe), on
     Fashion-MNIST where its package is installed, else on the generated set; the
-    rehearsal's is --quick."""
+    rehearsal's is the same command with --quick (a few Fashion-MNIST images)."""
     from make_real_data import FASHION_DIR
-    on = [] if os.path.isdir(FASHION_DIR) and not rehearse else ['--data', data]
+    on = [] if os.path.isdir(FASHION_DIR) else ['--data', data]
     return [python, bench, 'accuracy-time', '--device', device] + on + \
         (['--quick'] if rehearse else [])
 
