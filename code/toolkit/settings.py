@@ -104,8 +104,8 @@ SETTINGS = (
             handout=0, group=H),
     Setting('use_mps', ('--use-mps',), 'use Apple MPS', bool, False, evaluation=True,
             handout=False, group=H),
-    Setting('recipe', ('--recipe',), 'a named set of the values below (and --warmup, --batch-size) for '
-            'those not given as flags: handout (none of them) or fast (for a short budget: '
+    Setting('recipe', ('--recipe',), 'a named set of values for the settings not given as '
+            'flags: handout (none: the handout\'s recipe) or fast (for a short budget: '
             + ', '.join(f"--{dest.replace('_', '-')} {value}"
                         for dest, value in RECIPES['fast'].items())
             + '; docs/training.md)', str, 'handout', choices=tuple(RECIPES),

@@ -51,7 +51,7 @@ def accuracy_time_lines(summary, targets):
 
 
 # each recipe's epoch budget on Fashion-MNIST's 60,000 images: the handout's 2 epochs take
-# 23 minutes on a 2-core CPU without AMX (fp32), the fast recipe's 4 (64 px) 9 with --amp
+# 23 minutes on a 2-core CPU without AMX (fp32), the fast recipe's 4 (64 px) 9.5 with --amp
 RECIPE_EPOCHS = {'handout': 2, 'fast': 4}
 
 
@@ -79,9 +79,9 @@ def timed_run(args, data, recipe, work):
     # --quick: 1 epoch of 2 batches of the tiny set, to see that it runs
     epochs = args.epochs or RECIPE_EPOCHS[recipe]
     epochs, warmup, batch = (1, 0, 10) if args.quick else (epochs, 1, args.batch_size)
-    flags = ['--recipe', recipe, '--epochs', str(epochs), '--warmup', str(warmup)] + \
-        (['-b', str(batch)] if batch else []) + \
-        ['--seed', str(args.seed), '--num-classes', '10', '-p', '1000',
+    batch = ['-b', str(batch)] if batch else []     # none: the recipe's own
+    flags = ['--recipe', recipe, '--epochs', str(epochs), '--warmup', str(warmup), *batch,
+             '--seed', str(args.seed), '--num-classes', '10', '-p', '1000',
              '--rebuild-cache', '--device', args.device] + (['--amp'] if args.amp else []) + \
         (['-j', '0'] if args.quick else [])
     print(f"\naccuracy-time, recipe {recipe}: torch {torch.__version__}, CPU {cpu_name()} "
