@@ -10,10 +10,11 @@ precision changed must reach the same validation accuracy within noise:
   (SimpleNet does not: docs/benchmarks.md, "Training recipe on real images").
 
 Tolerance: 10 points of best val top-1. These short runs end where the curve is still
-steep: at seeds 0, 1, 2 on CPU C the real runs ended at 69.1, 73.3, 65.2 % (per-image, fp32)
-and 68.5, 73.8, 65.2 % (cached, bf16, channels-last), the demo runs at 75 and 77 %, and
-another seed or CPU moves such runs by several points. A broken path (a wrong normalization, a flipped warp, bf16
-gradients that do not flow) falls towards chance (10 %), far outside the tolerance.
+steep: at seeds 0, 1, 2 on CPU C the real runs ended at 69.1, 73.3, 65.2 % (per-image,
+fp32) and 68.5, 73.8, 65.2 % (cached, bf16, channels-last), the demo runs at 75 and 77 %,
+and another seed or CPU moves such runs by several points. A broken path (a wrong
+normalization, a flipped warp, bf16 gradients that do not flow) falls towards chance
+(10 %), far outside the tolerance.
 `python tools/benchmark.py train` measures the same comparisons on longer runs at 5
 points (docs/benchmarks.md, "Accuracy at equal epochs").
 """
