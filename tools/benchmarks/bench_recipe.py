@@ -70,6 +70,9 @@ RECIPE_CONFIGS.update({f'b64-fast-no-{lever}': RECIPE_CONFIGS['b64-fast'] + flag
                        for lever, flags in (('augment', ['--augment', '1']),
                                             ('smoothing', ['--label-smoothing', '0']),
                                             ('resize', ['--image-size', '0']))})
+# the fast recipe as it is: its own batch (128) and the lr the batch rule gives it (0.05)
+RECIPE_CONFIGS['b128-fast'] = ['--epochs', '8', '--warmup', '1', '-b', '128', '-j', '2',
+                               '--device', 'cpu', '--recipe', 'fast']
 VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
 # --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
 # workers: to see that every cell runs, not to measure anything
