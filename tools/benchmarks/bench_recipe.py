@@ -49,9 +49,9 @@ RECIPE_CONFIGS = {
 # 8 epochs at batch 32, 64 and 256 with the handout's lr 0.1, and at 32 and 64 with the lr
 # scaled linearly to the batch (0.1 x batch / 256; at 256 that is 0.1): is the handout's
 # lr one for its batch of 256?
+EIGHT_EPOCHS = ['--epochs', '8', '--warmup', '1', '-j', '2', '--device', 'cpu']
 RECIPE_CONFIGS.update({
-    f'b{batch}{suffix}': ['--epochs', '8', '--warmup', '1', '-b', str(batch), '-j', '2',
-                          '--device', 'cpu', '--lr', f'{lr:g}']
+    f'b{batch}{suffix}': EIGHT_EPOCHS + ['-b', str(batch), '--lr', f'{lr:g}']
     for batch in (32, 64, 256)
     for suffix, lr in (('', 0.1), ('-scaled', 0.1 * batch / 256)) if batch < 256 or not suffix})
 DEFAULT_CONFIGS = list(RECIPE_CONFIGS)
@@ -71,8 +71,7 @@ RECIPE_CONFIGS.update({f'b64-fast-no-{lever}': RECIPE_CONFIGS['b64-fast'] + flag
                                             ('smoothing', ['--label-smoothing', '0']),
                                             ('resize', ['--image-size', '0']))})
 # the fast recipe as it is: its own batch (128) and the lr the batch rule gives it (0.05)
-RECIPE_CONFIGS['b128-fast'] = ['--epochs', '8', '--warmup', '1', '-b', '128', '-j', '2',
-                               '--device', 'cpu', '--recipe', 'fast']
+RECIPE_CONFIGS['b128-fast'] = EIGHT_EPOCHS + ['-b', '128', '--recipe', 'fast']
 VIT_FLAGS = ['--lr', '0.01', '--wd', '0.05']       # the handout's ViT command
 # --quick: 2 training and 1 validation image per class, one epoch of 2 batches, no
 # workers: to see that every cell runs, not to measure anything
